@@ -1,0 +1,70 @@
+"""Builds the optional compiled kernels ``sparsebert._C``.
+
+Always: the CPU kernels (``csrc/cpu``). With a CUDA build of torch and nvcc (``CUDA_HOME``):
+also the CUDA kernels (``csrc/cuda``). Switches (environment):
+
+* ``SPARSEBERT_NO_EXTENSION=1``  install pure Python (reference + Triton backends only)
+* ``SPARSEBERT_SKIP_CUDA=1``     build only the CPU kernels even where CUDA is available
+* ``TORCH_CUDA_ARCH_LIST``, ``MAX_JOBS``, ``CUDA_HOME``  honoured as by torch.utils.cpp_extension
+
+Install with ``pip install --no-build-isolation -e .`` so the extension builds against the torch
+that will run it.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _extensions():
+    if _flag("SPARSEBERT_NO_EXTENSION"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("sparsebert: torch not importable at build time; installing without sparsebert._C "
+              "(use pip install --no-build-isolation)", file=sys.stderr)
+        return [], {}
+
+    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    sources = rel("csrc/module.cpp") + rel("csrc/cpu/*.cpp")
+    # --- CPU flags (csrc/cpu owns this list) ---
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    ldflags = ["-fopenmp"]
+    defines = []
+
+    with_cuda = (
+        not _flag("SPARSEBERT_SKIP_CUDA")
+        and torch.version.cuda is not None
+        and cpp_extension.CUDA_HOME is not None
+        and bool(rel("csrc/cuda/*.cu"))
+    )
+    if with_cuda:
+        sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
+        defines.append(("SPARSEBERT_WITH_CUDA", None))
+        # --- CUDA flags (csrc/cuda owns this list) ---
+        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+                "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "--expt-relaxed-constexpr"]
+        ext = cpp_extension.CUDAExtension(
+            "sparsebert._C", sources, define_macros=defines,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=ldflags)
+    else:
+        if torch.version.cuda is not None and cpp_extension.CUDA_HOME is None:
+            print("sparsebert: CUDA torch but no nvcc/CUDA_HOME: building CPU kernels only", file=sys.stderr)
+        ext = cpp_extension.CppExtension(
+            "sparsebert._C", sources, define_macros=defines,
+            extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
