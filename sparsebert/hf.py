@@ -1,0 +1,159 @@
+"""One call to turn a model's linears (Hugging Face BERT by default) sparse, and back.
+
+Pruning picks what to keep (``sparsebert.pruning``); this module swaps layers so the kept
+structure turns into speed: ``nn.Linear`` -> :class:`BlockSparseLinear` (mode ``"block"``) or
+:class:`MaskedLinear` (mode ``"unstructured"``, the paper's setting).
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .layout import BlockLayout, _as_block
+from .nn import BlockSparseLinear, MaskedEmbedding, MaskedLinear
+from .pruning.scores import block_scores, element_scores, global_masks, keep_count, topk_mask
+
+# The paper's pruned matrices: Q, K, V, attention output, intermediate, output, pooler.
+BERT_LINEAR_TARGETS = (
+    r"(^|\.)attention\.self\.(query|key|value)$",
+    r"(^|\.)attention\.output\.dense$",
+    r"(^|\.)intermediate\.dense$",
+    r"(^|\.)layer\.\d+\.output\.dense$",
+    r"(^|\.)pooler\.dense$",
+)
+WORD_EMBEDDINGS = r"(^|\.)embeddings\.word_embeddings$"
+
+Targets = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+
+def _matcher(targets: Targets) -> Callable[[str, nn.Module], bool]:
+    if callable(targets):
+        return targets
+    patterns = BERT_LINEAR_TARGETS if targets is None else ([targets] if isinstance(targets, str) else list(targets))
+    compiled = [re.compile(p) for p in patterns]
+    return lambda name, mod: any(p.search(name) for p in compiled)
+
+
+def find_targets(model: nn.Module, targets: Targets = None) -> List[Tuple[str, nn.Linear]]:
+    """``(name, module)`` of the plain ``nn.Linear`` layers selected by ``targets``.
+
+    ``targets``: None (BERT's Q, K, V, attention output, intermediate, output, pooler), regex
+    patterns matched against module names, or a predicate ``(name, module) -> bool``.
+    """
+    match = _matcher(targets)
+    found = [(n, m) for n, m in model.named_modules()
+             if type(m) is nn.Linear and match(n, m)]
+    if not found:
+        raise ValueError(f"no nn.Linear layer of {type(model).__name__} matches targets={targets!r}")
+    return found
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _tied_decoders(model: nn.Module, emb: nn.Module) -> List[Tuple[str, nn.Linear]]:
+    """Linears sharing the word-embedding weight (an MLM head's tied decoder)."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m.weight is emb.weight]
+
+
+def sparsify(model: nn.Module, sparsity: float, block=(32, 32), mode: str = "block",
+             scope: str = "layer", targets: Targets = None, score: str = "magnitude",
+             seed: int = 0, backend: str = "auto", embeddings: Optional[bool] = None) -> nn.Module:
+    """Prune ``model`` by magnitude and swap its target linears for sparse layers, in place.
+
+    Args:
+        sparsity: fraction of weights to remove, in ``[0, 1]``; per layer it is rounded to whole
+            blocks (mode ``"block"``) or weights; with ``scope="global"`` one threshold is used
+            across layers and the total is exact to within one block.
+        block: ``(bn, bk)`` or an int; must divide every target weight (mode ``"block"``).
+        mode: ``"block"`` -> :class:`BlockSparseLinear` (fast); ``"unstructured"`` ->
+            :class:`MaskedLinear` (the paper's exact setting) and, by default, the word
+            embeddings -> :class:`MaskedEmbedding` (a tied MLM decoder shares their mask).
+        scope: ``"layer"`` (the paper) or ``"global"``.
+        targets: which linears (see :func:`find_targets`).
+        score: ``"magnitude"`` or ``"random"`` (the paper's control).
+        embeddings: prune the word embeddings too (default: True in unstructured mode).
+    Returns:
+        the same ``model``.
+    """
+    if mode not in ("block", "unstructured"):
+        raise ValueError(f"mode must be 'block' or 'unstructured', got {mode!r}")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    if not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    gen = torch.Generator().manual_seed(seed)
+    layers: List[Tuple[str, nn.Module]] = list(find_targets(model, targets))
+    if embeddings is None:
+        embeddings = mode == "unstructured" and targets is None
+    if embeddings:
+        if mode == "block":
+            raise ValueError("word embeddings can only be pruned in unstructured mode")
+        layers += [(n, m) for n, m in model.named_modules()
+                   if type(m) is nn.Embedding and re.search(WORD_EMBEDDINGS, n)]
+
+    if mode == "block":
+        bn, bk = _as_block(block)
+        for name, m in layers:
+            N, K = m.weight.shape
+            if N % bn or K % bk:
+                raise ValueError(f"block ({bn}, {bk}) does not divide {name}'s weight ({N}, {K})")
+        scores = [block_scores(m.weight, (bn, bk), score, gen) for _, m in layers]
+        unit = [bn * bk] * len(layers)
+    else:
+        scores = [element_scores(m.weight, score, gen) for _, m in layers]
+        unit = [1] * len(layers)
+
+    if scope == "global":
+        masks = global_masks(scores, sparsity, weights=unit)
+    else:
+        masks = [topk_mask(s, keep_count(s.numel(), sparsity)) for s in scores]
+
+    for (name, m), mask in zip(layers, masks):
+        if mode == "block":
+            new = BlockSparseLinear.from_dense(m, mask=mask, block=block, backend=backend)
+        elif isinstance(m, nn.Embedding):
+            new = MaskedEmbedding.from_dense(m, mask=mask)
+            for dec_name, dec in _tied_decoders(model, m):
+                tied = MaskedLinear.from_dense(dec, mask=mask)
+                tied.mask = new.mask          # one mask buffer for the tied pair
+                _set_module(model, dec_name, tied)
+        else:
+            new = MaskedLinear.from_dense(m, mask=mask)
+        _set_module(model, name, new)
+    return model
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Turn every sparse layer back into ``nn.Linear``/``nn.Embedding``, in place.
+
+    Pruned weights are exactly zero and, from here on, free to change (the paper's
+    "information deletion" control). Weight ties are kept.
+    """
+    for name, m in list(model.named_modules()):
+        if isinstance(m, (MaskedLinear, MaskedEmbedding, BlockSparseLinear)):
+            _set_module(model, name, m.to_dense())
+    return model
+
+
+def sparse_layers(model: nn.Module):
+    """``(name, module)`` of every sparse layer in ``model``."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, (MaskedLinear, MaskedEmbedding, BlockSparseLinear))]
+
+
+def kept_table(model: nn.Module) -> List[Tuple[str, str, Tuple[int, int], float]]:
+    """``(name, kind, shape, kept fraction)`` per sparse layer."""
+    rows = []
+    for n, m in sparse_layers(model):
+        shape = tuple(m.weight.shape) if hasattr(m, "weight") and not isinstance(m, BlockSparseLinear) \
+            else m.layout.shape
+        rows.append((n, type(m).__name__, shape, float(m.density)))
+    return rows

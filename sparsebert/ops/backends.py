@@ -1,0 +1,156 @@
+"""Backend registry and the ``auto`` choice.
+
+Backends are modules following the contract in ``docs/CONTRACT.md``. They are imported lazily:
+a backend whose module or compiled library is missing is reported with the reason, never
+raised at ``import sparsebert``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from typing import Dict, Optional
+
+import torch
+
+_MODULES = {
+    "reference": "sparsebert.ops.reference",
+    "dense": "sparsebert.ops.dense",
+    "triton": "sparsebert.ops.triton_bsr",
+    "cuda": "sparsebert.ops.cuda_bsr",
+    "cpu": "sparsebert.ops.cpu_bsr",
+}
+NAMES = tuple(_MODULES)
+_loaded: Dict[str, object] = {}
+_import_errors: Dict[str, str] = {}
+
+
+def get(name: str):
+    """The backend module ``name``; raises ``ValueError`` for unknown names, ``RuntimeError`` if it cannot load."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
+    if name not in _loaded and name not in _import_errors:
+        try:
+            _loaded[name] = importlib.import_module(_MODULES[name])
+        except Exception as e:  # ImportError, or a compiled library that fails to load
+            _import_errors[name] = f"{type(e).__name__}: {e}"
+    if name in _import_errors:
+        raise RuntimeError(f"backend {name!r} cannot be loaded: {_import_errors[name]}")
+    return _loaded[name]
+
+
+def unavailable_reason(name: str, device=None) -> Optional[str]:
+    """Why backend ``name`` cannot run on ``device`` here, or None if it can."""
+    try:
+        mod = get(name)
+    except RuntimeError as e:
+        return str(e)
+    return mod.unavailable_reason(torch.device(device) if device is not None else None)
+
+
+def unsupported_reason(name: str, x, values, lt) -> Optional[str]:
+    reason = unavailable_reason(name, x.device)
+    if reason is not None:
+        return reason
+    fn = getattr(get(name), "unsupported_reason", None)
+    return fn(x, values, lt) if fn is not None else None
+
+
+def report(device=None) -> Dict[str, Optional[str]]:
+    """``{backend: None if usable else reason}`` for ``device`` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {name: unavailable_reason(name, device) for name in NAMES}
+
+
+# ---- auto -----------------------------------------------------------------------------------
+_choice_cache: Dict[tuple, str] = {}
+_last_choice: Dict[str, str] = {}   # per device type: what tracing uses when it cannot time
+
+
+def _candidates(device: torch.device):
+    if device.type == "cuda":
+        return ("triton", "cuda", "dense")
+    return ("cpu", "dense", "reference")
+
+
+def _auto_key(x, lt, train: bool) -> tuple:
+    M = x.shape[0]
+    m_bucket = 1 << max(0, (max(M, 1) - 1).bit_length())   # next power of two
+    density = round(lt.nnz / max(1, lt.n_row_blocks * lt.n_col_blocks), 2)
+    return (x.device.type, x.dtype, m_bucket, lt.N, lt.K, lt.bn, lt.bk, density, train)
+
+
+def _time_backend(mod, x, values, lt, train: bool, reps: int = 3) -> float:
+    """Best of ``reps`` wall times of the forward (and, when training, both gradients)."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+
+    def run():
+        y = mod.forward(x, values, None, lt)
+        if train:
+            mod.grad_input(y, values, lt)
+            mod.grad_weight(x, y, lt)
+
+    run()                                   # warm-up (JIT compile, autotune)
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def choose(x, values, lt, train: bool = False) -> str:
+    """The backend ``auto`` uses for these inputs.
+
+    Order of precedence: ``SPARSEBERT_BACKEND`` (environment), then a cached measurement for this
+    (device, dtype, tokens rounded to a power of two, shape, block, density) key. The first call
+    with a new key times every usable candidate's forward on the real inputs (the dense path
+    included, so a sparse layer is never slower than dense). While tracing (``torch.compile``,
+    fake tensors) nothing can be timed: the cached choice is used, else the first usable of
+    the device's candidates.
+    """
+    forced = os.environ.get("SPARSEBERT_BACKEND")
+    if forced and forced != "auto":
+        return forced
+    key = _auto_key(x, lt, train)
+    if key in _choice_cache:
+        return _choice_cache[key]
+    usable = [n for n in _candidates(x.device) if unsupported_reason(n, x, values, lt) is None]
+    if not usable:
+        usable = ["reference"]
+    if x.dtype == torch.float64 or len(usable) == 1:
+        choice = "reference" if x.dtype == torch.float64 else usable[0]
+        _choice_cache[key] = choice
+        return choice
+    if _is_tracing(x):
+        return _last_choice.get(x.device.type, usable[0])
+    times = {}
+    with torch.no_grad():
+        for n in usable:
+            try:
+                times[n] = _time_backend(get(n), x.detach(), values.detach(), lt, train)
+            except Exception:   # a backend that fails here is simply not chosen
+                continue
+    choice = min(times, key=times.get) if times else "reference"
+    _choice_cache[key] = choice
+    _last_choice[x.device.type] = choice
+    return choice
+
+
+def _is_tracing(x) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(x, FakeTensor) or x.device.type == "meta"
+
+
+def clear_auto_cache() -> None:
+    _choice_cache.clear()
+
+
+def traced_choice(device_type: str) -> str:
+    """What ``auto`` uses inside ``torch.compile``: the last measured choice on this device type."""
+    return _last_choice.get(device_type, "dense" if device_type == "cuda" else "reference")

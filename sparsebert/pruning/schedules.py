@@ -1,0 +1,61 @@
+"""Pruning schedules: how sparse the model should be at each optimizer step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CubicSchedule:
+    """Zhu & Gupta (2017) gradual pruning, as used by the paper.
+
+    ``s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0)) ** 3`` for ``t0 <= t <= t1``,
+    ``s_i`` before ``t0``, ``s_f`` after ``t1``; masks are recomputed every ``frequency`` steps
+    (and at ``t1``, so the final sparsity is always reached).
+    """
+
+    initial_sparsity: float = 0.0
+    final_sparsity: float = 0.5
+    start_step: int = 0
+    end_step: int = 1000
+    frequency: int = 10
+
+    def __post_init__(self):
+        for name in ("initial_sparsity", "final_sparsity"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0 + 1e-12:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.end_step < self.start_step:
+            raise ValueError(f"end_step ({self.end_step}) must not precede start_step ({self.start_step})")
+        if self.frequency < 1:
+            raise ValueError(f"frequency must be >= 1, got {self.frequency}")
+
+    def sparsity_at(self, step: int) -> float:
+        if step < self.start_step:
+            return self.initial_sparsity
+        if step >= self.end_step:
+            return self.final_sparsity
+        frac = (step - self.start_step) / (self.end_step - self.start_step)
+        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - frac) ** 3
+
+    def is_update_step(self, step: int) -> bool:
+        if step < self.start_step or step > self.end_step:
+            return False
+        return (step - self.start_step) % self.frequency == 0 or step == self.end_step
+
+
+@dataclass(frozen=True)
+class OneShotSchedule:
+    """Prune once, to ``sparsity``, at ``step``."""
+
+    sparsity: float
+    step: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.sparsity <= 1.0:
+            raise ValueError(f"sparsity must be in [0, 1], got {self.sparsity}")
+
+    def sparsity_at(self, step: int) -> float:
+        return self.sparsity if step >= self.step else 0.0
+
+    def is_update_step(self, step: int) -> bool:
+        return step == self.step
