@@ -249,3 +249,26 @@ def test_kernels_compile_for_sm90():
         assert info["wgmma"], f"{key}: no wgmma"
         assert info["pipelined"], f"{key}: loads not pipelined"
         assert info["shared"] <= 227 * 1024, f"{key}: {info['shared']} bytes of shared memory"
+
+
+def test_autotune_configs_fit_shared_memory():
+    """The config pruning keeps only configs whose operand buffers fit (checked without a GPU)."""
+    class Arg:
+        def __init__(self, elem):
+            self._e = elem
+
+        def element_size(self):
+            return self._e
+
+    for elem in (2, 4):
+        for bo in (16, 32, 64, 128):
+            for br in (16, 32, 64, 128):
+                kept = tb._prune_dsd(tb._dsd_configs(), {"a_ptr": Arg(elem)}, BO=bo, BR=br)
+                assert kept
+                for c in kept:
+                    smem = max(2, c.num_stages - 1) * (c.kwargs["BLOCK_M"] * br + br * bo) * elem
+                    assert smem <= 227 * 1024
+                kept = tb._prune_sdd(tb._sdd_configs(), {"x_ptr": Arg(elem)}, BN=bo, BK=br)
+                assert kept
+    # bf16 64x64 blocks: every config is a candidate
+    assert len(tb._prune_dsd(tb._dsd_configs(), {"a_ptr": Arg(2)}, BO=64, BR=64)) == len(tb._dsd_configs())

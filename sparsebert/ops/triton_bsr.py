@@ -57,6 +57,7 @@ def _interpreting() -> bool:
 
 # Read once, like Triton itself: whether the kernels below were decorated for the interpreter.
 _INTERPRET = _interpreting()
+_AUTOTUNE = os.environ.get("SPARSEBERT_TRITON_AUTOTUNE", "1") != "0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,38 +207,65 @@ if triton is not None:
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty))
 
     # ---- autotuning (GPU only) -----------------------------------------------------------
+    # Small lists: every config is one compile (~1 s) per block size, and each new key benchmarks
+    # all of them. SPARSEBERT_TRITON_AUTOTUNE=0 uses the first config that fits, untimed.
     def _dsd_configs():
-        return [
-            triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-            for bm in (64, 128, 256) for w in (4, 8) for s in (2, 3, 4)
-            if not (bm == 256 and w == 4) and not (bm == 64 and w == 8)
-        ]
+        c = lambda bm, w, s: triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+        return [c(128, 4, 3), c(128, 4, 4), c(128, 8, 3), c(256, 8, 3), c(64, 4, 4)]
 
     def _sdd_configs():
-        return [
-            triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-            for bm in (64, 128) for w in (4, 8) for s in (2, 3, 4)
-        ]
+        c = lambda bm, w, s: triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+        return [c(64, 4, 4), c(128, 4, 3), c(128, 8, 3), c(64, 8, 4)]
+
+    _SMEM_BUDGET = 227 * 1024   # H100/H200 per-block maximum
+    _FALLBACK = dict(BLOCK_M=64, num_warps=4, num_stages=2)
+
+    def _fit(configs, elem, tile_elems, buffers):
+        """Configs whose pipelined operand buffers fit in shared memory (the compiler would
+        reject the rest at launch), plus a small fallback when none does. ``buffers(num_stages)``
+        is how many copies of the operand tiles the compiled kernel holds (measured with
+        :func:`compile_for_sm90`: DSD max(2, stages - 1), SDD max(2, stages))."""
+        keep = [c for c in configs
+                if buffers(c.num_stages) * tile_elems(c.kwargs["BLOCK_M"]) * elem <= _SMEM_BUDGET]
+        if not keep:
+            f = _FALLBACK
+            keep = [triton.Config({"BLOCK_M": f["BLOCK_M"]}, num_warps=f["num_warps"],
+                                  num_stages=f["num_stages"])]
+        return keep if _AUTOTUNE else keep[:1]
 
     def _prune_dsd(configs, named_args, **kwargs):
-        # A [256, 128] fp32 accumulator spills with 4 warps; keep the set small for big tiles.
-        bo = kwargs.get("BO", named_args.get("BO", 64))
-        keep = [c for c in configs if not (bo >= 128 and c.kwargs["BLOCK_M"] == 256 and c.num_stages > 3)]
-        return keep or configs[:1]
+        bo, br = kwargs["BO"], kwargs["BR"]
+        return _fit(configs, named_args["a_ptr"].element_size(), lambda bm: bm * br + br * bo,
+                    lambda st: max(2, st - 1))
+
+    def _prune_sdd(configs, named_args, **kwargs):
+        bn, bk = kwargs["BN"], kwargs["BK"]
+        return _fit(configs, named_args["x_ptr"].element_size(), lambda bm: bm * (bn + bk),
+                    lambda st: max(2, st))
+
+    def _quick_bench(kernel_call, quantiles):
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+    def _autotune(configs, **kw):
+        try:
+            return triton.autotune(configs=configs, do_bench=_quick_bench, **kw)
+        except TypeError:  # a Triton without the do_bench argument
+            return triton.autotune(configs=configs, **kw)
 
     if _INTERPRET:
         _dsd_launch = _dsd_kernel
         _sdd_launch = _sdd_kernel
     else:
-        _dsd_launch = triton.autotune(
-            configs=_dsd_configs(),
+        _dsd_launch = _autotune(
+            _dsd_configs(),
             key=["M_BUCKET", "n_out_blocks", "lda", "BO", "BR", "NNZ"],
             prune_configs_by={"early_config_prune": _prune_dsd},
         )(_dsd_kernel)
-        _sdd_launch = triton.autotune(
-            configs=_sdd_configs(),
+        _sdd_launch = _autotune(
+            _sdd_configs(),
             key=["M_BUCKET", "nnz", "ldx", "ldy", "BN", "BK", "SPLIT"],
             reset_to_zero=["out_ptr"],
+            prune_configs_by={"early_config_prune": _prune_sdd},
         )(_sdd_kernel)
 
 
