@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90a (no GPU, no torch needed; seconds).
+# Fails on any compiler error; prints ptxas register / spill lines with VERBOSE=1.
+# Environment: CUDA_HOME (default /usr/local/cuda), NVCC (default $CUDA_HOME/bin/nvcc).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+NVCC="${NVCC:-$CUDA_HOME/bin/nvcc}"
+OUT="$(mktemp -d /tmp/sparsebert-nvcc.XXXXXX)"
+trap 'rm -rf "$OUT"' EXIT
+
+shopt -s nullglob
+sources=("$ROOT"/csrc/cuda/*.cu)
+if (( ${#sources[@]} == 0 )); then echo "nvcc_check: no csrc/cuda/*.cu files"; exit 1; fi
+# Same flags as setup.py's nvcc list (minus torch's), plus ptxas verbosity.
+flags=(-O3 -std=c++17 --use_fast_math -lineinfo --expt-relaxed-constexpr -Werror all-warnings -Xptxas -v)
+t0=$(date +%s)
+fail=0
+for arch in "arch=compute_80,code=sm_80" "arch=compute_90a,code=sm_90a"; do
+    for src in "${sources[@]}"; do
+        name="$(basename "$src" .cu)"
+        tag="${arch##*code=}"
+        log="$OUT/$name.$tag.log"
+        if "$NVCC" "${flags[@]}" -gencode="$arch" -c "$src" -o "$OUT/$name.$tag.o" >"$log" 2>&1; then
+            spills=$(grep -E "[1-9][0-9]* bytes spill" "$log" | wc -l || true)
+            echo "nvcc_check: ok   $name ($tag)${spills:+, $spills kernels with spills}"
+            if [[ "${VERBOSE:-0}" == "1" ]]; then grep -E "registers|spill" "$log" || true; fi
+        else
+            echo "nvcc_check: FAIL $name ($tag)"; cat "$log"; fail=1
+        fi
+    done
+done
+echo "nvcc_check: $(( $(date +%s) - t0 )) s"
+exit $fail

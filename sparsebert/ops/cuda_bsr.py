@@ -1,0 +1,128 @@
+"""CUDA C++ backend (``backend="cuda"``): the nvcc-built kernels in ``sparsebert._C``.
+
+Kernels (``csrc/cuda``): fp16/bf16 on tensor cores (``mma.sync`` m16n8k16, fp32 accumulation,
+cp.async pipeline), fp32 on plain FMA (exact fp32, no TF32). Block sizes ``bn, bk`` in {32, 64}.
+The ops live under ``torch.ops.sparsebert_cuda`` and take the packed layout index
+(:func:`sparsebert.layout.pack_index`)::
+
+    forward(x, values, bias, index, N, K, bn, bk)   -> y  [M, N]     y = x Wᵀ + bias
+    grad_input(dy, values, index, N, K, bn, bk)     -> dx [M, K]     dx = dy W
+    grad_weight(x, dy, index, N, K, bn, bk)         -> dvalues [nnz, bn, bk]
+
+The backend functions (``forward``/``grad_input``/``grad_weight``) follow ``docs/CONTRACT.md``;
+``*_packed`` variants take the packed index directly (what the custom-op layer already holds).
+``sparsebert._C`` is imported lazily; when it cannot be used, :func:`unavailable_reason` says why.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..layout import LayoutTensors, pack_index
+
+NAME = "cuda"
+SUPPORTED_BLOCKS = (32, 64)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_lib = None          # the loaded sparsebert._C, once loaded
+_lib_error = None    # why it could not be loaded / used (str), once tried
+
+
+def _load():
+    """Import ``sparsebert._C`` once; returns ``(module or None, reason or None)``."""
+    global _lib, _lib_error
+    if _lib is None and _lib_error is None:
+        try:
+            from .. import _C  # noqa: WPS433 (lazy on purpose)
+        except Exception as e:  # ImportError, or an undefined symbol from an ABI mismatch
+            _lib_error = (
+                f"sparsebert._C is not built or failed to load ({type(e).__name__}: {e}); "
+                "build it with `pip install --no-build-isolation -e .` against a CUDA build of torch "
+                "with nvcc available (see docs/BUILD_CUDA.md)"
+            )
+        else:
+            if not getattr(_C, "with_cuda", False):
+                _lib_error = (
+                    "sparsebert._C was built without CUDA kernels (torch was a CPU build, nvcc/CUDA_HOME "
+                    "was not found, or SPARSEBERT_SKIP_CUDA was set); rebuild with a CUDA torch and "
+                    "CUDA_HOME set (see docs/BUILD_CUDA.md)"
+                )
+            elif not hasattr(torch.ops, "sparsebert_cuda") or not hasattr(torch.ops.sparsebert_cuda, "forward"):
+                _lib_error = "sparsebert._C loaded but registered no torch.ops.sparsebert_cuda ops"
+            else:
+                _lib = _C
+    return _lib, _lib_error
+
+
+def unavailable_reason(device: torch.device | None = None) -> str | None:
+    """None when the CUDA kernels can run on ``device`` (default: the current CUDA device)."""
+    if device is not None and torch.device(device).type != "cuda":
+        return f"the cuda backend runs on CUDA devices only, not {torch.device(device).type}"
+    lib, reason = _load()
+    if lib is None:
+        return reason
+    if not torch.cuda.is_available():
+        return "no CUDA device is available (torch.cuda.is_available() is False)"
+    return None
+
+
+def unsupported_reason(x, values, lt: LayoutTensors) -> str | None:
+    """None when these inputs are handled; otherwise why not (dtype, block size, device)."""
+    if x.device.type != "cuda":
+        return f"inputs are on {x.device}, the cuda backend needs CUDA tensors"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {x.dtype} not supported (float16, bfloat16, float32)"
+    if lt.bn not in SUPPORTED_BLOCKS or lt.bk not in SUPPORTED_BLOCKS:
+        return (f"block ({lt.bn}, {lt.bk}) not supported: the CUDA kernels are built for "
+                f"bn, bk in {SUPPORTED_BLOCKS}")
+    return None
+
+
+def _ops():
+    lib, reason = _load()
+    if lib is None:
+        raise RuntimeError(f"cuda backend unavailable: {reason}")
+    return torch.ops.sparsebert_cuda
+
+
+def packed_index(lt: LayoutTensors) -> torch.Tensor:
+    """The packed index behind ``lt``: free when ``lt`` are views of one packed tensor (as
+    :func:`sparsebert.layout.unpack_index` makes them), else one concatenation."""
+    parts = lt[:6]
+    base = parts[0]._base
+    if (base is not None and base.dtype == torch.int32 and base.dim() == 1 and base.is_contiguous()
+            and base.numel() == sum(p.numel() for p in parts)):
+        offset = 0
+        item = base.element_size()
+        for p in parts:
+            if p._base is not base or p.data_ptr() != base.data_ptr() + offset * item:
+                break
+            offset += p.numel()
+        else:
+            return base
+    return pack_index(*parts)
+
+
+# ---- packed-index entry points (what the custom op holds) ----------------------------------
+def forward_packed(x, values, bias, index, N: int, K: int, bn: int, bk: int):
+    return _ops().forward(x, values, bias, index, N, K, bn, bk)
+
+
+def grad_input_packed(dy, values, index, N: int, K: int, bn: int, bk: int):
+    return _ops().grad_input(dy, values, index, N, K, bn, bk)
+
+
+def grad_weight_packed(x, dy, index, N: int, K: int, bn: int, bk: int):
+    return _ops().grad_weight(x, dy, index, N, K, bn, bk)
+
+
+# ---- backend contract -------------------------------------------------------------------------
+def forward(x, values, bias, lt: LayoutTensors):
+    return forward_packed(x, values, bias, packed_index(lt), lt.N, lt.K, lt.bn, lt.bk)
+
+
+def grad_input(dy, values, lt: LayoutTensors):
+    return grad_input_packed(dy, values, packed_index(lt), lt.N, lt.K, lt.bn, lt.bk)
+
+
+def grad_weight(x, dy, lt: LayoutTensors):
+    return grad_weight_packed(x, dy, packed_index(lt), lt.N, lt.K, lt.bn, lt.bk)
