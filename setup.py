@@ -54,9 +54,22 @@ def _extensions():
         nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
                 "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "--expt-relaxed-constexpr"]
+        # ATen/cuda/CUDAContext.h (bsr_cuda.cpp) includes cublas_v2.h / cusparse.h, which a bare
+        # toolkit may lack but the pip wheels torch depends on ship (site-packages/nvidia/cu*/include).
+        # -idirafter: searched last, so CUDA_HOME's own headers always win.
+        # torch >= 2.14's headers need C++20 (TorchVersion compares as a version, not a string).
+        cxx_std = "-std=c++20" if torch.torch_version.TorchVersion(torch.__version__) >= (2, 14) else "-std=c++17"
+        cuda_cxx = [f for f in cxx if not f.startswith("-std=")] + [cxx_std]
+        try:
+            import nvidia
+            for base in getattr(nvidia, "__path__", []):
+                for inc in sorted(glob.glob(os.path.join(base, "cu*", "include"))):
+                    cuda_cxx += ["-idirafter", inc]
+        except ImportError:
+            pass
         ext = cpp_extension.CUDAExtension(
             "sparsebert._C", sources, define_macros=defines,
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=ldflags)
+            extra_compile_args={"cxx": cuda_cxx, "nvcc": nvcc}, extra_link_args=ldflags)
     else:
         if torch.version.cuda is not None and cpp_extension.CUDA_HOME is None:
             print("sparsebert: CUDA torch but no nvcc/CUDA_HOME: building CPU kernels only", file=sys.stderr)
