@@ -1,0 +1,399 @@
+"""Kernel benchmarks: block-sparse linear vs dense, PyTorch BSR, 2:4 and the sparsebert backends.
+
+Grid: shapes (in -> out) 768->768, 768->3072, 3072->768; M = 16384 tokens; bf16; blocks 32 and 64;
+block sparsity 0/50/75/90 % (random layouts keeping exactly that fraction of blocks). For each
+provider: forward (Y = X Wᵀ + b) and forward+backward (Y, dX = dY W, dW on kept blocks, db).
+
+Roofline ideal (per case): ``t_ideal = max(kept_fraction * t_dense, bytes_min / bandwidth)`` with
+``bytes_min`` = X + Y + kept blocks (+ bias) for the forward; the backward adds dY read twice, dX
+written, X read again and dW's kept blocks. Bandwidth is measured with a large device-to-device
+copy. "frac ideal" = t_ideal / t (1.0 = at the roofline).
+
+Usage::
+
+    python benchmarks/bench_kernels.py --out results/ [--quick]
+
+Shared with ``benchmarks/test_bench_kernels.py`` (pytest-benchmark over the same grid).
+``--dry-run`` runs a tiny grid on the CPU (Triton interpreter, wall-clock timer) to check the code
+paths without a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from sparsebert.layout import BlockLayout  # noqa: E402
+
+SHAPES = [(768, 768), (768, 3072), (3072, 768)]   # (in_features K, out_features N)
+BLOCKS = [32, 64]
+SPARSITIES = [0.0, 0.5, 0.75, 0.9]
+M_TOKENS = 16384
+DTYPE = torch.bfloat16
+N_SETS = 3                                         # input sets rotated so none sits in L2
+QUICK = dict(shapes=[(768, 3072)], blocks=[64], sparsities=[0.0, 0.5, 0.9])
+PROVIDERS = ["dense", "torch_bsr", "semi_structured_2:4", "triton", "cuda"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------------
+def random_layout(N: int, K: int, block: int, sparsity: float, seed: int = 0) -> BlockLayout:
+    """A random layout keeping exactly round((1 - sparsity) * blocks) blocks."""
+    R, C = N // block, K // block
+    kept = int(round((1.0 - sparsity) * R * C))
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(R * C, dtype=torch.bool)
+    mask[torch.randperm(R * C, generator=g)[:kept]] = True
+    return BlockLayout.from_mask(mask.view(R, C), (block, block), (N, K))
+
+
+@dataclass
+class Case:
+    K: int
+    N: int
+    block: int
+    sparsity: float
+    M: int
+    dtype: torch.dtype
+    device: torch.device
+    layout: BlockLayout
+    xs: List[torch.Tensor]
+    dys: List[torch.Tensor]
+    weight: torch.Tensor          # dense [N, K] with zeros outside the kept blocks
+    values: torch.Tensor          # [nnz, bn, bk]
+    bias: torch.Tensor
+    _i: int = field(default=0)
+
+    @property
+    def kept(self) -> float:
+        return self.layout.density
+
+    def next(self) -> int:
+        self._i = (self._i + 1) % len(self.xs)
+        return self._i
+
+    @property
+    def tag(self) -> str:
+        return f"{self.K}->{self.N} b{self.block} s{int(round(self.sparsity * 100))}%"
+
+
+def make_case(K, N, block, sparsity, M=M_TOKENS, dtype=DTYPE, device="cuda", n_sets=N_SETS, seed=0) -> Case:
+    device = torch.device(device)
+    layout = random_layout(N, K, block, sparsity, seed)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    w = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(device, dtype)
+    w = w * layout.element_mask().to(device, dtype)
+    values = layout.gather(w).contiguous()
+    bias = torch.randn(N, generator=g).to(device, dtype)
+    xs = [torch.randn(M, K, device=device, dtype=dtype) for _ in range(n_sets)]
+    dys = [torch.randn(M, N, device=device, dtype=dtype) for _ in range(n_sets)]
+    return Case(K, N, block, sparsity, M, dtype, device, layout, xs, dys, w, values, bias)
+
+
+def bytes_min(case: Case, backward: bool) -> int:
+    e = torch.empty(0, dtype=case.dtype).element_size()
+    M, K, N = case.M, case.K, case.N
+    blocks = case.layout.nnz * case.block * case.block
+    fwd = (M * K + M * N + blocks + N) * e
+    if not backward:
+        return fwd
+    return fwd + (2 * M * N + M * K + M * K + blocks) * e
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers: name -> (forward fn, forward+backward fn or None), or a string saying why not
+# ---------------------------------------------------------------------------------------------
+def _dense(case: Case):
+    w, b = case.weight, case.bias
+
+    def fwd():
+        i = case.next()
+        return F.linear(case.xs[i], w, b)
+
+    def fwd_bwd():
+        i = case.next()
+        x, dy = case.xs[i], case.dys[i]
+        y = F.linear(x, w, b)
+        return y, dy @ w, dy.t() @ x, dy.sum(0)
+
+    return fwd, fwd_bwd
+
+
+def _torch_bsr(case: Case):
+    w_bsr = case.weight.to_sparse_bsr((case.block, case.block))
+    b = case.bias
+    try:
+        from torch.sparse._triton_ops import bsr_dense_mm
+        if bsr_dense_mm is None:
+            raise ImportError("bsr_dense_mm unavailable")
+
+        def fwd():
+            i = case.next()
+            return bsr_dense_mm(w_bsr, case.xs[i].t()).t() + b   # (W Xᵀ)ᵀ
+        fwd()
+    except Exception:
+        def fwd():   # cuSPARSE / generic BSR @ dense
+            i = case.next()
+            return (w_bsr @ case.xs[i].t()).t() + b
+        fwd()
+    return fwd, None
+
+
+def _semi_structured(case: Case):
+    if abs(case.sparsity - 0.5) > 1e-6:
+        return "2:4 is 50% only"
+    from torch.sparse import to_sparse_semi_structured
+    w = case.weight.clone()
+    # A 2:4 pattern: keep the 2 largest of every 4 (its own 50% sparsity, not the block layout).
+    g = w.abs().view(-1, 4)
+    idx = g.topk(2, dim=1).indices
+    m = torch.zeros_like(g, dtype=torch.bool).scatter_(1, idx, True).view_as(w)
+    w_ss = to_sparse_semi_structured(w * m)
+    b = case.bias
+
+    def fwd():
+        i = case.next()
+        return F.linear(case.xs[i], w_ss, b)
+
+    fwd()
+    return fwd, None
+
+
+def _sparsebert(name: str):
+    def build(case: Case):
+        import importlib
+        try:
+            mod = importlib.import_module(f"sparsebert.ops.{'triton_bsr' if name == 'triton' else 'cuda_bsr'}")
+        except Exception as e:
+            return f"import failed: {type(e).__name__}: {e}"
+        why = mod.unavailable_reason(case.device)
+        if why is None and hasattr(mod, "unsupported_reason"):
+            why = mod.unsupported_reason(case.xs[0], case.values, case.layout.tensors(case.device))
+        if why is not None:
+            return why
+        lt = case.layout.tensors(case.device)
+        v, b = case.values, case.bias
+
+        def fwd():
+            i = case.next()
+            return mod.forward(case.xs[i], v, b, lt)
+
+        def fwd_bwd():
+            i = case.next()
+            x, dy = case.xs[i], case.dys[i]
+            y = mod.forward(x, v, b, lt)
+            return y, mod.grad_input(dy, v, lt), mod.grad_weight(x, dy, lt), dy.sum(0)
+
+        # First calls autotune; keep that out of the timings.
+        fwd()
+        fwd_bwd()
+        return fwd, fwd_bwd
+    return build
+
+
+BUILDERS: Dict[str, Callable] = {
+    "dense": _dense,
+    "torch_bsr": _torch_bsr,
+    "semi_structured_2:4": _semi_structured,
+    "triton": _sparsebert("triton"),
+    "cuda": _sparsebert("cuda"),
+}
+
+
+def build_provider(name: str, case: Case):
+    """(fwd, fwd_bwd or None), or a string with the reason it is n/a."""
+    try:
+        return BUILDERS[name](case)
+    except Exception as e:  # an unsupported torch feature on this GPU/stack
+        return f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+def time_fn(fn, device: torch.device, warmup_ms: int = 10, rep_ms: int = 50) -> float:
+    """Median seconds of one call (triton.testing.do_bench on CUDA; wall clock on the CPU)."""
+    if device.type == "cuda":
+        import triton.testing
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e-3
+    ts = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a device-to-device copy (read + written)."""
+    if device.type != "cuda":
+        nbytes = 1 << 24
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup_ms=5, rep_ms=50)
+    return 2 * nbytes / t
+
+
+def run_case(case: Case, providers, bandwidth: float, rep_ms: int = 50) -> List[dict]:
+    rows = []
+    built = {p: build_provider(p, case) for p in providers}
+    t_dense = {}
+    dense = built.get("dense")
+    if isinstance(dense, tuple):
+        t_dense = {"fwd": time_fn(dense[0], case.device, rep_ms=rep_ms),
+                   "fwd_bwd": time_fn(dense[1], case.device, rep_ms=rep_ms)}
+    ideal = {}
+    for mode, bwd in (("fwd", False), ("fwd_bwd", True)):
+        t_mem = bytes_min(case, bwd) / bandwidth
+        ideal[mode] = max(case.kept * t_dense[mode], t_mem) if mode in t_dense else t_mem
+    for p in providers:
+        row = dict(shape=f"{case.K}->{case.N}", K=case.K, N=case.N, block=case.block,
+                   sparsity=case.sparsity, kept=case.kept, M=case.M, dtype=str(case.dtype),
+                   provider=p, ideal_fwd_s=ideal["fwd"], ideal_fwd_bwd_s=ideal["fwd_bwd"])
+        b = built[p]
+        if isinstance(b, str):
+            row["note"] = b
+            rows.append(row)
+            continue
+        for mode, fn in (("fwd", b[0]), ("fwd_bwd", b[1])):
+            if fn is None:
+                continue
+            try:
+                t = t_dense[mode] if (p == "dense" and mode in t_dense) else time_fn(fn, case.device, rep_ms=rep_ms)
+            except Exception as e:
+                row["note"] = f"{mode} failed: {type(e).__name__}: {e}"[:200]
+                continue
+            row[f"{mode}_s"] = t
+            if mode in t_dense:
+                row[f"{mode}_speedup"] = t_dense[mode] / t
+            row[f"{mode}_frac_ideal"] = ideal[mode] / t
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+def _fmt(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) else "n/a"
+
+
+def format_table(rows: List[dict]) -> str:
+    head = (f"{'shape':>10} {'blk':>4} {'spars':>5} {'provider':>20} | {'fwd µs':>8} {'x dense':>7} "
+            f"{'/ideal':>6} | {'f+b µs':>8} {'x dense':>7} {'/ideal':>6}  note")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        us = lambda k: r[k] * 1e6 if k in r else None
+        lines.append(
+            f"{r['shape']:>10} {r['block']:>4} {r['sparsity'] * 100:>4.0f}% {r['provider']:>20} | "
+            f"{_fmt(us('fwd_s'), '8.1f'):>8} {_fmt(r.get('fwd_speedup'), '7.2f'):>7} "
+            f"{_fmt(r.get('fwd_frac_ideal'), '6.2f'):>6} | {_fmt(us('fwd_bwd_s'), '8.1f'):>8} "
+            f"{_fmt(r.get('fwd_bwd_speedup'), '7.2f'):>7} {_fmt(r.get('fwd_bwd_frac_ideal'), '6.2f'):>6}  "
+            f"{r.get('note', '')}")
+    return "\n".join(lines)
+
+
+def plot(rows: List[dict], path: str) -> Optional[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:
+        return f"no plot: {e}"
+    groups = sorted({(r["shape"], r["block"]) for r in rows}, key=str)
+    fig, axes = plt.subplots(2, len(groups), figsize=(4 * len(groups), 7), squeeze=False)
+    for j, (shape, block) in enumerate(groups):
+        sub = [r for r in rows if r["shape"] == shape and r["block"] == block]
+        for i, mode in enumerate(("fwd", "fwd_bwd")):
+            ax = axes[i][j]
+            for p in sorted({r["provider"] for r in sub}):
+                pts = sorted((r["sparsity"], r[f"{mode}_speedup"]) for r in sub
+                             if r["provider"] == p and f"{mode}_speedup" in r)
+                if pts:
+                    ax.plot([100 * s for s, _ in pts], [v for _, v in pts], "o-", label=p)
+            dense = {r["sparsity"]: r[f"{mode}_s"] for r in sub if r["provider"] == "dense" and f"{mode}_s" in r}
+            ideal = sorted((r["sparsity"], dense[r["sparsity"]] / r[f"ideal_{mode}_s"]) for r in sub
+                           if r["provider"] == "dense" and r["sparsity"] in dense)
+            if ideal:
+                ax.plot([100 * s for s, _ in ideal], [v for _, v in ideal], "k--", label="roofline ideal")
+            ax.set_title(f"{shape} b{block} {mode}")
+            ax.set_xlabel("block sparsity %")
+            ax.set_ylabel("speedup vs dense")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def run(out_dir: str, quick: bool = False, dry_run: bool = False, providers=None) -> List[dict]:
+    os.makedirs(out_dir, exist_ok=True)
+    grid = dict(shapes=SHAPES, blocks=BLOCKS, sparsities=SPARSITIES)
+    M, device, rep_ms, n_sets = M_TOKENS, torch.device("cuda"), 50, N_SETS
+    if quick:
+        grid, rep_ms = QUICK, 25
+    if dry_run:   # CPU, Triton interpreter: a tiny grid that exercises every code path
+        grid = dict(shapes=[(128, 256)], blocks=[32, 64], sparsities=[0.0, 0.5])
+        M, device, rep_ms, n_sets = 64, torch.device("cpu"), 1, 2
+    elif not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: the benchmark needs a GPU (or --dry-run for a CPU check)")
+    providers = providers or PROVIDERS
+    bw = measure_bandwidth(device)
+    info = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                torch=torch.__version__, bandwidth_GBps=bw / 1e9, M=M, dtype=str(DTYPE), quick=quick)
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except Exception:
+        pass
+    print(f"# {info}", flush=True)
+    rows = []
+    t0 = time.time()
+    for (K, N), block, sp in itertools.product(grid["shapes"], grid["blocks"], grid["sparsities"]):
+        case = make_case(K, N, block, sp, M=M, device=device, n_sets=n_sets)
+        rows += run_case(case, providers, bw, rep_ms=rep_ms)
+        print(f"# {case.tag} done ({time.time() - t0:.0f} s)", flush=True)
+        del case
+    table = format_table(rows)
+    print(table)
+    with open(os.path.join(out_dir, "bench_kernels.json"), "w") as f:
+        json.dump(dict(info=info, rows=rows), f, indent=1)
+    with open(os.path.join(out_dir, "bench_kernels.txt"), "w") as f:
+        f.write(f"# {info}\n{table}\n")
+    note = plot(rows, os.path.join(out_dir, "bench_kernels.png"))
+    if note:
+        print(note)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="output directory (JSON, text table, PNG)")
+    ap.add_argument("--quick", action="store_true", help="one shape, block 64, 3 sparsities")
+    ap.add_argument("--dry-run", action="store_true", help="tiny CPU run (TRITON_INTERPRET=1) to test the script")
+    ap.add_argument("--providers", nargs="*", default=None, help=f"subset of {PROVIDERS}")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    run(args.out, quick=args.quick, dry_run=args.dry_run, providers=args.providers)
+
+
+if __name__ == "__main__":
+    main()
