@@ -37,7 +37,11 @@ def _extensions():
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
     sources = rel("csrc/module.cpp") + rel("csrc/cpu/*.cpp")
     # --- CPU flags (csrc/cpu owns this list) ---
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # Baseline ISA on purpose (no -march): the AVX-512 / AVX2 kernels are separate translation
+    # units (csrc/cpu/bsr_cpu_isa_*.cpp, `#pragma GCC target`) picked by CPUID at run time, so
+    # the wheel runs on any x86-64 and still uses AVX-512 on the Xeon dev/CI machines.
+    # -ffp-contract=fast: -std=c++17 (ISO mode) would otherwise forbid fusing a*b+c into FMA.
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]
     ldflags = ["-fopenmp"]
     defines = []
 

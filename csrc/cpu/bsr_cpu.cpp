@@ -1,0 +1,350 @@
+// CPU backend of sparsebert: block-sparse linear ops in the `sparsebert_cpu` namespace.
+//
+//   forward(x, values, bias, index, N, K, bn, bk)   y  = x W^T + bias          [M, N]
+//   grad_input(dy, values, index, N, K, bn, bk)     dx = dy W                  [M, K]
+//   grad_weight(x, dy, index, N, K, bn, bk)         dvalues = (dy^T x) on kept blocks [nnz, bn, bk]
+//   isa() -> str                                    the kernel set in use
+//
+// `index` is the packed int32 layout index of sparsebert.layout.pack_index:
+//   [row_ptr R+1 | col_idx nnz | row_idx nnz | col_ptr C+1 | t_row_idx nnz | t_perm nnz].
+//
+// Work split (at::parallel_for over independent output tiles, no atomics):
+//   forward      items (row block r, token tile): out block Y[tile, r] accumulates in registers
+//                over the kept blocks of row r (CSR). r is the outer index, so one thread's
+//                consecutive items reuse the same weight panel from L1/L2 while x streams.
+//                W blocks are transposed once per call to [bk, bn] so the inner loop is a
+//                broadcast-FMA over contiguous outputs (cost nnz*bn*bk copies, ~0.1 ms).
+//   grad_input   the same panel kernel over the CSC index (column block c outer); W blocks are
+//                already [bn, bk] = [in, out] for this product, no packing.
+//   grad_weight  items (kept block, token split); the token range is split only when there are
+//                too few blocks to keep every thread busy, partial sums then added.
+// fp32 runs natively; bf16 is converted to fp32 around the fp32 kernels (fp32 accumulation).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "bsr_cpu_kernels.h"
+
+namespace sparsebert_cpu {
+namespace {
+
+// ---- kernel selection ------------------------------------------------------------------
+// The extension is compiled with baseline x86-64 flags; the AVX-512 and AVX2 kernels are
+// separate translation units with `#pragma GCC target`, chosen here by CPUID at run time, so
+// one binary runs on any x86-64 CPU and uses AVX-512 where present (e.g. the Xeon CI/dev
+// machines). SPARSEBERT_CPU_ISA=avx512|avx2|generic|autovec forces a set (benchmarks, tests).
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+Kernels select_kernels() {
+  static const bool has512 = cpu_has_avx512();
+  static const bool has2 = cpu_has_avx2();
+  const char* env = std::getenv("SPARSEBERT_CPU_ISA");
+  const std::string want = env ? env : "";
+  if (want.empty() || want == "auto") {
+#if defined(__x86_64__) || defined(__i386__)
+    if (has512) return kernels_avx512();
+    if (has2) return kernels_avx2();
+#endif
+    return kernels_generic();
+  }
+  if (want == "generic") return kernels_generic();
+#if defined(__x86_64__) || defined(__i386__)
+  if (want == "avx512" || want == "autovec") {
+    TORCH_CHECK(has512, "sparsebert_cpu: SPARSEBERT_CPU_ISA=", want,
+                " but this CPU lacks AVX-512F/VL/BW/DQ");
+    return want == "avx512" ? kernels_avx512() : kernels_autovec();
+  }
+  if (want == "avx2") {
+    TORCH_CHECK(has2, "sparsebert_cpu: SPARSEBERT_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
+    return kernels_avx2();
+  }
+#endif
+  TORCH_CHECK(false, "sparsebert_cpu: unknown SPARSEBERT_CPU_ISA='", want,
+              "' (expected auto, avx512, avx2, generic or autovec on x86-64; generic elsewhere)");
+}
+
+// ---- checks --------------------------------------------------------------------------------
+constexpr int64_t kMaxBlock = 256;
+
+void check_geometry(int64_t N, int64_t K, int64_t bn, int64_t bk) {
+  TORCH_CHECK(bn > 0 && bk > 0, "sparsebert_cpu: block sizes must be positive, got (", bn, ", ", bk, ")");
+  TORCH_CHECK(bn % 16 == 0 && bk % 16 == 0 && bn <= kMaxBlock && bk <= kMaxBlock,
+              "sparsebert_cpu: unsupported block (", bn, ", ", bk,
+              "): the CPU kernels need both block sizes to be multiples of 16 and at most ",
+              kMaxBlock, " (e.g. 16, 32, 64)");
+  TORCH_CHECK(N > 0 && K > 0 && N % bn == 0 && K % bk == 0, "sparsebert_cpu: block (", bn, ", ", bk,
+              ") does not tile the weight shape (", N, ", ", K, ")");
+}
+
+void check_matrix(const at::Tensor& t, const char* name, int64_t cols) {
+  TORCH_CHECK(t.device().is_cpu(), "sparsebert_cpu: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
+              "sparsebert_cpu: ", name, " must be float32 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, "sparsebert_cpu: ", name, " must be 2-D [M, ", cols, "], got shape ", t.sizes());
+  TORCH_CHECK(t.size(1) == cols, "sparsebert_cpu: ", name, " must have ", cols, " columns, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "sparsebert_cpu: ", name, " must be contiguous");
+}
+
+void check_values(const at::Tensor& values, const at::Tensor& like, int64_t bn, int64_t bk) {
+  TORCH_CHECK(values.device().is_cpu(), "sparsebert_cpu: values must be a CPU tensor, got ", values.device());
+  TORCH_CHECK(values.dim() == 3 && values.size(1) == bn && values.size(2) == bk,
+              "sparsebert_cpu: values must be [nnz, ", bn, ", ", bk, "], got shape ", values.sizes());
+  TORCH_CHECK(values.scalar_type() == like.scalar_type(), "sparsebert_cpu: values dtype ",
+              values.scalar_type(), " differs from the input dtype ", like.scalar_type());
+  TORCH_CHECK(values.is_contiguous(), "sparsebert_cpu: values must be contiguous");
+}
+
+// Views into the packed index, validated (a bad index must raise, never read out of bounds).
+struct Index {
+  const int32_t *row_ptr, *col_idx, *row_idx, *col_ptr, *t_row_idx, *t_perm;
+  int64_t R, C, nnz;
+};
+
+void check_ptr(const int32_t* ptr, int64_t n, int64_t nnz, const char* name) {
+  TORCH_CHECK(ptr[0] == 0 && ptr[n] == nnz, "sparsebert_cpu: corrupt layout index: ", name,
+              " must run from 0 to nnz=", nnz);
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(ptr[i] <= ptr[i + 1], "sparsebert_cpu: corrupt layout index: ", name, " decreases at ", i);
+}
+
+void check_range(const int32_t* a, int64_t n, int64_t hi, const char* name) {
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(a[i] >= 0 && a[i] < hi, "sparsebert_cpu: corrupt layout index: ", name, "[", i,
+                "] = ", a[i], " is outside [0, ", hi, ")");
+}
+
+Index parse_index(const at::Tensor& index, int64_t nnz, int64_t N, int64_t K, int64_t bn,
+                  int64_t bk, bool csr, bool csc) {
+  TORCH_CHECK(index.device().is_cpu(), "sparsebert_cpu: index must be a CPU tensor, got ", index.device());
+  TORCH_CHECK(index.scalar_type() == at::kInt && index.dim() == 1 && index.is_contiguous(),
+              "sparsebert_cpu: index must be a contiguous 1-D int32 tensor (layout.index()), got ",
+              index.scalar_type(), " of shape ", index.sizes());
+  Index ix;
+  ix.R = N / bn;
+  ix.C = K / bk;
+  ix.nnz = nnz;
+  const int64_t expect = ix.R + 1 + 4 * nnz + ix.C + 1;
+  TORCH_CHECK(index.numel() == expect, "sparsebert_cpu: layout index has ", index.numel(),
+              " entries, expected ", expect, " for a [", N, ", ", K, "] weight with block (", bn,
+              ", ", bk, ") and ", nnz, " kept blocks");
+  const int32_t* p = index.data_ptr<int32_t>();
+  ix.row_ptr = p;
+  ix.col_idx = ix.row_ptr + ix.R + 1;
+  ix.row_idx = ix.col_idx + nnz;
+  ix.col_ptr = ix.row_idx + nnz;
+  ix.t_row_idx = ix.col_ptr + ix.C + 1;
+  ix.t_perm = ix.t_row_idx + nnz;
+  if (csr) {
+    check_ptr(ix.row_ptr, ix.R, nnz, "row_ptr");
+    check_range(ix.col_idx, nnz, ix.C, "col_idx");
+    check_range(ix.row_idx, nnz, ix.R, "row_idx");
+  }
+  if (csc) {
+    check_ptr(ix.col_ptr, ix.C, nnz, "col_ptr");
+    check_range(ix.t_row_idx, nnz, ix.R, "t_row_idx");
+    check_range(ix.t_perm, nnz, nnz, "t_perm");
+  }
+  return ix;
+}
+
+// [M, G*b] -> fp32 [G, M, b]: every block column becomes one contiguous panel, so a register
+// tile reads MT*b consecutive floats instead of MT rows K apart (prefetch-friendly), and bf16 is
+// widened in the same pass. Costs one copy of the input (parallel, ~1 ms for 2048 x 768).
+// Measured (RESULTS_CPU.md): worth it for the weight gradient (2x: both operands stream
+// through every kept block), not for forward / grad_input, where the copy costs more than the
+// strided reads. SPARSEBERT_CPU_PACK=0/1 overrides for experiments.
+bool pack_enabled(bool by_default) {
+  const char* env = std::getenv("SPARSEBERT_CPU_PACK");
+  if (env && env[0] != '\0') return env[0] != '0';
+  return by_default;
+}
+
+at::Tensor pack_panels(const at::Tensor& t, int64_t groups, int64_t b) {
+  const int64_t M = t.size(0);
+  at::Tensor out = at::empty({groups, M, b}, t.options().dtype(at::kFloat));
+  out.copy_(t.view({M, groups, b}).transpose(0, 1));
+  return out;
+}
+
+at::Tensor as_f32(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat).contiguous();
+}
+
+// Token tile of one work item: long enough to amortise the loop setup, short enough to give
+// every thread several items.
+int64_t token_tile(int64_t M, int64_t n_out_blocks) {
+  const int64_t threads = at::get_num_threads();
+  int64_t tm = 256;
+  while (tm > 48 && n_out_blocks * ((M + tm - 1) / tm) < 8 * threads) tm /= 2;
+  return tm;
+}
+
+// out[:, j*bo : (j+1)*bo] over the entries [ptr[j], ptr[j+1]) of every output block j.
+void run_panels(const Kernels& kern, const float* in, int64_t ld_in, int64_t M,
+                const std::vector<const float*>& B, const std::vector<int64_t>& off,
+                const int32_t* ptr, int64_t n_out_blocks, int64_t bi, int64_t bo,
+                const float* bias, float* out, int64_t ld_out) {
+  if (M == 0) return;
+  const int64_t tm = token_tile(M, n_out_blocks);
+  const int64_t tiles = (M + tm - 1) / tm;
+  at::parallel_for(0, n_out_blocks * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t j = item / tiles, t0 = (item % tiles) * tm;
+      const int64_t rows = std::min(tm, M - t0);
+      const int64_t e0 = ptr[j];
+      kern.panel(in + t0 * ld_in, ld_in, rows, B.data() + e0, off.data() + e0, ptr[j + 1] - e0,
+                 bi, bo, bias ? bias + j * bo : nullptr, out + t0 * ld_out + j * bo, ld_out);
+    }
+  });
+}
+
+// ---- ops -------------------------------------------------------------------------------------
+at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
+                   const at::Tensor& index, int64_t N, int64_t K, int64_t bn, int64_t bk) {
+  check_geometry(N, K, bn, bk);
+  check_matrix(x, "x", K);
+  check_values(values, x, bn, bk);
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.device().is_cpu(), "sparsebert_cpu: bias must be a CPU tensor, got ", b.device());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == N, "sparsebert_cpu: bias must be [", N, "], got shape ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), "sparsebert_cpu: bias dtype ", b.scalar_type(),
+                " differs from the input dtype ", x.scalar_type());
+    TORCH_CHECK(b.is_contiguous(), "sparsebert_cpu: bias must be contiguous");
+  }
+  const int64_t nnz = values.size(0), M = x.size(0);
+  const Index ix = parse_index(index, nnz, N, K, bn, bk, /*csr=*/true, /*csc=*/false);
+  const Kernels kern = select_kernels();
+
+  const bool pack = pack_enabled(false);
+  const at::Tensor xf = pack ? pack_panels(x, K / bk, bk) : as_f32(x);  // [C, M, bk] or [M, K]
+  const at::Tensor wt = as_f32(values).transpose(1, 2).contiguous();  // [nnz, bk, bn]
+  at::Tensor bf;
+  if (bias.has_value()) bf = as_f32(*bias);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+
+  std::vector<const float*> B(nnz);
+  std::vector<int64_t> off(nnz);
+  const float* w = wt.data_ptr<float>();
+  for (int64_t i = 0; i < nnz; ++i) {
+    B[i] = w + i * bk * bn;
+    off[i] = int64_t(ix.col_idx[i]) * (pack ? M * bk : bk);
+  }
+  run_panels(kern, xf.data_ptr<float>(), pack ? bk : K, M, B, off, ix.row_ptr, ix.R, bk, bn,
+             bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& index,
+                      int64_t N, int64_t K, int64_t bn, int64_t bk) {
+  check_geometry(N, K, bn, bk);
+  check_matrix(dy, "dy", N);
+  check_values(values, dy, bn, bk);
+  const int64_t nnz = values.size(0), M = dy.size(0);
+  const Index ix = parse_index(index, nnz, N, K, bn, bk, /*csr=*/false, /*csc=*/true);
+  const Kernels kern = select_kernels();
+
+  const bool pack = pack_enabled(false);
+  const at::Tensor dyf = pack ? pack_panels(dy, N / bn, bn) : as_f32(dy);  // [R, M, bn] or [M, N]
+  const at::Tensor vf = as_f32(values);
+  at::Tensor dx = at::empty({M, K}, dy.options().dtype(at::kFloat));
+
+  std::vector<const float*> B(nnz);
+  std::vector<int64_t> off(nnz);
+  const float* v = vf.data_ptr<float>();
+  for (int64_t j = 0; j < nnz; ++j) {  // column order: W block t_perm[j] = [bn, bk] = [in, out]
+    B[j] = v + int64_t(ix.t_perm[j]) * bn * bk;
+    off[j] = int64_t(ix.t_row_idx[j]) * (pack ? M * bn : bn);
+  }
+  run_panels(kern, dyf.data_ptr<float>(), pack ? bn : N, M, B, off, ix.col_ptr, ix.C, bn, bk, nullptr,
+             dx.data_ptr<float>(), K);
+  return dy.scalar_type() == at::kFloat ? dx : dx.to(dy.scalar_type());
+}
+
+at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& index,
+                       int64_t N, int64_t K, int64_t bn, int64_t bk) {
+  check_geometry(N, K, bn, bk);
+  check_matrix(x, "x", K);
+  check_matrix(dy, "dy", N);
+  TORCH_CHECK(x.size(0) == dy.size(0), "sparsebert_cpu: x and dy must have the same number of rows, got ",
+              x.size(0), " and ", dy.size(0));
+  TORCH_CHECK(x.scalar_type() == dy.scalar_type(), "sparsebert_cpu: x dtype ", x.scalar_type(),
+              " differs from dy dtype ", dy.scalar_type());
+  // nnz is not an argument: infer it from the index length (R + 1 + 4 nnz + C + 1).
+  const int64_t R = N / bn, C = K / bk;
+  TORCH_CHECK(index.dim() == 1 && (index.numel() - R - C - 2) >= 0 && (index.numel() - R - C - 2) % 4 == 0,
+              "sparsebert_cpu: layout index has ", index.numel(), " entries, which is not R + 1 + 4*nnz + C + 1 for a [",
+              N, ", ", K, "] weight with block (", bn, ", ", bk, ")");
+  const int64_t nnz = (index.numel() - R - C - 2) / 4, M = x.size(0);
+  const Index ix = parse_index(index, nnz, N, K, bn, bk, /*csr=*/true, /*csc=*/false);
+  const Kernels kern = select_kernels();
+
+  if (nnz == 0) return at::empty({0, bn, bk}, x.options());
+  const bool pack = pack_enabled(true);
+  const at::Tensor xf = pack ? pack_panels(x, C, bk) : as_f32(x);     // [C, M, bk] or [M, K]
+  const at::Tensor dyf = pack ? pack_panels(dy, R, bn) : as_f32(dy);  // [R, M, bn] or [M, N]
+  const int64_t ldx = pack ? bk : K, ldy = pack ? bn : N;
+  const int64_t xcol = pack ? M * bk : bk, ycol = pack ? M * bn : bn;
+  at::Tensor dw = at::empty({nnz, bn, bk}, x.options().dtype(at::kFloat));
+
+  // Split the tokens when there are too few blocks for the threads (>= 4 items per thread).
+  const int64_t threads = at::get_num_threads();
+  int64_t splits = 1;
+  if (nnz < 4 * threads) splits = std::max<int64_t>(1, std::min<int64_t>((4 * threads + nnz - 1) / nnz, M / 256));
+  const int64_t chunk = (M + splits - 1) / std::max<int64_t>(splits, 1);
+  at::Tensor part = splits == 1 ? dw : at::empty({splits, nnz, bn, bk}, dw.options());
+  const float* xp = xf.data_ptr<float>();
+  const float* dyp = dyf.data_ptr<float>();
+  float* pp = part.data_ptr<float>();
+  at::parallel_for(0, nnz * splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / splits, s = item % splits;
+      const int64_t m0 = std::min(M, s * chunk), m1 = std::min(M, m0 + chunk);
+      kern.sdd(dyp + m0 * ldy + int64_t(ix.row_idx[i]) * ycol, ldy,
+               xp + m0 * ldx + int64_t(ix.col_idx[i]) * xcol, ldx, m1 - m0, bn, bk, pp + (s * nnz + i) * bn * bk, /*accumulate=*/false);
+    }
+  });
+  if (splits > 1) dw = part.sum(0);
+  return x.scalar_type() == at::kFloat ? dw : dw.to(x.scalar_type());
+}
+
+std::string isa() { return select_kernels().name; }
+
+}  // namespace
+}  // namespace sparsebert_cpu
+
+TORCH_LIBRARY(sparsebert_cpu, m) {
+  m.def("forward(Tensor x, Tensor values, Tensor? bias, Tensor index, int N, int K, int bn, int bk) -> Tensor");
+  m.def("grad_input(Tensor dy, Tensor values, Tensor index, int N, int K, int bn, int bk) -> Tensor");
+  m.def("grad_weight(Tensor x, Tensor dy, Tensor index, int N, int K, int bn, int bk) -> Tensor");
+  m.def("isa() -> str", &sparsebert_cpu::isa);
+}
+
+TORCH_LIBRARY_IMPL(sparsebert_cpu, CPU, m) {
+  m.impl("forward", &sparsebert_cpu::forward);
+  m.impl("grad_input", &sparsebert_cpu::grad_input);
+  m.impl("grad_weight", &sparsebert_cpu::grad_weight);
+}

@@ -1,0 +1,36 @@
+// Raw-pointer fp32 block kernels of the CPU backend, compiled once per ISA.
+//
+// Each ISA translation unit (bsr_cpu_isa_*.cpp) sets `#pragma GCC target(...)` and includes
+// bsr_cpu_kernels_impl.h; it includes no torch header, so no inline torch function is ever
+// compiled with AVX-512 and picked by the linker for baseline code (the usual ODR trap of
+// per-file ISA flags). bsr_cpu.cpp (baseline flags) picks one table at run time with
+// __builtin_cpu_supports and does the threading (at::parallel_for) and the checks.
+#pragma once
+#include <cstdint>
+
+namespace sparsebert_cpu {
+
+struct Kernels {
+  // "Panel" product, shared by the forward and the input gradient:
+  //   out[m, 0:bo] = bias[0:bo] + sum_e  in[m, in_off[e] : in_off[e] + bi] @ B[e]
+  // for m in [0, M); B[e] is a row-major [bi, bo] block; bias may be null (then 0).
+  // bo must be a multiple of 16. Forward: in = x, B = W block transposed; grad_input:
+  // in = dy, B = W block as stored.
+  void (*panel)(const float* in, int64_t ld_in, int64_t M, const float* const* B,
+                const int64_t* in_off, int64_t n_entries, int64_t bi, int64_t bo,
+                const float* bias, float* out, int64_t ld_out);
+  // Weight-gradient block (SDD): out[n, k] (+)= sum_{m < M} dy[m, n] * x[m, k],
+  // n < bn, k < bk (out row-major [bn, bk]); bn multiple of 8, bk multiple of 16.
+  void (*sdd)(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M,
+              int64_t bn, int64_t bk, float* out, bool accumulate);
+  const char* name;
+};
+
+// Register-blocked micro-kernels (GCC vector extensions, one TU per ISA).
+Kernels kernels_avx512();
+Kernels kernels_avx2();
+Kernels kernels_generic();
+// Plain loops left to the compiler's auto-vectoriser (AVX-512 target), kept for comparison.
+Kernels kernels_autovec();
+
+}  // namespace sparsebert_cpu

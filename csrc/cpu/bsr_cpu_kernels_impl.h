@@ -1,0 +1,155 @@
+// fp32 block kernels, included once per ISA translation unit (see bsr_cpu_kernels.h).
+// The including file defines, before including this header and after its #pragma GCC target:
+//   SB_VW  floats per SIMD vector (16 AVX-512, 8 AVX2, 4 SSE2)
+//   SB_MT  tokens per register tile of the panel kernel
+//   SB_NV  vectors per register tile (the tile is SB_MT x SB_NV*SB_VW outputs)
+//   SB_NR  weight-gradient tile rows (the tile is SB_NR x SB_NV*SB_VW)
+//   SB_KERNELS_FN, SB_NAME  the exported table getter and its name
+// No torch or standard-library template is used here (see the ODR note in bsr_cpu_kernels.h).
+#include <cstdint>
+#include <cstring>
+
+#include "bsr_cpu_kernels.h"
+
+namespace sparsebert_cpu {
+namespace {  // internal linkage: every ISA TU keeps its own copy
+
+constexpr int VW = SB_VW;
+constexpr int MT = SB_MT;
+constexpr int NV = SB_NV;
+constexpr int NR = SB_NR;
+
+// A GCC vector extension: one register of VW floats, compiled to zmm/ymm/xmm by the target.
+typedef float vec __attribute__((vector_size(SB_VW * sizeof(float))));
+
+inline vec load(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }   // vmovups
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+
+// ---- panel: out[m, :bo] = bias + sum_e in[m, off_e : off_e + bi] @ B_e --------------------
+// Register tile: T tokens x V vectors of accumulators, kept in registers over all entries e
+// and all bi; per k: V loads of B, T broadcasts of `in`, T*V FMAs.
+template <int T, int V>
+void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int64_t* in_off,
+                int64_t ne, int64_t bi, int64_t bo, int64_t col0, const float* bias,
+                float* out, int64_t ld_out) {
+  vec acc[T][V];
+  vec init[V];
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) init[v] = bias ? load(bias + col0 + v * VW) : vec{};
+#pragma GCC unroll 16
+  for (int i = 0; i < T; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[i][v] = init[v];
+  for (int64_t e = 0; e < ne; ++e) {
+    const float* b = B[e] + col0;
+    const float* a = in + in_off[e];
+    for (int64_t k = 0; k < bi; ++k) {
+      vec w[V];
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) w[v] = load(b + k * bo + v * VW);
+#pragma GCC unroll 16
+      for (int i = 0; i < T; ++i) {
+        const float s = a[i * ld_in + k];
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) acc[i][v] += w[v] * s;
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < T; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) store(out + i * ld_out + col0 + v * VW, acc[i][v]);
+}
+
+template <int T>
+void panel_rows(const float* in, int64_t ld_in, const float* const* B, const int64_t* in_off,
+                int64_t ne, int64_t bi, int64_t bo, const float* bias, float* out,
+                int64_t ld_out) {
+  int64_t c = 0;
+  for (; c + NV * VW <= bo; c += NV * VW)
+    panel_tile<T, NV>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out);
+  for (; c < bo; c += VW)  // bo is a multiple of 16, hence of VW
+    panel_tile<T, 1>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out);
+}
+
+// Token tail (fewer than MT rows left): a tile of exactly `rows` tokens.
+template <int T>
+void panel_tail(int64_t rows, const float* in, int64_t ld_in, const float* const* B,
+                const int64_t* in_off, int64_t ne, int64_t bi, int64_t bo, const float* bias,
+                float* out, int64_t ld_out) {
+  if (rows == T) {
+    panel_rows<T>(in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out);
+  } else if constexpr (T > 1) {
+    panel_tail<T - 1>(rows, in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out);
+  }
+}
+
+void panel(const float* in, int64_t ld_in, int64_t M, const float* const* B,
+           const int64_t* in_off, int64_t ne, int64_t bi, int64_t bo, const float* bias,
+           float* out, int64_t ld_out) {
+  int64_t m = 0;
+  for (; m + MT <= M; m += MT)
+    panel_rows<MT>(in + m * ld_in, ld_in, B, in_off, ne, bi, bo, bias, out + m * ld_out, ld_out);
+  if (m < M)
+    panel_tail<MT - 1>(M - m, in + m * ld_in, ld_in, B, in_off, ne, bi, bo, bias,
+                       out + m * ld_out, ld_out);
+}
+
+// ---- sdd: out[n, k] (+)= sum_m dy[m, n] x[m, k] ------------------------------------------
+// Register tile: NR rows (n) x V vectors (k); per token m: V loads of x, NR broadcasts of dy.
+template <int V>
+void sdd_tile(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M,
+              float* out, int64_t ld_out, bool accumulate) {
+  vec acc[NR][V];
+#pragma GCC unroll 16
+  for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[i][v] = vec{};
+  for (int64_t m = 0; m < M; ++m) {
+    vec w[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) w[v] = load(x + m * ld_x + v * VW);
+#pragma GCC unroll 16
+    for (int i = 0; i < NR; ++i) {
+      const float s = dy[m * ld_dy + i];
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[i][v] += w[v] * s;
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      float* o = out + i * ld_out + v * VW;
+      store(o, accumulate ? load(o) + acc[i][v] : acc[i][v]);
+    }
+}
+
+void sdd(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M, int64_t bn,
+         int64_t bk, float* out, bool accumulate) {
+  if (M <= 0) {
+    if (!accumulate) std::memset(out, 0, sizeof(float) * bn * bk);
+    return;
+  }
+  // Tokens in chunks so the dy / x sub-panels of one chunk stay in L2 across the tiles.
+  constexpr int64_t MC = 512;
+  for (int64_t m0 = 0; m0 < M; m0 += MC) {
+    const int64_t mc = M - m0 < MC ? M - m0 : MC;
+    const bool acc = accumulate || m0 > 0;
+    const float* dyc = dy + m0 * ld_dy;
+    const float* xc = x + m0 * ld_x;
+    for (int64_t n0 = 0; n0 < bn; n0 += NR) {
+      int64_t k0 = 0;
+      for (; k0 + NV * VW <= bk; k0 += NV * VW)
+        sdd_tile<NV>(dyc + n0, ld_dy, xc + k0, ld_x, mc, out + n0 * bk + k0, bk, acc);
+      for (; k0 < bk; k0 += VW)
+        sdd_tile<1>(dyc + n0, ld_dy, xc + k0, ld_x, mc, out + n0 * bk + k0, bk, acc);
+    }
+  }
+}
+
+}  // namespace
+
+Kernels SB_KERNELS_FN() { return Kernels{&panel, &sdd, SB_NAME}; }
+
+}  // namespace sparsebert_cpu

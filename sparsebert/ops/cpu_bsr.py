@@ -1,0 +1,119 @@
+"""Compiled CPU backend: block-sparse linear kernels from ``sparsebert._C`` (``csrc/cpu``).
+
+Ops ``torch.ops.sparsebert_cpu.{forward, grad_input, grad_weight}`` take the packed int32 layout
+index (:func:`sparsebert.layout.pack_index`). Kernels: register-blocked fp32 micro-kernels
+(8 tokens x 32 outputs of AVX-512 FMA accumulators), chosen at run time by CPUID among AVX-512,
+AVX2 and a baseline build (``SPARSEBERT_CPU_ISA`` overrides), threaded with ``at::parallel_for``.
+Blocks: both sizes multiples of 16, at most 256. Dtypes: float32; bfloat16 is converted to
+float32 around the kernels (fp32 accumulation). See ``csrc/cpu/bsr_cpu.cpp`` for the design.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..layout import LayoutTensors, pack_index
+
+NAME = "cpu"
+DTYPES = (torch.float32, torch.bfloat16)
+MAX_BLOCK = 256
+
+_load_error: str | None = None
+_loaded = False
+
+
+def _load() -> str | None:
+    """Import ``sparsebert._C`` once (it registers the ops); return why it failed, or None."""
+    global _loaded, _load_error
+    if not _loaded:
+        _loaded = True
+        try:
+            from .. import _C  # noqa: F401  (import registers torch.ops.sparsebert_cpu)
+            torch.ops.sparsebert_cpu.forward  # noqa: B018  (raises if the CPU ops are missing)
+            _register_fakes()
+        except Exception as e:  # ImportError, undefined symbol from a torch ABI mismatch, ...
+            _load_error = (
+                f"sparsebert._C is not built or does not load ({type(e).__name__}: {e}); build it "
+                "with `pip install --no-build-isolation -e .` against the torch that runs it"
+            )
+    return _load_error
+
+
+def _register_fakes():
+    """Shape-only implementations, so meta tensors and torch.compile can trace the ops."""
+    def fake_forward(x, values, bias, index, N, K, bn, bk):
+        torch._check(x.dim() == 2 and x.shape[1] == K, lambda: f"sparsebert_cpu: x must be [M, {K}]")
+        return x.new_empty(x.shape[0], N)
+
+    def fake_grad_input(dy, values, index, N, K, bn, bk):
+        torch._check(dy.dim() == 2 and dy.shape[1] == N, lambda: f"sparsebert_cpu: dy must be [M, {N}]")
+        return dy.new_empty(dy.shape[0], K)
+
+    def fake_grad_weight(x, dy, index, N, K, bn, bk):
+        nnz = (index.shape[0] - N // bn - K // bk - 2) // 4
+        return x.new_empty(nnz, bn, bk)
+
+    for name, fn in (("forward", fake_forward), ("grad_input", fake_grad_input),
+                     ("grad_weight", fake_grad_weight)):
+        try:
+            torch.library.register_fake(f"sparsebert_cpu::{name}")(fn)
+        except RuntimeError:  # already registered (module reloaded, or by the op layer)
+            pass
+
+
+def unavailable_reason(device: torch.device | None = None) -> str | None:
+    if device is not None and torch.device(device).type != "cpu":
+        return f"the cpu backend runs on CPU tensors only, not {torch.device(device).type}"
+    return _load()
+
+
+def unsupported_reason(x, values, lt: LayoutTensors) -> str | None:
+    if x.device.type != "cpu":
+        return f"the cpu backend runs on CPU tensors only, got {x.device}"
+    if x.dtype not in DTYPES:
+        return f"the cpu backend supports float32 and bfloat16, got {x.dtype}"
+    if lt.bn % 16 or lt.bk % 16 or lt.bn > MAX_BLOCK or lt.bk > MAX_BLOCK:
+        return (f"the cpu backend needs block sizes that are multiples of 16 and at most "
+                f"{MAX_BLOCK}, got ({lt.bn}, {lt.bk})")
+    return None
+
+
+def isa() -> str:
+    """The kernel set the compiled ops use here (``avx512``, ``avx2``, ``generic``, ``autovec``)."""
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(reason)
+    return torch.ops.sparsebert_cpu.isa()
+
+
+def _index(lt: LayoutTensors) -> torch.Tensor:
+    """The packed index behind ``lt``: layout.tensors() returns views of it, so reuse it if so."""
+    base = lt.row_ptr._base
+    if (base is not None and base.dtype == torch.int32 and base.dim() == 1 and base.is_contiguous()
+            and base.numel() == lt.row_ptr.numel() + 4 * lt.nnz + lt.col_ptr.numel()):
+        offset, item = 0, base.element_size()
+        for part in lt[:6]:
+            if part._base is not base or part.data_ptr() != base.data_ptr() + offset * item:
+                break
+            offset += part.numel()
+        else:
+            return base
+    return pack_index(*lt[:6])
+
+
+def _require():
+    reason = _load()
+    if reason is not None:
+        raise RuntimeError(reason)
+    return torch.ops.sparsebert_cpu
+
+
+def forward(x, values, bias, lt: LayoutTensors):
+    return _require().forward(x, values, bias, _index(lt), lt.N, lt.K, lt.bn, lt.bk)
+
+
+def grad_input(dy, values, lt: LayoutTensors):
+    return _require().grad_input(dy, values, _index(lt), lt.N, lt.K, lt.bn, lt.bk)
+
+
+def grad_weight(x, dy, lt: LayoutTensors):
+    return _require().grad_weight(x, dy, _index(lt), lt.N, lt.K, lt.bn, lt.bk)

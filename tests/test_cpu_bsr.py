@@ -1,0 +1,235 @@
+"""The compiled CPU backend (``sparsebert.ops.cpu_bsr``) against the pure-PyTorch reference."""
+import os
+
+import pytest
+import torch
+
+from sparsebert.layout import BlockLayout, pack_index
+from sparsebert.ops import cpu_bsr, reference
+
+pytestmark = pytest.mark.skipif(cpu_bsr.unavailable_reason() is not None,
+                                reason=f"cpu backend unavailable: {cpu_bsr.unavailable_reason()}")
+
+BLOCKS = [(16, 16), (32, 32), (64, 64), (32, 16), (16, 64)]
+TOKENS = [0, 1, 37, 257]
+
+
+def _layout(N, K, block, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    bn, bk = block
+    mask = torch.rand(N // bn, K // bk, generator=g) < density
+    return BlockLayout.from_mask(mask, block)
+
+
+def _inputs(M, N, K, lay, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    dy = torch.randn(M, N, generator=g).to(dtype)
+    values = lay.gather(torch.randn(N, K, generator=g)).to(dtype)
+    bias = torch.randn(N, generator=g).to(dtype)
+    return x, dy, values, bias
+
+
+def _close(out, ref, dtype, bound):
+    """Within a tolerance relative to the fp32 reference's own scale (bf16: rounding of the output)."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    if out.numel() == 0:
+        return
+    err = (out.double() - ref.double()).abs().max().item()
+    scale = ref.double().abs().max().item() + 1e-6
+    tol = (1e-5 if dtype == torch.float32 else 1e-2) * max(1.0, scale) * max(1.0, bound ** 0.5 / 8)
+    assert err <= tol, f"max error {err} > {tol}"
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("M", TOKENS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_reference(block, M, dtype):
+    bn, bk = block
+    N, K = 4 * 64, 3 * 64
+    lay = _layout(N, K, block, 0.5, seed=M)
+    lt = lay.tensors()
+    x, dy, values, bias = _inputs(M, N, K, lay, dtype)
+    # bf16: compare with the reference on the same (bf16-rounded) inputs, computed in fp32.
+    f = lambda t: t.float()
+    y = cpu_bsr.forward(x, values, bias, lt)
+    _close(y, reference.forward(f(x), f(values), f(bias), lt).to(dtype), dtype, K)
+    _close(cpu_bsr.forward(x, values, None, lt), reference.forward(f(x), f(values), None, lt).to(dtype), dtype, K)
+    _close(cpu_bsr.grad_input(dy, values, lt), reference.grad_input(f(dy), f(values), lt).to(dtype), dtype, N)
+    _close(cpu_bsr.grad_weight(x, dy, lt), reference.grad_weight(f(x), f(dy), lt).to(dtype), dtype, M)
+
+
+@pytest.mark.parametrize("density", [0.0, 1.0])
+def test_empty_and_dense_layouts(density):
+    N, K, block = 128, 96, (32, 32)
+    lay = _layout(N, K, block, density)
+    lt = lay.tensors()
+    x, dy, values, bias = _inputs(37, N, K, lay, torch.float32)
+    assert values.shape[0] == (0 if density == 0 else lay.grid[0] * lay.grid[1])
+    _close(cpu_bsr.forward(x, values, bias, lt), reference.forward(x, values, bias, lt), torch.float32, K)
+    _close(cpu_bsr.grad_input(dy, values, lt), reference.grad_input(dy, values, lt), torch.float32, N)
+    gw = cpu_bsr.grad_weight(x, dy, lt)
+    assert gw.shape == values.shape
+    _close(gw, reference.grad_weight(x, dy, lt), torch.float32, 37)
+
+
+def test_empty_rows_and_columns():
+    # Row-block 1 and column-block 2 keep nothing: their outputs are bias / zero.
+    N, K, block = 96, 96, (32, 32)
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    lay = BlockLayout.from_mask(mask, block)
+    lt = lay.tensors()
+    x, dy, values, bias = _inputs(19, N, K, lay, torch.float32)
+    y = cpu_bsr.forward(x, values, bias, lt)
+    torch.testing.assert_close(y[:, 32:64], bias[32:64].expand(19, 32))
+    _close(y, reference.forward(x, values, bias, lt), torch.float32, K)
+    dx = cpu_bsr.grad_input(dy, values, lt)
+    assert torch.all(dx[:, 64:] == 0)
+    _close(dx, reference.grad_input(dy, values, lt), torch.float32, N)
+    _close(cpu_bsr.grad_weight(x, dy, lt), reference.grad_weight(x, dy, lt), torch.float32, 19)
+
+
+def test_bert_shapes_and_many_tokens():
+    # A few tokens more than the token tile, 768 -> 3072 at 75% sparsity (one shape, quick).
+    N, K, block = 3072, 768, (32, 32)
+    lay = _layout(N, K, block, 0.25)
+    lt = lay.tensors()
+    x, dy, values, bias = _inputs(300, N, K, lay, torch.float32)
+    _close(cpu_bsr.forward(x, values, bias, lt), reference.forward(x, values, bias, lt), torch.float32, K)
+    _close(cpu_bsr.grad_input(dy, values, lt), reference.grad_input(dy, values, lt), torch.float32, N)
+    _close(cpu_bsr.grad_weight(x, dy, lt), reference.grad_weight(x, dy, lt), torch.float32, 300)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic", "autovec"])
+def test_every_kernel_set(isa, monkeypatch):
+    monkeypatch.setenv("SPARSEBERT_CPU_ISA", isa)
+    try:
+        got = cpu_bsr.isa()
+    except RuntimeError as e:  # this CPU lacks the ISA
+        pytest.skip(str(e))
+    assert got == isa
+    for block in [(16, 16), (32, 64), (64, 32)]:
+        N, K = 192, 128
+        lay = _layout(N, K, block, 0.6)
+        lt = lay.tensors()
+        x, dy, values, bias = _inputs(45, N, K, lay, torch.float32)
+        _close(cpu_bsr.forward(x, values, bias, lt), reference.forward(x, values, bias, lt), torch.float32, K)
+        _close(cpu_bsr.grad_input(dy, values, lt), reference.grad_input(dy, values, lt), torch.float32, N)
+        _close(cpu_bsr.grad_weight(x, dy, lt), reference.grad_weight(x, dy, lt), torch.float32, 45)
+
+
+@pytest.mark.parametrize("pack", ["0", "1"])
+def test_packed_and_strided_paths(pack, monkeypatch):
+    monkeypatch.setenv("SPARSEBERT_CPU_PACK", pack)
+    N, K, block = 128, 192, (32, 64)
+    lay = _layout(N, K, block, 0.5)
+    lt = lay.tensors()
+    x, dy, values, bias = _inputs(77, N, K, lay, torch.float32)
+    _close(cpu_bsr.forward(x, values, bias, lt), reference.forward(x, values, bias, lt), torch.float32, K)
+    _close(cpu_bsr.grad_input(dy, values, lt), reference.grad_input(dy, values, lt), torch.float32, N)
+    _close(cpu_bsr.grad_weight(x, dy, lt), reference.grad_weight(x, dy, lt), torch.float32, 77)
+
+
+def test_index_is_reused_not_repacked():
+    lay = _layout(64, 64, (32, 32), 0.5)
+    lt = lay.tensors()
+    assert cpu_bsr._index(lt) is lay.index("cpu")
+    # Tensors that are not views of one packed index get packed.
+    own = lt._replace(**{f: getattr(lt, f).clone() for f in lt._fields[:6]})
+    assert torch.equal(cpu_bsr._index(own), lay.index("cpu"))
+
+
+# ---- errors ------------------------------------------------------------------------------
+def _args(block=(32, 32)):
+    lay = _layout(64, 96, block, 0.5)
+    x, dy, values, bias = _inputs(5, 64, 96, lay, torch.float32)
+    return lay, x, dy, values, bias
+
+
+def test_unsupported_block_is_reported_and_raises():
+    lay, x, dy, values, bias = _args(block=(8, 8))
+    lt = lay.tensors()
+    assert "multiples of 16" in cpu_bsr.unsupported_reason(x, values, lt)
+    with pytest.raises(RuntimeError, match="multiples of 16"):
+        cpu_bsr.forward(x, values, bias, lt)
+
+
+def test_unsupported_dtype_and_device_are_reported():
+    lay, x, dy, values, bias = _args()
+    lt = lay.tensors()
+    assert cpu_bsr.unsupported_reason(x, values, lt) is None
+    assert "float16" in cpu_bsr.unsupported_reason(x.half(), values.half(), lt)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        cpu_bsr.forward(x.half(), values.half(), None, lt)
+    assert "CPU" in cpu_bsr.unavailable_reason(torch.device("cuda"))
+    assert cpu_bsr.unavailable_reason(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("case, match", [
+    ("x_cols", "must have 96 columns"),
+    ("x_3d", "must be 2-D"),
+    ("x_noncontig", "contiguous"),
+    ("values_shape", "values must be"),
+    ("values_dtype", "differs from the input dtype"),
+    ("bias_shape", "bias must be"),
+    ("index_len", "layout index has"),
+    ("index_dtype", "int32"),
+    ("index_corrupt", "corrupt layout index"),
+    ("shape_mismatch", "does not tile"),
+])
+def test_bad_inputs_raise_clear_errors(case, match):
+    lay, x, dy, values, bias = _args()
+    idx = lay.index("cpu")
+    N, K, bn, bk = 64, 96, 32, 32
+    ops = torch.ops.sparsebert_cpu
+    kw = dict(x=x, values=values, bias=bias, index=idx, N=N, K=K)
+    if case == "x_cols":
+        kw["x"] = torch.randn(5, 64)
+    elif case == "x_3d":
+        kw["x"] = torch.randn(1, 5, 96)
+    elif case == "x_noncontig":
+        kw["x"] = torch.randn(96, 5).t()
+    elif case == "values_shape":
+        kw["values"] = values[:, :16]
+    elif case == "values_dtype":
+        kw["values"] = values.double()
+    elif case == "bias_shape":
+        kw["bias"] = bias[:10]
+    elif case == "index_len":
+        kw["index"] = idx[:-1]
+    elif case == "index_dtype":
+        kw["index"] = idx.long()
+    elif case == "index_corrupt":
+        bad = idx.clone()
+        bad[3] = 1000  # col_idx (after row_ptr of R+1 = 3 entries) out of range
+        kw["index"] = bad
+    elif case == "shape_mismatch":
+        kw["K"] = 100
+    with pytest.raises(RuntimeError, match=match):
+        ops.forward(kw["x"], kw["values"], kw["bias"], kw["index"], kw["N"], kw["K"], bn, bk)
+
+
+def test_grad_ops_check_inputs():
+    lay, x, dy, values, bias = _args()
+    idx = lay.index("cpu")
+    ops = torch.ops.sparsebert_cpu
+    with pytest.raises(RuntimeError, match="dy must have 64 columns"):
+        ops.grad_input(torch.randn(5, 63), values, idx, 64, 96, 32, 32)
+    with pytest.raises(RuntimeError, match="same number of rows"):
+        ops.grad_weight(x, dy[:4], idx, 64, 96, 32, 32)
+    with pytest.raises(RuntimeError, match="corrupt layout index"):
+        bad = idx.clone()
+        bad[-1] = 99  # t_perm out of range
+        ops.grad_input(dy, values, bad, 64, 96, 32, 32)
+    with pytest.raises(RuntimeError, match="not R \\+ 1 \\+ 4\\*nnz"):
+        ops.grad_weight(x, dy, idx[:-1], 64, 96, 32, 32)
+
+
+def test_meta_tensors_give_shapes():
+    lay, x, dy, values, bias = _args()
+    meta = lambda t: t.to("meta")
+    idx = meta(lay.index("cpu"))
+    ops = torch.ops.sparsebert_cpu
+    assert ops.forward(meta(x), meta(values), None, idx, 64, 96, 32, 32).shape == (5, 64)
+    assert ops.grad_input(meta(dy), meta(values), idx, 64, 96, 32, 32).shape == (5, 96)
+    assert ops.grad_weight(meta(x), meta(dy), idx, 64, 96, 32, 32).shape == values.shape
