@@ -1,0 +1,145 @@
+"""The op against a dense masked reference: forward, backward, dtypes, odd shapes, compile."""
+import pytest
+import torch
+
+from sparsebert import BlockLayout, bsr_linear
+from sparsebert.ops import backends, reference
+
+from conftest import random_layout
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _dense_ref(x, w, b):
+    y = x.double() @ w.double().T
+    return y + b.double() if b is not None else y
+
+
+@pytest.mark.parametrize("backend", ["reference", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lead, N, K, block, density", [
+    ((37,), 48, 40, (16, 8), 0.5),     # tokens not a multiple of anything, rectangular blocks
+    ((3, 5), 64, 64, (32, 32), 0.3),   # 3-D input
+    ((1,), 96, 64, (32, 16), 1.0),     # fully dense layout
+    ((9,), 64, 64, (16, 16), 0.0),     # empty layout
+])
+def test_forward_and_backward_match_masked_dense(backend, dtype, lead, N, K, block, density):
+    lay = random_layout(N // block[0], K // block[1], density, block, seed=N + K)
+    torch.manual_seed(N * K + len(lead))
+    w = torch.randn(N, K, dtype=torch.float64) * lay.element_mask()
+    x = torch.randn(*lead, K, dtype=torch.float64)
+    b = torch.randn(N, dtype=torch.float64)
+    xs = x.to(dtype).requires_grad_()
+    vs = lay.gather(w).to(dtype).requires_grad_()
+    bs = b.to(dtype).requires_grad_()
+    y = bsr_linear(xs, vs, lay, bs, backend=backend)
+    assert y.shape == (*lead, N) and y.dtype == dtype
+    ref = _dense_ref(xs.detach(), w.to(dtype), bs.detach())
+    assert _rel(y, ref) < TOL[dtype]
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    w_d = w.to(dtype).double()
+    dx_ref = dy.double() @ w_d
+    dw_ref = lay.gather(dy.double().reshape(-1, N).T @ xs.detach().double().reshape(-1, K))
+    assert xs.grad.shape == xs.shape and vs.grad.shape == vs.shape
+    if lay.nnz:
+        assert _rel(xs.grad, dx_ref) < TOL[dtype]
+        assert _rel(vs.grad, dw_ref) < TOL[dtype]
+    else:
+        assert torch.count_nonzero(xs.grad) == 0
+    assert _rel(bs.grad, dy.double().reshape(-1, N).sum(0)) < TOL[dtype]
+
+
+def test_gradcheck_float64():
+    lay = random_layout(3, 4, 0.5, (8, 8), seed=3)
+    x = torch.randn(5, 32, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(lay.nnz, 8, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v, b: bsr_linear(x, v, lay, b, backend="reference"), (x, v, b))
+
+
+def test_rows_without_blocks_give_bias_only():
+    mask = torch.tensor([[1, 1], [0, 0], [1, 0]], dtype=torch.bool)
+    lay = BlockLayout.from_mask(mask, (16, 16))
+    x = torch.randn(7, 32)
+    b = torch.randn(48)
+    y = bsr_linear(x, torch.randn(lay.nnz, 16, 16), lay, b, backend="reference")
+    assert torch.equal(y[:, 16:32], b[16:32].expand(7, 16))
+
+
+def test_opcheck_contract():
+    lay = random_layout(2, 3, 0.6, (16, 16), seed=5)
+    x = torch.randn(11, 48)
+    v = torch.randn(lay.nnz, 16, 16, requires_grad=True)
+    b = torch.randn(32, requires_grad=True)
+    torch.library.opcheck(torch.ops.sparsebert.bsr_fwd,
+                          (x.requires_grad_(), v, b, lay.index(), 32, 48, 16, 16, "reference"))
+
+
+def test_torch_compile_fullgraph_has_no_graph_break():
+    lay = random_layout(4, 2, 0.5, (16, 16), seed=7)
+    v = torch.randn(lay.nnz, 16, 16, requires_grad=True)
+    b = torch.randn(64, requires_grad=True)
+
+    def f(x):
+        return torch.relu(bsr_linear(x, v, lay, b, backend="reference")).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    out = compiled(x)
+    out.backward()
+    gx, gv = x.grad.clone(), v.grad.clone()
+    x.grad = v.grad = None
+    f(x).backward()
+    assert torch.allclose(out, f(x), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(gx, x.grad, rtol=1e-5, atol=1e-5) and torch.allclose(gv, v.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make, exc, message", [
+    (lambda lay: (torch.randn(4, 30), torch.randn(lay.nnz, 16, 16), None), ValueError, "in_features=32"),
+    (lambda lay: (torch.randn(4, 32), torch.randn(lay.nnz + 1, 16, 16), None), ValueError, "values has shape"),
+    (lambda lay: (torch.randn(4, 32), torch.randn(lay.nnz, 16, 16, dtype=torch.float64), None), TypeError, "does not match"),
+    (lambda lay: (torch.randint(0, 3, (4, 32)), torch.randn(lay.nnz, 16, 16), None), TypeError, "supports"),
+    (lambda lay: (torch.randn(4, 32), torch.randn(lay.nnz, 16, 16), torch.randn(33)), ValueError, "bias has shape"),
+])
+def test_bad_input_raises_a_clear_error(make, exc, message):
+    lay = random_layout(2, 2, 1.0, (16, 16))
+    x, v, b = make(lay)
+    with pytest.raises(exc, match=message):
+        bsr_linear(x, v, lay, b)
+
+
+def test_unknown_or_unusable_backend_is_named():
+    lay = random_layout(2, 2, 1.0, (16, 16))
+    x, v = torch.randn(3, 32), torch.randn(lay.nnz, 16, 16)
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        bsr_linear(x, v, lay, backend="nope")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run"):
+        bsr_linear(x, v, lay, backend="cuda")
+
+
+def test_auto_picks_a_usable_backend_and_caches_it():
+    backends.clear_auto_cache()
+    lay = random_layout(4, 4, 0.5, (16, 16), seed=11)
+    x, v = torch.randn(64, 64), torch.randn(lay.nnz, 16, 16)
+    y = bsr_linear(x, v, lay, backend="auto")
+    assert len(backends._choice_cache) == 1
+    (choice,) = backends._choice_cache.values()
+    assert backends.unavailable_reason(choice, "cpu") is None
+    assert torch.allclose(y, bsr_linear(x, v, lay, backend="reference"), rtol=1e-4, atol=1e-4)
+
+
+def test_reference_chunks_tokens_without_changing_results(monkeypatch):
+    lay = random_layout(3, 3, 0.7, (8, 8), seed=2)
+    x, v, dy = torch.randn(50, 24, dtype=torch.float64), torch.randn(lay.nnz, 8, 8, dtype=torch.float64), \
+        torch.randn(50, 24, dtype=torch.float64)
+    lt = lay.tensors()
+    full = (reference.forward(x, v, None, lt), reference.grad_input(dy, v, lt), reference.grad_weight(x, dy, lt))
+    monkeypatch.setattr(reference, "_CHUNK_ELEMS", 8 * lay.nnz * 7)   # 7-token chunks
+    chunked = (reference.forward(x, v, None, lt), reference.grad_input(dy, v, lt), reference.grad_weight(x, dy, lt))
+    for a, b in zip(full, chunked):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,101 @@
+"""MaskedLinear / MaskedEmbedding / BlockSparseLinear behaviour."""
+import pytest
+import torch
+from torch import nn
+
+from sparsebert import BlockLayout, BlockSparseLinear, MaskedEmbedding, MaskedLinear
+
+
+def test_masked_weights_stay_exactly_zero_through_adamw():
+    torch.manual_seed(0)
+    lin = MaskedLinear.from_dense(nn.Linear(40, 24), sparsity=0.6)
+    emb = MaskedEmbedding.from_dense(nn.Embedding(30, 40), sparsity=0.5)
+    pruned_lin, pruned_emb = ~lin.mask, ~emb.mask
+    assert pruned_lin.sum() == round(0.6 * 40 * 24) and pruned_emb.sum() == 600
+    opt = torch.optim.AdamW(list(lin.parameters()) + list(emb.parameters()), lr=1e-2, weight_decay=0.1)
+    for _ in range(50):
+        ids = torch.randint(0, 30, (8, 5))
+        loss = lin(emb(ids)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.count_nonzero(lin.weight[pruned_lin]) == 0
+    assert torch.count_nonzero(emb.weight[pruned_emb]) == 0
+    assert torch.count_nonzero(lin.weight[lin.mask]) == lin.mask.sum()   # kept weights trained
+
+
+def test_masked_linear_matches_dense_with_zeros_and_converts_back():
+    dense = nn.Linear(16, 8)
+    mask = torch.rand(8, 16) < 0.5
+    layer = MaskedLinear.from_dense(dense, mask=mask)
+    x = torch.randn(3, 16)
+    assert torch.allclose(layer(x), x @ (dense.weight * mask).T + dense.bias)
+    back = layer.to_dense()
+    assert type(back) is nn.Linear and torch.equal(back.weight == 0, ~mask | (back.weight == 0))
+    assert torch.allclose(back(x), layer(x))
+
+
+def test_from_dense_needs_exactly_one_of_sparsity_and_mask():
+    with pytest.raises(ValueError, match="exactly one"):
+        MaskedLinear.from_dense(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="mask has shape"):
+        MaskedLinear.from_dense(nn.Linear(4, 4), mask=torch.ones(4, 5))
+
+
+def test_block_sparse_linear_stores_only_kept_blocks():
+    torch.manual_seed(1)
+    dense = nn.Linear(128, 64)
+    layer = BlockSparseLinear.from_dense(dense, sparsity=0.75, block=(16, 32))
+    total = (64 // 16) * (128 // 32)
+    assert layer.layout.nnz == total // 4
+    assert layer.values.shape == (total // 4, 16, 32)
+    assert sum(p.numel() for p in layer.parameters()) == layer.values.numel() + 64
+    # kept blocks are the largest by L2 norm
+    norms = dense.weight.detach().reshape(4, 16, 4, 32).pow(2).sum((1, 3))
+    assert norms[layer.layout.block_mask].min() >= norms[~layer.layout.block_mask].max()
+    x = torch.randn(2, 3, 128)
+    w = dense.weight.detach() * layer.layout.element_mask()
+    assert torch.allclose(layer(x), x @ w.T + dense.bias, atol=1e-5)
+    assert torch.allclose(layer.to_dense().weight, w)
+    assert "block=(16, 32)" in repr(layer) and "0.250" in repr(layer) and "backend='auto'" in repr(layer)
+
+
+def test_block_sparse_linear_rejects_block_not_dividing_weight():
+    with pytest.raises(ValueError, match="does not divide"):
+        BlockSparseLinear.from_dense(nn.Linear(100, 64), sparsity=0.5, block=32)
+
+
+def test_set_layout_shrinks_values_and_adamw_state_consistently():
+    torch.manual_seed(2)
+    layer = BlockSparseLinear.from_dense(nn.Linear(64, 64), sparsity=0.0, block=16, backend="reference")
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    x, target = torch.randn(32, 64), torch.randn(32, 64)
+    loss = lambda: (layer(x) - target).square().mean()
+    for _ in range(3):
+        opt.zero_grad(); loss().backward(); opt.step()
+    param = layer.values
+    old_values = param.detach().clone()
+    old_state = {k: v.clone() for k, v in opt.state[param].items()}
+    keep_mask = torch.rand(4, 4) < 0.5
+    new = layer.layout.intersect(keep_mask)
+    kept = layer.set_layout(new, opt)
+    assert kept.tolist() == torch.arange(16)[keep_mask.flatten()].tolist()
+    assert layer.values is param and param.shape == (new.nnz, 16, 16)
+    assert torch.equal(param, old_values[kept])
+    st = opt.state[param]
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(st[k], old_state[k][kept])
+    assert torch.equal(st["step"], old_state["step"])
+    # Training continues on the smaller layout, and the pruned blocks stay pruned.
+    before = loss().item()
+    for _ in range(20):
+        opt.zero_grad(); loss().backward(); opt.step()
+    assert loss().item() < before
+    assert torch.equal(layer.dense_weight().detach()[~new.element_mask()], torch.zeros(int((~new.element_mask()).sum())))
+
+
+def test_state_dict_round_trip_keeps_layout():
+    layer = BlockSparseLinear.from_dense(nn.Linear(64, 32), sparsity=0.5, block=16)
+    other = BlockSparseLinear(layer.layout, bias=True)
+    other.load_state_dict(layer.state_dict())
+    assert other.layout == layer.layout and torch.equal(other.values, layer.values)

@@ -1,0 +1,111 @@
+import pytest
+import torch
+from torch import nn
+
+import sparsebert
+from sparsebert.pruning import CubicSchedule, OneShotSchedule, Pruner, global_masks, keep_count, topk_mask
+
+
+def test_cubic_schedule_matches_zhu_gupta_formula():
+    s = CubicSchedule(initial_sparsity=0.1, final_sparsity=0.9, start_step=100, end_step=1100, frequency=10)
+    for t in [100, 150, 333, 600, 1000, 1099]:
+        expected = 0.9 + (0.1 - 0.9) * (1 - (t - 100) / 1000) ** 3
+        assert s.sparsity_at(t) == pytest.approx(expected, abs=1e-12)
+    assert s.sparsity_at(0) == 0.1 and s.sparsity_at(1100) == 0.9 and s.sparsity_at(5000) == 0.9
+    assert [t for t in range(90, 135) if s.is_update_step(t)] == [100, 110, 120, 130]
+    assert s.is_update_step(1100) and not s.is_update_step(1110) and not s.is_update_step(99)
+    # monotone
+    vals = [s.sparsity_at(t) for t in range(0, 1200, 7)]
+    assert all(a <= b + 1e-15 for a, b in zip(vals, vals[1:]))
+
+
+def test_schedule_validation():
+    with pytest.raises(ValueError, match="end_step"):
+        CubicSchedule(0, 0.5, 10, 5)
+    with pytest.raises(ValueError, match="frequency"):
+        CubicSchedule(0, 0.5, 0, 5, frequency=0)
+    assert OneShotSchedule(0.5, step=3).sparsity_at(2) == 0.0 and OneShotSchedule(0.5, 3).sparsity_at(3) == 0.5
+
+
+def test_topk_is_exact_even_with_ties():
+    scores = torch.zeros(10, 10)
+    m = topk_mask(scores, keep_count(100, 0.37))
+    assert m.sum() == 63
+
+
+def test_global_masks_exact_to_one_unit():
+    torch.manual_seed(0)
+    scores = [torch.rand(4, 4), torch.rand(8, 2) * 3, torch.rand(3, 5)]
+    units = [64, 16, 1]
+    for sparsity in [0.0, 0.3, 0.5, 0.77, 1.0]:
+        masks = global_masks(scores, sparsity, weights=units)
+        total = sum(s.numel() * u for s, u in zip(scores, units))
+        kept = sum(int(m.sum()) * u for m, u in zip(masks, units))
+        assert abs(kept - (1 - sparsity) * total) <= max(units)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+
+
+@pytest.mark.parametrize("mode", ["block", "unstructured"])
+def test_per_layer_sparsity_is_exact(mode):
+    model = sparsebert.sparsify(_model(), sparsity=0.0, block=16, mode=mode, targets=[r"^\d+$"])
+    pruner = Pruner(model, OneShotSchedule(0.7, step=0))
+    assert pruner.step(0)
+    for name, kept in pruner.kept_fractions().items():
+        units = (128 * 64) // (256 if mode == "block" else 1)
+        assert kept == pytest.approx(round(units * 0.3) / units)
+
+
+def test_global_scope_is_exact_within_one_block():
+    model = sparsebert.sparsify(_model(), sparsity=0.0, block=16, targets=[r"^\d+$"])
+    with torch.no_grad():
+        model[0].values.mul_(10)                 # first layer far more important
+    pruner = Pruner(model, OneShotSchedule(0.6), scope="global")
+    pruner.step(0)
+    fr = pruner.kept_fractions()
+    assert fr["0"] > fr["2"]
+    assert abs(pruner.sparsity() - 0.6) <= 256 / (2 * 128 * 64)
+
+
+def test_pruner_only_removes_and_follows_the_schedule():
+    model = sparsebert.sparsify(_model(), sparsity=0.0, mode="unstructured", targets=[r"^\d+$"])
+    sched = CubicSchedule(0.0, 0.8, start_step=0, end_step=100, frequency=10)
+    pruner = Pruner(model, sched, score="random", seed=1)
+    prev = {n: m.mask.clone() for n, m in pruner.layers}
+    updates = []
+    for step in range(0, 120):
+        with torch.no_grad():
+            for _, m in pruner.layers:
+                m.weight.add_(torch.randn_like(m.weight))     # scores change every step
+        if pruner.step(step):
+            updates.append(step)
+            for n, m in pruner.layers:
+                assert not (m.mask & ~prev[n]).any()          # nothing regrows
+                prev[n] = m.mask.clone()
+                assert m.density == pytest.approx(1 - sched.sparsity_at(step), abs=1 / m.mask.numel())
+    assert updates == list(range(10, 101, 10))
+    assert pruner.sparsity() == pytest.approx(0.8, abs=1e-3)
+
+
+def test_block_pruner_shrinks_optimizer_state_and_training_continues():
+    model = sparsebert.sparsify(_model(), sparsity=0.0, block=16, targets=[r"^\d+$"], backend="reference")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pruner = Pruner(model, CubicSchedule(0.0, 0.5, 0, 20, 5), optimizer=opt)
+    x = torch.randn(16, 64)
+    for step in range(30):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        pruner.step(step)
+        for _, m in pruner.layers:
+            st = opt.state[m.values]
+            assert st["exp_avg"].shape == m.values.shape == st["exp_avg_sq"].shape
+    assert all(k == pytest.approx(0.5) for k in pruner.kept_fractions().values())
+
+
+def test_pruner_needs_sparse_layers():
+    with pytest.raises(ValueError, match="sparsify"):
+        Pruner(_model(), OneShotSchedule(0.5))
