@@ -368,8 +368,13 @@ def run(out_dir: str, quick: bool = False, dry_run: bool = False, providers=None
     t0 = time.time()
     for (K, N), block, sp in itertools.product(grid["shapes"], grid["blocks"], grid["sparsities"]):
         case = make_case(K, N, block, sp, M=M, device=device, n_sets=n_sets)
-        rows += run_case(case, providers, bw, rep_ms=rep_ms)
+        case_rows = run_case(case, providers, bw, rep_ms=rep_ms)
+        rows += case_rows
+        # Print and save as we go: a run cut short still leaves its numbers behind.
+        print(format_table(case_rows), flush=True)
         print(f"# {case.tag} done ({time.time() - t0:.0f} s)", flush=True)
+        with open(os.path.join(out_dir, "bench_kernels.json"), "w") as f:
+            json.dump(dict(info=info, rows=rows, partial=True), f, indent=1)
         del case
     table = format_table(rows)
     print(table)
