@@ -2,11 +2,14 @@
 # One script for a GPU machine with a preinstalled PyTorch/Triton/nvcc and no internet:
 # builds sparsebert._C with nvcc, runs the GPU correctness tests, then the kernel benchmark.
 # Installs nothing from the network. Target: under 6 minutes on an H100.
-#   bash benchmarks/gpu_check.sh [OUT_DIR]        (OUT_DIR defaults to $OUT or ./gpu_out)
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        (default ./gpu_out; all logs, JSON and plots land there,
+#                                                 and also packed as OUT_DIR/gpu_check.tgz)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR=${1:-${OUT:-gpu_out}}
+OUT_DIR=${1:-gpu_out}
 mkdir -p "$OUT_DIR"
+pack() { tar czf /tmp/gpu_check.tgz -C "$OUT_DIR" . 2>/dev/null && mv /tmp/gpu_check.tgz "$OUT_DIR/"; }
+trap pack EXIT
 PY=${PYTHON:-python3}
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -31,17 +34,26 @@ wait $build_pid || { echo "BUILD FAILED"; tail -n 40 "$OUT_DIR/build.log"; statu
 stamp "build done"
 $PY -m sparsebert info 2>&1 | tee "$OUT_DIR/info.txt"
 
-stamp "GPU correctness tests (pytest -m gpu)"
-SPARSEBERT_TRITON_AUTOTUNE=0 timeout 420 $PY -m pytest -m gpu -q -p no:cacheprovider -x --timeout=400 tests/ 2>&1 \
-  | tail -n 30 | tee "$OUT_DIR/gpu_tests.txt" || status=1
+stamp "GPU correctness tests (pytest -m gpu), one process per file so a crash names its file"
+for f in tests/test_*gpu*.py tests/test_cuda_bsr.py; do
+  [ -f "$f" ] || continue
+  name=$(basename "$f" .py)
+  SPARSEBERT_TRITON_AUTOTUNE=0 timeout 300 $PY -m pytest -m gpu -q -p no:cacheprovider "$f" \
+    > "$OUT_DIR/$name.log" 2>&1
+  rc=$?
+  echo "$f: exit $rc; $(grep -E 'passed|failed|error|Fatal Python error' "$OUT_DIR/$name.log" | tail -n 2 | tr '\n' ' ')"
+  [ $rc -eq 0 ] || { status=1; grep -E '^(FAILED|ERROR)|Fatal Python|^E  ' "$OUT_DIR/$name.log" | head -n 15;
+                     grep -A3 'Current thread' "$OUT_DIR/$name.log" | grep -m3 'tests/\|sparsebert/' ; }
+done
 
 stamp "kernel benchmark"
-timeout 300 $PY benchmarks/bench_kernels.py --out "$OUT_DIR" ${BENCH_ARGS:-} 2>&1 | tail -n 80 \
-  | tee "$OUT_DIR/bench.txt" || status=1
+timeout 300 $PY benchmarks/bench_kernels.py --out "$OUT_DIR" ${BENCH_ARGS:-} > "$OUT_DIR/bench.log" 2>&1 \
+  || status=1
+tail -n 5 "$OUT_DIR/bench.log"
 
 if [ -f benchmarks/bench_bert.py ]; then
   stamp "end-to-end BERT-base MLM training step"
-  timeout 240 $PY benchmarks/bench_bert.py 2>&1 | tail -n 20 | tee "$OUT_DIR/bert.txt" || status=1
+  timeout 240 $PY benchmarks/bench_bert.py --out "$OUT_DIR" 2>&1 | tail -n 12 | tee "$OUT_DIR/bert.txt" || status=1
 fi
 stamp "done (status $status)"
 exit $status
