@@ -54,5 +54,18 @@ for op in ("forward", "grad_input", "grad_weight"):
     print("   ", getattr(torch.ops.sparsebert_cuda, op).default._schema)
 PYEOF
 )
+# The backend module, with that _C beside the package sources: it must load the library and
+# report the missing GPU (not a build problem).
+cp "$BUILD"/lib/sparsebert/_C*.so "$BUILD/src/sparsebert/"
+(cd "$BUILD/src" && PYTHONPATH="$BUILD/src" "$PY" - <<'PYEOF'
+import torch
+from sparsebert.ops import cuda_bsr
+reason = cuda_bsr.unavailable_reason()
+print("cuda_build_check: cuda_bsr.unavailable_reason() ->", reason)
+assert cuda_bsr._lib is not None, reason
+if not torch.cuda.is_available():
+    assert reason is not None and "no CUDA device" in reason, reason
+PYEOF
+)
 t3=$(date +%s)
 echo "cuda_build_check: OK (venv $((t1 - t0)) s, build $((t2 - t1)) s, import $((t3 - t2)) s)"

@@ -17,19 +17,28 @@ if (( ${#sources[@]} == 0 )); then echo "nvcc_check: no csrc/cuda/*.cu files"; e
 flags=(-O3 -std=c++17 --use_fast_math -lineinfo --expt-relaxed-constexpr -Werror all-warnings -Xptxas -v)
 t0=$(date +%s)
 fail=0
+compile() {  # compile <src> <gencode> <log> <obj>
+    "$NVCC" "${flags[@]}" -gencode="$2" -c "$1" -o "$4" >"$3" 2>&1
+}
+pids=(); jobs_=()
 for arch in "arch=compute_80,code=sm_80" "arch=compute_90a,code=sm_90a"; do
     for src in "${sources[@]}"; do
-        name="$(basename "$src" .cu)"
-        tag="${arch##*code=}"
-        log="$OUT/$name.$tag.log"
-        if "$NVCC" "${flags[@]}" -gencode="$arch" -c "$src" -o "$OUT/$name.$tag.o" >"$log" 2>&1; then
-            spills=$(grep -E "[1-9][0-9]* bytes spill" "$log" | wc -l || true)
-            echo "nvcc_check: ok   $name ($tag)${spills:+, $spills kernels with spills}"
-            if [[ "${VERBOSE:-0}" == "1" ]]; then grep -E "registers|spill" "$log" || true; fi
-        else
-            echo "nvcc_check: FAIL $name ($tag)"; cat "$log"; fail=1
-        fi
+        name="$(basename "$src" .cu)"; tag="${arch##*code=}"
+        compile "$src" "$arch" "$OUT/$name.$tag.log" "$OUT/$name.$tag.o" &
+        pids+=($!); jobs_+=("$name.$tag")
+        # at most ${NVCC_JOBS:-2} compiles at once
+        if (( ${#pids[@]} % ${NVCC_JOBS:-2} == 0 )); then wait "${pids[-1]}" || true; fi
     done
+done
+for i in "${!pids[@]}"; do
+    job="${jobs_[$i]}"; log="$OUT/$job.log"
+    if wait "${pids[$i]}"; then
+        spills=$(grep -cE "[1-9][0-9]* bytes (spill|stack)" "$log" || true)
+        echo "nvcc_check: ok   $job ($spills kernels with spills / stack frames)"
+        if [[ "${VERBOSE:-0}" == "1" ]]; then grep -E "registers|spill" "$log" || true; fi
+    else
+        echo "nvcc_check: FAIL $job"; cat "$log"; fail=1
+    fi
 done
 echo "nvcc_check: $(( $(date +%s) - t0 )) s"
 exit $fail

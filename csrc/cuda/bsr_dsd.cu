@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(256, 2) dsd_mma_kernel(const DsdParams p) {
 // ---------------------------------------------------------------------------------------------
 // FMA kernel (fp32): 64 tokens x one output block, k in chunks of 32.
 template <int BNO, int BKB, bool B_TRANS>
-__global__ void __launch_bounds__(256) dsd_simt_kernel(const DsdParams p) {
+__global__ void __launch_bounds__(256, 2) dsd_simt_kernel(const DsdParams p) {
   constexpr int BM = 64, KT = 32, THREADS = 256, TM = BM / 16, TN = BNO / 16;
   __shared__ float As[BM][KT + 1];
   __shared__ float Bs[BNO][KT + 1];  // Bs[n][k]
