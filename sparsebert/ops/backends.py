@@ -7,7 +7,6 @@ raised at ``import sparsebert``.
 from __future__ import annotations
 
 import importlib
-import os
 import time
 from typing import Dict, Optional
 
@@ -74,11 +73,9 @@ def _candidates(device: torch.device):
     return ("cpu", "dense", "reference")
 
 
-def _auto_key(x, lt, train: bool) -> tuple:
-    M = x.shape[0]
+def _auto_key(device_type: str, dtype, M: int, layout, train: bool) -> tuple:
     m_bucket = 1 << max(0, (max(M, 1) - 1).bit_length())   # next power of two
-    density = round(lt.nnz / max(1, lt.n_row_blocks * lt.n_col_blocks), 2)
-    return (x.device.type, x.dtype, m_bucket, lt.N, lt.K, lt.bn, lt.bk, density, train)
+    return (device_type, dtype, m_bucket, layout.shape, layout.block, round(layout.density, 2), train)
 
 
 def _time_backend(mod, x, values, lt, train: bool, reps: int = 3) -> float:
@@ -102,31 +99,24 @@ def _time_backend(mod, x, values, lt, train: bool, reps: int = 3) -> float:
     return best
 
 
-def choose(x, values, lt, train: bool = False) -> str:
+def choose(x, values, layout, train: bool = False) -> str:
     """The backend ``auto`` uses for these inputs.
 
-    Order of precedence: ``SPARSEBERT_BACKEND`` (environment), then a cached measurement for this
-    (device, dtype, tokens rounded to a power of two, shape, block, density) key. The first call
-    with a new key times every usable candidate's forward on the real inputs (the dense path
-    included, so a sparse layer is never slower than dense). While tracing (``torch.compile``,
-    fake tensors) nothing can be timed: the cached choice is used, else the first usable of
-    the device's candidates.
+    The choice is cached per (device, dtype, tokens rounded up to a power of two, shape, block,
+    density, training) key. The first call with a new key times every usable candidate on the
+    real inputs — the forward, plus both gradients when training — the dense path included, so a
+    sparse layer is never slower than dense. Inside ``torch.compile`` see :func:`traced_choice`.
     """
-    forced = os.environ.get("SPARSEBERT_BACKEND")
-    if forced and forced != "auto":
-        return forced
-    key = _auto_key(x, lt, train)
+    key = _auto_key(x.device.type, x.dtype, x.shape[0], layout, train)
     if key in _choice_cache:
         return _choice_cache[key]
+    lt = layout.tensors(x.device)
     usable = [n for n in _candidates(x.device) if unsupported_reason(n, x, values, lt) is None]
     if not usable:
         usable = ["reference"]
-    if x.dtype == torch.float64 or len(usable) == 1:
-        choice = "reference" if x.dtype == torch.float64 else usable[0]
-        _choice_cache[key] = choice
-        return choice
-    if _is_tracing(x):
-        return _last_choice.get(x.device.type, usable[0])
+    if len(usable) == 1:
+        _choice_cache[key] = usable[0]
+        return usable[0]
     times = {}
     with torch.no_grad():
         for n in usable:
@@ -140,17 +130,17 @@ def choose(x, values, lt, train: bool = False) -> str:
     return choice
 
 
-def _is_tracing(x) -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    from torch._subclasses.fake_tensor import FakeTensor
-    return isinstance(x, FakeTensor) or x.device.type == "meta"
-
-
 def clear_auto_cache() -> None:
     _choice_cache.clear()
 
 
-def traced_choice(device_type: str) -> str:
-    """What ``auto`` uses inside ``torch.compile``: the last measured choice on this device type."""
-    return _last_choice.get(device_type, "dense" if device_type == "cuda" else "reference")
+def traced_choice(x, layout, train: bool) -> str:
+    """What ``auto`` uses inside ``torch.compile``, where nothing can be timed: the choice measured
+    in eager mode for the same key if there was one, else the last choice on this device type."""
+    try:
+        key = _auto_key(x.device.type, x.dtype, int(x.shape[0]), layout, train)
+    except (TypeError, ValueError):          # a dynamic (symbolic) token count
+        key = None
+    if key is not None and key in _choice_cache:
+        return _choice_cache[key]
+    return _last_choice.get(x.device.type, "dense" if x.device.type == "cuda" else "reference")

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -108,12 +109,16 @@ def _check(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Tensor
 
 
 def resolve_backend(backend: str, x2: Tensor, values: Tensor, layout: BlockLayout) -> str:
-    """The concrete backend name for ``backend`` ("auto" or a name) on these inputs."""
+    """The concrete backend name for ``backend`` ("auto" or a name) on these inputs.
+
+    ``SPARSEBERT_BACKEND`` (environment) replaces ``"auto"`` with a fixed backend everywhere."""
     if backend == "auto":
-        if torch.compiler.is_compiling():
-            return backends.traced_choice(x2.device.type)
+        backend = os.environ.get("SPARSEBERT_BACKEND", "auto") or "auto"
+    if backend == "auto":
         train = torch.is_grad_enabled() and (x2.requires_grad or values.requires_grad)
-        return backends.choose(x2, values, layout.tensors(x2.device), train=train)
+        if torch.compiler.is_compiling():
+            return backends.traced_choice(x2, layout, train)
+        return backends.choose(x2, values, layout, train=train)
     if torch.compiler.is_compiling():
         return backend
     reason = backends.unsupported_reason(backend, x2, values, layout.tensors(x2.device))
