@@ -1,0 +1,278 @@
+"""Continued masked-LM pre-training with gradual magnitude pruning (the paper's setup, scaled down).
+
+The model starts from a pre-trained BERT (MiniLM-L6 by default), is converted with
+:func:`sparsebert.sparsify` at sparsity 0, and a :class:`sparsebert.pruning.Pruner` tightens the
+masks with the Zhu & Gupta cubic schedule from 0 to the target over the first ``ramp_fraction``
+of the steps, recomputing them every ``prune_every`` steps (per-layer thresholds). Mode
+``unstructured`` is the paper's (MaskedLinear + masked word embeddings, tied decoder shares the
+mask); mode ``block`` drops whole 32×32 blocks (BlockSparseLinear); mode ``dense`` is level 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .data import DataCache, build_vocab_tokenizer, mask_tokens
+
+MODES = ("dense", "unstructured", "block")
+
+
+@dataclass
+class PretrainConfig:
+    mode: str = "dense"               # dense | unstructured | block
+    sparsity: float = 0.0
+    score: str = "magnitude"          # magnitude | random (the paper's control)
+    scope: str = "layer"
+    block: int = 32
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.0
+    ramp_fraction: float = 0.1        # prune from 0 to the target over this fraction of the steps
+    prune_every: int = 10             # masks recomputed every this many steps
+    mask_prob: float = 0.15
+    head_only: bool = False           # train only the MLM head (encoder frozen): the head warm-up
+    seed: int = 0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "dense" and self.sparsity:
+            raise ValueError("mode 'dense' needs sparsity 0")
+        if self.mode != "dense" and not 0.0 < self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in (0, 1) for mode {self.mode!r}, got {self.sparsity}")
+
+    def ramp_end(self) -> int:
+        return max(1, int(round(self.ramp_fraction * self.steps)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and tokenizers
+# ---------------------------------------------------------------------------------------------
+def _quiet_transformers():
+    import transformers
+    transformers.logging.set_verbosity_error()
+    try:
+        transformers.utils.logging.disable_progress_bar()
+    except AttributeError:
+        pass
+
+
+def load_tokenizer(model_dir: Optional[Path] = None, texts=None, vocab_dir: Optional[Path] = None,
+                   vocab_size: int = 8000):
+    """The model folder's tokenizer, else a word-level vocabulary built from ``texts``."""
+    _quiet_transformers()
+    if model_dir is not None and (Path(model_dir) / "vocab.txt").exists():
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    if texts is None or vocab_dir is None:
+        raise ValueError("no model folder with a tokenizer: give texts and vocab_dir to build one")
+    return build_vocab_tokenizer(texts, vocab_dir, vocab_size)
+
+
+def attach_pooler(mlm: nn.Module, pooler_state: Optional[Dict[str, torch.Tensor]] = None) -> nn.Module:
+    """BertForMaskedLM has no pooler; the paper prunes it, and fine-tuning uses it: add one."""
+    from transformers.models.bert.modeling_bert import BertPooler
+    if getattr(mlm.bert, "pooler", None) is None:
+        pooler = BertPooler(mlm.config)
+        if pooler_state:
+            pooler.load_state_dict(pooler_state)
+        mlm.bert.pooler = pooler
+    return mlm
+
+
+def load_minilm_mlm(model_dir: Path) -> nn.Module:
+    """MiniLM-L6 as ``BertForMaskedLM`` (fresh MLM head, decoder tied to the word embeddings)
+    with its pre-trained pooler attached."""
+    _quiet_transformers()
+    from safetensors.torch import load_file
+    from transformers import BertForMaskedLM
+    model = BertForMaskedLM.from_pretrained(str(model_dir))
+    sd = load_file(str(Path(model_dir) / "model.safetensors"))
+    pooler = {k.split("pooler.", 1)[1]: v for k, v in sd.items() if "pooler." in k}
+    return attach_pooler(model, pooler)
+
+
+def scratch_mlm(vocab_size: int, hidden: int = 128, layers: int = 2, heads: int = 2,
+                intermediate: int = 512, max_position: int = 512, seed: int = 0) -> nn.Module:
+    """A small randomly initialised ``BertForMaskedLM`` (``--from-scratch``, tests)."""
+    _quiet_transformers()
+    from transformers import BertConfig, BertForMaskedLM
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads, intermediate_size=intermediate,
+                     max_position_embeddings=max_position)
+    return attach_pooler(BertForMaskedLM(cfg))
+
+
+def special_ids(tokenizer) -> dict:
+    return {"special": sorted({i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id,
+                                          tokenizer.pad_token_id) if i is not None}),
+            "mask": tokenizer.mask_token_id, "vocab": len(tokenizer)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def mlm_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the masked positions only (the decoder runs on those rows alone)."""
+    hidden = model.bert(input_ids=inputs).last_hidden_state
+    sel = labels != -100
+    logits = model.cls(hidden[sel])
+    return F.cross_entropy(logits.float(), labels[sel])
+
+
+@torch.no_grad()
+def mlm_dev_loss(model: nn.Module, dev_blocks: torch.Tensor, ids: dict, device: torch.device,
+                 batch_size: int = 32, amp: bool = False, seed: int = 1234) -> float:
+    """Mean masked-LM loss over ``dev_blocks`` with a fixed (seeded) masking."""
+    was = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for i in range(0, len(dev_blocks), batch_size):
+        x = dev_blocks[i:i + batch_size]
+        inputs, labels = mask_tokens(x, ids["special"], ids["mask"], ids["vocab"], g)
+        n = int((labels != -100).sum())
+        if n == 0:
+            continue
+        with autocast(device, amp):
+            loss = mlm_loss(model, inputs.to(device), labels.to(device))
+        total += float(loss) * n
+        count += n
+    model.train(was)
+    return total / max(1, count)
+
+
+def linear_schedule(optimizer, steps: int, warmup_fraction: float):
+    warm = int(round(warmup_fraction * steps))
+
+    def f(step):
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (steps - step) / max(1, steps - warm))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def _bar(total, desc, progress):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+
+
+def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, dev_blocks: torch.Tensor,
+             ids: dict, device: Optional[torch.device] = None, amp: bool = False, progress: bool = True,
+             desc: str = "pretrain") -> dict:
+    """Train ``model`` (a ``BertForMaskedLM`` with a pooler) in place; returns the run's numbers.
+
+    For modes other than ``dense`` the model is sparsified (at 0) and pruned gradually; the
+    returned dict has ``dev_mlm_loss``, ``train_loss`` (mean of the last 10% of steps),
+    ``seconds_per_step``, ``sparsity`` (achieved, over the pruned layers), ``mask_updates``
+    (``[step, sparsity]`` at each mask recomputation) and a loss curve.
+    """
+    import sparsebert
+    from sparsebert.pruning import CubicSchedule, Pruner
+
+    device = device or pick_device()
+    torch.manual_seed(cfg.seed)
+    model.to(device).train()
+    pruner = None
+    if cfg.mode != "dense":
+        sparsebert.sparsify(model, 0.0, block=(cfg.block, cfg.block), mode=cfg.mode, scope=cfg.scope,
+                            score=cfg.score, seed=cfg.seed, backend=cfg.backend)
+        model.to(device)
+    if cfg.head_only:
+        emb = model.get_input_embeddings().weight
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = [p for p in model.cls.parameters() if p is not emb]
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = linear_schedule(opt, cfg.steps, cfg.warmup_fraction)
+    if cfg.mode != "dense":
+        schedule = CubicSchedule(0.0, cfg.sparsity, 0, cfg.ramp_end(), cfg.prune_every)
+        pruner = Pruner(model, schedule, scope=cfg.scope, score=cfg.score, optimizer=opt, seed=cfg.seed)
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = len(train_blocks)
+    perm = torch.randperm(n, generator=g)
+    pos = 0
+    losses: List[float] = []
+    updates: List[List[float]] = []
+    train_time = 0.0
+    bar = _bar(cfg.steps, desc, progress)
+    for step in range(1, cfg.steps + 1):
+        if pos + cfg.batch_size > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        idx = perm[pos:pos + cfg.batch_size]
+        pos += cfg.batch_size
+        inputs, labels = mask_tokens(train_blocks[idx], ids["special"], ids["mask"], ids["vocab"], g, cfg.mask_prob)
+        t0 = time.perf_counter()
+        with autocast(device, amp):
+            if cfg.head_only:
+                with torch.no_grad():
+                    hidden = model.bert(input_ids=inputs.to(device)).last_hidden_state
+                lab = labels.to(device)
+                sel = lab != -100
+                loss = F.cross_entropy(model.cls(hidden[sel]).float(), lab[sel])
+            else:
+                loss = mlm_loss(model, inputs.to(device), labels.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        # Drop the graph before pruning: a live graph keeps the AccumulateGrad node of a
+        # BlockSparseLinear's values alive with the old shape, and the next backward then fails.
+        del loss
+        if cfg.head_only:
+            del hidden
+        if pruner is not None and pruner.step(step):
+            updates.append([step, round(pruner.sparsity(), 6)])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time += time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", sparsity=f"{pruner.sparsity():.2f}" if pruner else "0")
+    bar.close()
+    tail = losses[-max(1, len(losses) // 10):]
+    dev = mlm_dev_loss(model, dev_blocks, ids, device, amp=amp)
+    every = max(1, len(losses) // 50)
+    return {
+        "dev_mlm_loss": dev,
+        "train_loss": sum(tail) / len(tail),
+        "seconds_per_step": train_time / max(1, cfg.steps),
+        "sparsity": pruner.sparsity() if pruner else 0.0,
+        "kept_fractions": pruner.kept_fractions() if pruner else {},
+        "mask_updates": updates,
+        "loss_curve": [[i + 1, round(l, 4)] for i, l in enumerate(losses) if i % every == 0 or i == len(losses) - 1],
+        "steps": cfg.steps,
+    }
