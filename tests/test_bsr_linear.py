@@ -143,3 +143,19 @@ def test_reference_chunks_tokens_without_changing_results(monkeypatch):
     chunked = (reference.forward(x, v, None, lt), reference.grad_input(dy, v, lt), reference.grad_weight(x, dy, lt))
     for a, b in zip(full, chunked):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_gelu_activation_matches_separate_gelu(grad):
+    lay = random_layout(3, 4, 0.5, (16, 16), seed=4)
+    x = torch.randn(2, 9, 64, requires_grad=grad)
+    v = torch.randn(lay.nnz, 16, 16, requires_grad=grad)
+    b = torch.randn(48, requires_grad=grad)
+    y = bsr_linear(x, v, lay, b, backend="reference", activation="gelu")
+    ref = torch.nn.functional.gelu(bsr_linear(x, v, lay, b, backend="reference"))
+    assert torch.allclose(y, ref, atol=1e-6)
+    if grad:
+        y.sum().backward()
+        assert x.grad is not None and v.grad is not None
+    with pytest.raises(ValueError, match="activation"):
+        bsr_linear(x, v, lay, b, activation="relu")

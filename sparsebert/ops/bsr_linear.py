@@ -37,6 +37,22 @@ def _(x, values, bias, index, N, K, bn, bk, backend):
     return x.new_empty(x.shape[0], N)
 
 
+@torch.library.custom_op("sparsebert::bsr_fwd_gelu", mutates_args=())
+def _bsr_fwd_gelu(x: Tensor, values: Tensor, bias: Optional[Tensor], index: Tensor,
+                  N: int, K: int, bn: int, bk: int, backend: str) -> Tensor:
+    """Inference only: ``gelu(x Wᵀ + b)``, fused in the kernel's epilogue where the backend can."""
+    lt = unpack_index(index, N, K, bn, bk, values.shape[0])
+    mod = backends.get(backend)
+    if "gelu" in getattr(mod, "ACTIVATIONS", ()):     # the backend fuses it
+        return mod.forward(x, values, bias, lt, activation="gelu")
+    return torch.nn.functional.gelu(mod.forward(x, values, bias, lt))
+
+
+@_bsr_fwd_gelu.register_fake
+def _(x, values, bias, index, N, K, bn, bk, backend):
+    return x.new_empty(x.shape[0], N)
+
+
 @torch.library.custom_op("sparsebert::bsr_grad_input", mutates_args=())
 def _bsr_grad_input(dy: Tensor, values: Tensor, index: Tensor,
                     N: int, K: int, bn: int, bk: int, backend: str) -> Tensor:
@@ -127,8 +143,11 @@ def resolve_backend(backend: str, x2: Tensor, values: Tensor, layout: BlockLayou
     return backend
 
 
+ACTIVATIONS = ("none", "gelu")
+
+
 def bsr_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Tensor] = None,
-               backend: str = "auto") -> Tensor:
+               backend: str = "auto", activation: str = "none") -> Tensor:
     """Block-sparse linear ``y = x @ W.T + bias``.
 
     Args:
@@ -139,16 +158,29 @@ def bsr_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Te
         bias: optional ``[N]``.
         backend: ``"auto"`` (fastest usable, dense included), ``"reference"``, ``"dense"``,
             ``"triton"``, ``"cuda"`` or ``"cpu"``.
+        activation: ``"none"`` or ``"gelu"`` (exact, as ``nn.GELU()``): applied to the output. Without
+            autograd it is fused into the kernel's epilogue where the backend supports it (one pass
+            over ``y`` saved); with autograd it runs as a separate op.
 
     Returns:
         ``[..., N]``. Differentiable in ``x``, ``values`` (kept blocks only) and ``bias``.
     """
     _check(x, values, layout, bias)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     N, K = layout.shape
     bn, bk = layout.block
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K).contiguous()
     values = values.contiguous()
     name = resolve_backend(backend, x2, values, layout)
-    y = _bsr_fwd(x2, values, bias, layout.index(x.device), N, K, bn, bk, name)
+    args = (x2, values, bias, layout.index(x.device), N, K, bn, bk, name)
+    needs_grad = torch.is_grad_enabled() and (
+        x2.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
+    if activation == "gelu" and not needs_grad:
+        y = _bsr_fwd_gelu(*args)
+    else:
+        y = _bsr_fwd(*args)
+        if activation == "gelu":
+            y = torch.nn.functional.gelu(y)
     return y.reshape(*lead, N)
