@@ -100,6 +100,21 @@ def test_bert_shapes_and_many_tokens():
     _close(cpu_bsr.grad_weight(x, dy, lt), reference.grad_weight(x, dy, lt), torch.float32, 300)
 
 
+@pytest.mark.parametrize("N, K, block, M", [(64, 1024, (16, 16), 300), (96, 2048, (32, 32), 270)])
+def test_wide_input_uses_groups_and_column_order(N, K, block, M):
+    # K large: the input blocks are cut into several L2-sized groups (accumulated), and the
+    # weight gradient walks the blocks in column order (K > N).
+    lay = _layout(N, K, block, 0.7)
+    lt = lay.tensors()
+    x, dy, values, bias = _inputs(M, N, K, lay, torch.float32)
+    _close(cpu_bsr.forward(x, values, bias, lt), reference.forward(x, values, bias, lt), torch.float32, K)
+    _close(cpu_bsr.grad_input(dy, values, lt), reference.grad_input(dy, values, lt), torch.float32, N)
+    _close(cpu_bsr.grad_weight(x, dy, lt), reference.grad_weight(x, dy, lt), torch.float32, M)
+    xt, dyt, vt, _ = _inputs(M, K, N, lay.__class__.from_mask(lay.block_mask.t(), block[::-1]), torch.float32)
+    lt2 = lay.__class__.from_mask(lay.block_mask.t(), block[::-1]).tensors()
+    _close(cpu_bsr.grad_input(dyt, vt, lt2), reference.grad_input(dyt, vt, lt2), torch.float32, K)
+
+
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic", "autovec"])
 def test_every_kernel_set(isa, monkeypatch):
     monkeypatch.setenv("SPARSEBERT_CPU_ISA", isa)

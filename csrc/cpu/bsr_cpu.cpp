@@ -24,8 +24,10 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bsr_cpu_kernels.h"
@@ -189,34 +191,81 @@ at::Tensor pack_panels(const at::Tensor& t, int64_t groups, int64_t b) {
   return out;
 }
 
+// [nnz, bn, bk] -> [nnz, bk, bn], in parallel (a few hundred us for a BERT-base weight).
+at::Tensor transpose_blocks(const at::Tensor& v) {
+  const int64_t nnz = v.size(0), bn = v.size(1), bk = v.size(2);
+  at::Tensor t = at::empty({nnz, bk, bn}, v.options());
+  const float* src = v.data_ptr<float>();
+  float* dst = t.data_ptr<float>();
+  at::parallel_for(0, nnz, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* s = src + i * bn * bk;
+      float* d = dst + i * bn * bk;
+      for (int64_t n = 0; n < bn; ++n)
+        for (int64_t k = 0; k < bk; ++k) d[k * bn + n] = s[n * bk + k];
+    }
+  });
+  return t;
+}
+
 at::Tensor as_f32(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat).contiguous();
 }
 
-// Token tile of one work item: long enough to amortise the loop setup, short enough to give
-// every thread several items.
-int64_t token_tile(int64_t M, int64_t n_out_blocks) {
-  const int64_t threads = at::get_num_threads();
-  int64_t tm = 256;
-  while (tm > 48 && n_out_blocks * ((M + tm - 1) / tm) < 8 * threads) tm /= 2;
-  return tm;
-}
-
-// out[:, j*bo : (j+1)*bo] over the entries [ptr[j], ptr[j+1]) of every output block j.
+// out[:, j*bo : (j+1)*bo] = bias_j + sum over the entries [ptr[j], ptr[j+1]) of output block j;
+// entry e reads input block in_blk[e] (B[e] is its [bi, bo] weight block, off[e] its offset in
+// `in`). Blocking, for 2 MB of L2 per core and a shared L3:
+//  * work item = (token tile of up to 256 tokens, chunk of output blocks); items are ordered
+//    token tile first, so a thread keeps one input tile while it walks the output blocks;
+//  * the input blocks are cut into groups so one tile's slice (tm x group width) stays under
+//    768 KB, i.e. in L2, while every output block of the item runs over it; the output tile is
+//    then accumulated over the groups (one extra load/store of it per group);
+//  * the weight panel of one output block is read from L3 once per token tile and then hit
+//    in L1/L2 by the tm / MT register tiles.
+// An earlier order (output block outer, all tokens inner) re-read the input from L3 once per
+// output block and ran at about 60-70% of this speed.
 void run_panels(const Kernels& kern, const float* in, int64_t ld_in, int64_t M,
                 const std::vector<const float*>& B, const std::vector<int64_t>& off,
-                const int32_t* ptr, int64_t n_out_blocks, int64_t bi, int64_t bo,
-                const float* bias, float* out, int64_t ld_out) {
+                const int32_t* in_blk, int64_t n_in_blocks, const int32_t* ptr,
+                int64_t n_out_blocks, int64_t bi, int64_t bo, const float* bias, float* out,
+                int64_t ld_out) {
   if (M == 0) return;
-  const int64_t tm = token_tile(M, n_out_blocks);
+  const int64_t threads = at::get_num_threads();
+  const int64_t tm = std::min<int64_t>(256, M);
   const int64_t tiles = (M + tm - 1) / tm;
-  at::parallel_for(0, n_out_blocks * tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t chunks = std::min(n_out_blocks, std::max<int64_t>(1, (4 * threads + tiles - 1) / tiles));
+
+  // Groups of input blocks; the entries of each output block must be sorted by input block
+  // (layout.index() guarantees it), otherwise fall back to a single group.
+  bool sorted = true;
+  for (int64_t j = 0; j < n_out_blocks && sorted; ++j)
+    for (int64_t e = ptr[j] + 1; e < ptr[j + 1]; ++e)
+      if (in_blk[e] <= in_blk[e - 1]) { sorted = false; break; }
+  const int64_t per_group = sorted ? std::max<int64_t>(1, (768 * 1024 / 4) / (tm * bi)) : n_in_blocks;
+  const int64_t G = (n_in_blocks + per_group - 1) / per_group;
+  std::vector<int64_t> gptr(n_out_blocks * (G + 1));
+  for (int64_t j = 0; j < n_out_blocks; ++j) {
+    int64_t e = ptr[j];
+    for (int64_t g = 0; g < G; ++g) {
+      gptr[j * (G + 1) + g] = e;
+      while (e < ptr[j + 1] && (sorted ? in_blk[e] < (g + 1) * per_group : true)) ++e;
+    }
+    gptr[j * (G + 1) + G] = ptr[j + 1];
+  }
+
+  at::parallel_for(0, tiles * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t j = item / tiles, t0 = (item % tiles) * tm;
+      const int64_t t0 = (item / chunks) * tm, s = item % chunks;
       const int64_t rows = std::min(tm, M - t0);
-      const int64_t e0 = ptr[j];
-      kern.panel(in + t0 * ld_in, ld_in, rows, B.data() + e0, off.data() + e0, ptr[j + 1] - e0,
-                 bi, bo, bias ? bias + j * bo : nullptr, out + t0 * ld_out + j * bo, ld_out);
+      const int64_t j0 = s * n_out_blocks / chunks, j1 = (s + 1) * n_out_blocks / chunks;
+      for (int64_t g = 0; g < G; ++g) {
+        for (int64_t j = j0; j < j1; ++j) {
+          const int64_t e0 = gptr[j * (G + 1) + g], e1 = gptr[j * (G + 1) + g + 1];
+          if (g > 0 && e0 == e1) continue;  // nothing to add; g == 0 always writes (bias or 0)
+          kern.panel(in + t0 * ld_in, ld_in, rows, B.data() + e0, off.data() + e0, e1 - e0, bi, bo,
+                     bias ? bias + j * bo : nullptr, out + t0 * ld_out + j * bo, ld_out, g > 0);
+        }
+      }
     }
   });
 }
@@ -241,7 +290,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const std::opt
 
   const bool pack = pack_enabled(false);
   const at::Tensor xf = pack ? pack_panels(x, K / bk, bk) : as_f32(x);  // [C, M, bk] or [M, K]
-  const at::Tensor wt = as_f32(values).transpose(1, 2).contiguous();  // [nnz, bk, bn]
+  const at::Tensor wt = transpose_blocks(as_f32(values));  // [nnz, bk, bn]
   at::Tensor bf;
   if (bias.has_value()) bf = as_f32(*bias);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
@@ -253,7 +302,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const std::opt
     B[i] = w + i * bk * bn;
     off[i] = int64_t(ix.col_idx[i]) * (pack ? M * bk : bk);
   }
-  run_panels(kern, xf.data_ptr<float>(), pack ? bk : K, M, B, off, ix.row_ptr, ix.R, bk, bn,
+  run_panels(kern, xf.data_ptr<float>(), pack ? bk : K, M, B, off, ix.col_idx, ix.C, ix.row_ptr, ix.R, bk, bn,
              bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
@@ -279,7 +328,7 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
     B[j] = v + int64_t(ix.t_perm[j]) * bn * bk;
     off[j] = int64_t(ix.t_row_idx[j]) * (pack ? M * bn : bn);
   }
-  run_panels(kern, dyf.data_ptr<float>(), pack ? bn : N, M, B, off, ix.col_ptr, ix.C, bn, bk, nullptr,
+  run_panels(kern, dyf.data_ptr<float>(), pack ? bn : N, M, B, off, ix.t_row_idx, ix.R, ix.col_ptr, ix.C, bn, bk, nullptr,
              dx.data_ptr<float>(), K);
   return dy.scalar_type() == at::kFloat ? dx : dx.to(dy.scalar_type());
 }
@@ -299,7 +348,7 @@ at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tens
               "sparsebert_cpu: layout index has ", index.numel(), " entries, which is not R + 1 + 4*nnz + C + 1 for a [",
               N, ", ", K, "] weight with block (", bn, ", ", bk, ")");
   const int64_t nnz = (index.numel() - R - C - 2) / 4, M = x.size(0);
-  const Index ix = parse_index(index, nnz, N, K, bn, bk, /*csr=*/true, /*csc=*/false);
+  const Index ix = parse_index(index, nnz, N, K, bn, bk, /*csr=*/true, /*csc=*/true);
   const Kernels kern = select_kernels();
 
   if (nnz == 0) return at::empty({0, bn, bk}, x.options());
@@ -310,21 +359,48 @@ at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tens
   const int64_t xcol = pack ? M * bk : bk, ycol = pack ? M * bn : bn;
   at::Tensor dw = at::empty({nnz, bn, bk}, x.options().dtype(at::kFloat));
 
-  // Split the tokens when there are too few blocks for the threads (>= 4 items per thread).
   const int64_t threads = at::get_num_threads();
-  int64_t splits = 1;
-  if (nnz < 4 * threads) splits = std::max<int64_t>(1, std::min<int64_t>((4 * threads + nnz - 1) / nnz, M / 256));
-  const int64_t chunk = (M + splits - 1) / std::max<int64_t>(splits, 1);
-  at::Tensor part = splits == 1 ? dw : at::empty({splits, nnz, bn, bk}, dw.options());
   const float* xp = xf.data_ptr<float>();
   const float* dyp = dyf.data_ptr<float>();
+  auto block_args = [&](int64_t i, int64_t m0) {
+    return std::make_pair(dyp + m0 * ldy + int64_t(ix.row_idx[i]) * ycol,
+                          xp + m0 * ldx + int64_t(ix.col_idx[i]) * xcol);
+  };
+  if (nnz >= 4 * threads) {
+    // Tokens in chunks, outer; the kept blocks of one chunk in parallel. Blocks are walked in
+    // CSR order when K <= N (a dy row panel stays in L1 across its row's blocks, the chunk of
+    // x, mc x K, in L2), in CSC order otherwise (the roles swap). The chunk is sized so the
+    // L2 operand stays under 768 KB; dvalues is accumulated once per chunk.
+    const bool csr_order = K <= N;
+    const int64_t width = csr_order ? K : N;
+    const int64_t mc = std::max<int64_t>(64, std::min<int64_t>(1024, (768 * 1024 / 4) / width));
+    // One parallel region (each thread owns a contiguous range of blocks for all chunks):
+    // a region per chunk costs a barrier each, which hurts on a busy 2-core machine.
+    float* dwp = dw.data_ptr<float>();
+    at::parallel_for(0, nnz, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t m0 = 0; m0 < M || m0 == 0; m0 += mc) {
+        const int64_t rows = std::min(mc, M - m0);
+        for (int64_t j = begin; j < end; ++j) {
+          const int64_t i = csr_order ? j : int64_t(ix.t_perm[j]);
+          const auto [dyb, xb] = block_args(i, m0);
+          kern.sdd(dyb, ldy, xb, ldx, rows, bn, bk, dwp + i * bn * bk, /*accumulate=*/m0 > 0);
+        }
+        if (M == 0) break;
+      }
+    });
+    return x.scalar_type() == at::kFloat ? dw : dw.to(x.scalar_type());
+  }
+  // Few blocks: split the tokens too (>= 4 items per thread) and add the partial sums.
+  int64_t splits = std::max<int64_t>(1, std::min<int64_t>((4 * threads + nnz - 1) / nnz, M / 256));
+  const int64_t chunk = (M + splits - 1) / splits;
+  at::Tensor part = splits == 1 ? dw : at::empty({splits, nnz, bn, bk}, dw.options());
   float* pp = part.data_ptr<float>();
   at::parallel_for(0, nnz * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = item / splits, s = item % splits;
       const int64_t m0 = std::min(M, s * chunk), m1 = std::min(M, m0 + chunk);
-      kern.sdd(dyp + m0 * ldy + int64_t(ix.row_idx[i]) * ycol, ldy,
-               xp + m0 * ldx + int64_t(ix.col_idx[i]) * xcol, ldx, m1 - m0, bn, bk, pp + (s * nnz + i) * bn * bk, /*accumulate=*/false);
+      const auto [dyb, xb] = block_args(i, m0);
+      kern.sdd(dyb, ldy, xb, ldx, m1 - m0, bn, bk, pp + (s * nnz + i) * bn * bk, /*accumulate=*/false);
     }
   });
   if (splits > 1) dw = part.sum(0);

@@ -16,11 +16,11 @@ constexpr int64_t kMaxBo = 1024;  // the binding limits blocks to 256
 
 void panel(const float* in, int64_t ld_in, int64_t M, const float* const* B,
            const int64_t* in_off, int64_t ne, int64_t bi, int64_t bo, const float* bias,
-           float* out, int64_t ld_out) {
+           float* out, int64_t ld_out, bool accumulate) {
   alignas(64) float acc[kMaxBo];
   for (int64_t m = 0; m < M; ++m) {
 #pragma omp simd
-    for (int64_t o = 0; o < bo; ++o) acc[o] = bias ? bias[o] : 0.f;
+    for (int64_t o = 0; o < bo; ++o) acc[o] = accumulate ? out[m * ld_out + o] : bias ? bias[o] : 0.f;
     for (int64_t e = 0; e < ne; ++e) {
       const float* __restrict a = in + m * ld_in + in_off[e];
       const float* __restrict b = B[e];

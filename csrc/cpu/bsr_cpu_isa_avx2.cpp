@@ -6,6 +6,9 @@
 #define SB_MT 6
 #define SB_NV 2
 #define SB_NR 4
+#ifndef SB_PREFETCH
+#define SB_PREFETCH 1
+#endif
 #define SB_KERNELS_FN kernels_avx2
 #define SB_NAME "avx2"
 #include "bsr_cpu_kernels_impl.h"

@@ -3,9 +3,14 @@
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2,popcnt,f16c")
 #define SB_VW 16
+#ifndef SB_MT
 #define SB_MT 8
+#endif
 #define SB_NV 2
 #define SB_NR 8
+#ifndef SB_PREFETCH
+#define SB_PREFETCH 1
+#endif
 #define SB_KERNELS_FN kernels_avx512
 #define SB_NAME "avx512"
 #include "bsr_cpu_kernels_impl.h"

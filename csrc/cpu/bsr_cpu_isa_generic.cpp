@@ -4,6 +4,9 @@
 #define SB_MT 4
 #define SB_NV 2
 #define SB_NR 4
+#ifndef SB_PREFETCH
+#define SB_PREFETCH 1
+#endif
 #define SB_KERNELS_FN kernels_generic
 #define SB_NAME "generic"
 #include "bsr_cpu_kernels_impl.h"

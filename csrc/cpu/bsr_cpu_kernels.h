@@ -14,11 +14,12 @@ struct Kernels {
   // "Panel" product, shared by the forward and the input gradient:
   //   out[m, 0:bo] = bias[0:bo] + sum_e  in[m, in_off[e] : in_off[e] + bi] @ B[e]
   // for m in [0, M); B[e] is a row-major [bi, bo] block; bias may be null (then 0).
+  // accumulate: start from the current `out` instead of the bias (K split into groups).
   // bo must be a multiple of 16. Forward: in = x, B = W block transposed; grad_input:
   // in = dy, B = W block as stored.
   void (*panel)(const float* in, int64_t ld_in, int64_t M, const float* const* B,
                 const int64_t* in_off, int64_t n_entries, int64_t bi, int64_t bo,
-                const float* bias, float* out, int64_t ld_out);
+                const float* bias, float* out, int64_t ld_out, bool accumulate);
   // Weight-gradient block (SDD): out[n, k] (+)= sum_{m < M} dy[m, n] * x[m, k],
   // n < bn, k < bk (out row-major [bn, bk]); bn multiple of 8, bk multiple of 16.
   void (*sdd)(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M,

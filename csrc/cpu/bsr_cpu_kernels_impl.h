@@ -4,6 +4,7 @@
 //   SB_MT  tokens per register tile of the panel kernel
 //   SB_NV  vectors per register tile (the tile is SB_MT x SB_NV*SB_VW outputs)
 //   SB_NR  weight-gradient tile rows (the tile is SB_NR x SB_NV*SB_VW)
+//   SB_PREFETCH  1: software-prefetch the next token tile's input rows
 //   SB_KERNELS_FN, SB_NAME  the exported table getter and its name
 // No torch or standard-library template is used here (see the ODR note in bsr_cpu_kernels.h).
 #include <cstdint>
@@ -31,18 +32,33 @@ inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 template <int T, int V>
 void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int64_t* in_off,
                 int64_t ne, int64_t bi, int64_t bo, int64_t col0, const float* bias,
-                float* out, int64_t ld_out) {
+                float* out, int64_t ld_out, bool accumulate) {
   vec acc[T][V];
-  vec init[V];
-#pragma GCC unroll 8
-  for (int v = 0; v < V; ++v) init[v] = bias ? load(bias + col0 + v * VW) : vec{};
+  if (accumulate) {
 #pragma GCC unroll 16
-  for (int i = 0; i < T; ++i)
+    for (int i = 0; i < T; ++i)
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) acc[i][v] = init[v];
+      for (int v = 0; v < V; ++v) acc[i][v] = load(out + i * ld_out + col0 + v * VW);
+  } else {
+    vec init[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) init[v] = bias ? load(bias + col0 + v * VW) : vec{};
+#pragma GCC unroll 16
+    for (int i = 0; i < T; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[i][v] = init[v];
+  }
   for (int64_t e = 0; e < ne; ++e) {
     const float* b = B[e] + col0;
     const float* a = in + in_off[e];
+#if SB_PREFETCH
+    // The next token tile's slice of `in` for this entry (rows ld_in apart, which the hardware
+    // prefetcher does not follow). Prefetching past the end of `in` is harmless.
+    if (col0 == 0)
+#pragma GCC unroll 16
+      for (int i = 0; i < T; ++i)
+        for (int64_t k = 0; k < bi; k += 16) __builtin_prefetch(a + (T + i) * ld_in + k, 0, 3);
+#endif
     for (int64_t k = 0; k < bi; ++k) {
       vec w[V];
 #pragma GCC unroll 8
@@ -64,35 +80,36 @@ void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int
 template <int T>
 void panel_rows(const float* in, int64_t ld_in, const float* const* B, const int64_t* in_off,
                 int64_t ne, int64_t bi, int64_t bo, const float* bias, float* out,
-                int64_t ld_out) {
+                int64_t ld_out, bool accumulate) {
   int64_t c = 0;
   for (; c + NV * VW <= bo; c += NV * VW)
-    panel_tile<T, NV>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out);
+    panel_tile<T, NV>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out, accumulate);
   for (; c < bo; c += VW)  // bo is a multiple of 16, hence of VW
-    panel_tile<T, 1>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out);
+    panel_tile<T, 1>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out, accumulate);
 }
 
 // Token tail (fewer than MT rows left): a tile of exactly `rows` tokens.
 template <int T>
 void panel_tail(int64_t rows, const float* in, int64_t ld_in, const float* const* B,
                 const int64_t* in_off, int64_t ne, int64_t bi, int64_t bo, const float* bias,
-                float* out, int64_t ld_out) {
+                float* out, int64_t ld_out, bool accumulate) {
   if (rows == T) {
-    panel_rows<T>(in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out);
+    panel_rows<T>(in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out, accumulate);
   } else if constexpr (T > 1) {
-    panel_tail<T - 1>(rows, in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out);
+    panel_tail<T - 1>(rows, in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out, accumulate);
   }
 }
 
 void panel(const float* in, int64_t ld_in, int64_t M, const float* const* B,
            const int64_t* in_off, int64_t ne, int64_t bi, int64_t bo, const float* bias,
-           float* out, int64_t ld_out) {
+           float* out, int64_t ld_out, bool accumulate) {
   int64_t m = 0;
   for (; m + MT <= M; m += MT)
-    panel_rows<MT>(in + m * ld_in, ld_in, B, in_off, ne, bi, bo, bias, out + m * ld_out, ld_out);
+    panel_rows<MT>(in + m * ld_in, ld_in, B, in_off, ne, bi, bo, bias, out + m * ld_out, ld_out,
+                   accumulate);
   if (m < M)
     panel_tail<MT - 1>(M - m, in + m * ld_in, ld_in, B, in_off, ne, bi, bo, bias,
-                       out + m * ld_out, ld_out);
+                       out + m * ld_out, ld_out, accumulate);
 }
 
 // ---- sdd: out[n, k] (+)= sum_m dy[m, n] x[m, k] ------------------------------------------
