@@ -2,7 +2,9 @@
 
 Grid: shapes (in -> out) 768->768, 768->3072, 3072->768; M = 16384 tokens; bf16; blocks 32 and 64;
 block sparsity 0/50/75/90 % (random layouts keeping exactly that fraction of blocks). For each
-provider: forward (Y = X Wᵀ + b) and forward+backward (Y, dX = dY W, dW on kept blocks, db).
+provider: forward (Y = X Wᵀ + b) and forward+backward (Y, dX = dY W, dW on kept blocks, db), and
+for dense / triton / cuda the backward pieces alone: dX (grad_input) and dW (grad_weight; dense: the
+full dYᵀ X).
 
 Roofline ideal (per case): ``t_ideal = max(kept_fraction * t_dense, bytes_min / bandwidth)`` with
 ``bytes_min`` = X + Y + kept blocks (+ bias) for the forward; the backward adds dY read twice, dX
@@ -131,7 +133,15 @@ def _dense(case: Case):
         y = F.linear(x, w, b)
         return y, dy @ w, dy.t() @ x, dy.sum(0)
 
-    return fwd, fwd_bwd
+    def dx():
+        i = case.next()
+        return case.dys[i] @ w
+
+    def dw():
+        i = case.next()
+        return case.dys[i].t() @ case.xs[i]
+
+    return fwd, fwd_bwd, dx, dw
 
 
 def _torch_bsr(case: Case):
@@ -199,10 +209,18 @@ def _sparsebert(name: str):
             y = mod.forward(x, v, b, lt)
             return y, mod.grad_input(dy, v, lt), mod.grad_weight(x, dy, lt), dy.sum(0)
 
+        def dx():
+            i = case.next()
+            return mod.grad_input(case.dys[i], v, lt)
+
+        def dw():
+            i = case.next()
+            return mod.grad_weight(case.xs[i], case.dys[i], lt)
+
         # First calls autotune; keep that out of the timings.
         fwd()
         fwd_bwd()
-        return fwd, fwd_bwd
+        return fwd, fwd_bwd, dx, dw
     return build
 
 
@@ -271,7 +289,8 @@ def run_case(case: Case, providers, bandwidth: float, rep_ms: int = 50) -> List[
             row["note"] = b
             rows.append(row)
             continue
-        for mode, fn in (("fwd", b[0]), ("fwd_bwd", b[1])):
+        fns = list(b) + [None] * (4 - len(b))
+        for mode, fn in (("fwd", fns[0]), ("fwd_bwd", fns[1]), ("dx", fns[2]), ("dw", fns[3])):
             if fn is None:
                 continue
             try:
@@ -282,7 +301,8 @@ def run_case(case: Case, providers, bandwidth: float, rep_ms: int = 50) -> List[
             row[f"{mode}_s"] = t
             if mode in t_dense:
                 row[f"{mode}_speedup"] = t_dense[mode] / t
-            row[f"{mode}_frac_ideal"] = ideal[mode] / t
+            if mode in ideal:
+                row[f"{mode}_frac_ideal"] = ideal[mode] / t
         rows.append(row)
     return rows
 
@@ -296,7 +316,7 @@ def _fmt(v, spec):
 
 def format_table(rows: List[dict]) -> str:
     head = (f"{'shape':>10} {'blk':>4} {'spars':>5} {'provider':>20} | {'fwd µs':>8} {'x dense':>7} "
-            f"{'/ideal':>6} | {'f+b µs':>8} {'x dense':>7} {'/ideal':>6}  note")
+            f"{'/ideal':>6} | {'f+b µs':>8} {'x dense':>7} {'/ideal':>6} | {'dX µs':>7} {'dW µs':>7}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
         us = lambda k: r[k] * 1e6 if k in r else None
@@ -304,8 +324,8 @@ def format_table(rows: List[dict]) -> str:
             f"{r['shape']:>10} {r['block']:>4} {r['sparsity'] * 100:>4.0f}% {r['provider']:>20} | "
             f"{_fmt(us('fwd_s'), '8.1f'):>8} {_fmt(r.get('fwd_speedup'), '7.2f'):>7} "
             f"{_fmt(r.get('fwd_frac_ideal'), '6.2f'):>6} | {_fmt(us('fwd_bwd_s'), '8.1f'):>8} "
-            f"{_fmt(r.get('fwd_bwd_speedup'), '7.2f'):>7} {_fmt(r.get('fwd_bwd_frac_ideal'), '6.2f'):>6}  "
-            f"{r.get('note', '')}")
+            f"{_fmt(r.get('fwd_bwd_speedup'), '7.2f'):>7} {_fmt(r.get('fwd_bwd_frac_ideal'), '6.2f'):>6} | "
+            f"{_fmt(us('dx_s'), '7.1f'):>7} {_fmt(us('dw_s'), '7.1f'):>7}  {r.get('note', '')}")
     return "\n".join(lines)
 
 

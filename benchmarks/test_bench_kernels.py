@@ -28,7 +28,7 @@ def cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd", "dx", "dw"])
 @pytest.mark.parametrize("provider", bk.PROVIDERS)
 @pytest.mark.parametrize("sparsity", bk.SPARSITIES, ids=lambda s: f"s{int(s * 100)}")
 @pytest.mark.parametrize("block", bk.BLOCKS, ids=lambda b: f"b{b}")
@@ -38,7 +38,8 @@ def test_kernel(benchmark, cuda, shape, block, sparsity, provider, mode):
     built = bk.build_provider(provider, case)
     if isinstance(built, str):
         pytest.skip(f"{provider}: {built}")
-    fn = built[0] if mode == "fwd" else built[1]
+    idx = ["fwd", "fwd_bwd", "dx", "dw"].index(mode)
+    fn = built[idx] if len(built) > idx else None
     if fn is None:
         pytest.skip(f"{provider}: no {mode}")
 

@@ -77,28 +77,30 @@ def assert_close(out, ref_lowp, ref64, dtype, what):
     assert err <= tol, f"{what}: rel err {err:.2e} > {tol:.2e} (reference's own: {err_ref:.2e})"
 
 
-def check_all(M, N, K, bn, bk, dtype, kind, seed=0):
+def check_all(M, N, K, bn, bk, dtype, kind, seed=0, variant=None, sdd_variant=None):
     layout = make_layout(N, K, bn, bk, kind, seed)
     lt = layout.tensors("cpu")
     x, values, bias, dy = make_inputs(M, layout, dtype, seed + 1)
     x64, v64, b64, dy64 = (t.double() for t in (x, values, bias, dy))
     tag = f"M={M} N={N} K={K} block=({bn},{bk}) {dtype} {kind}"
 
-    y = tb.forward(x, values, bias, lt)
+    tag += f" variant={variant}/{sdd_variant}"
+    y = tb.forward(x, values, bias, lt, variant=variant)
     assert_close(y, ref.forward(x, values, bias, lt), ref.forward(x64, v64, b64, lt), dtype, f"forward {tag}")
-    y0 = tb.forward(x, values, None, lt)
+    y0 = tb.forward(x, values, None, lt, variant=variant)
     assert_close(y0, ref.forward(x, values, None, lt), ref.forward(x64, v64, None, lt), dtype,
                  f"forward/no bias {tag}")
-    yg = tb.forward(x, values, bias, lt, activation="gelu")
+    yg = tb.forward(x, values, bias, lt, activation="gelu", variant=variant)
     ref_g = F.gelu(ref.forward(x, values, bias, lt).float()).to(dtype)
     assert_close(yg, ref_g, F.gelu(ref.forward(x64, v64, b64, lt)), dtype, f"forward+gelu {tag}")
-    dx = tb.grad_input(dy, values, lt)
+    dx = tb.grad_input(dy, values, lt, variant=variant)
     assert_close(dx, ref.grad_input(dy, values, lt), ref.grad_input(dy64, v64, lt), dtype, f"grad_input {tag}")
     dw_ref = ref.grad_weight(x, dy, lt)
     dw_ref64 = ref.grad_weight(x64, dy64, lt)
-    assert_close(tb.grad_weight(x, dy, lt), dw_ref, dw_ref64, dtype, f"grad_weight {tag}")
-    if M > 64:  # the split-M (fp32 atomics) path
-        assert_close(tb.grad_weight(x, dy, lt, split=3), dw_ref, dw_ref64, dtype, f"grad_weight/split {tag}")
+    assert_close(tb.grad_weight(x, dy, lt, variant=sdd_variant), dw_ref, dw_ref64, dtype, f"grad_weight {tag}")
+    if M > 64:  # the split-M path (fp32 atomics or two-pass buffer)
+        assert_close(tb.grad_weight(x, dy, lt, split=3, variant=sdd_variant), dw_ref, dw_ref64, dtype,
+                     f"grad_weight/split {tag}")
 
     # Output blocks with nothing kept must hold exactly the bias (catches unwritten tiles).
     empty_rows = (lt.row_ptr[1:] == lt.row_ptr[:-1]).nonzero().flatten().tolist()
@@ -128,6 +130,48 @@ CASES = [
 def test_kernels_match_reference(case, dtype):
     M, N, K, bn, bk, kind = case
     check_all(M, N, K, bn, bk, dtype, kind, seed=hash(case) % 1000)
+
+
+# Every kernel family, against the reference (the default choice is covered above).
+VARIANT_CASES = [
+    # (DSD spec, SDD spec, case)
+    ("legacy", "legacy", (130, 128, 96, 32, 32, "holes")),
+    ("g4r1m128w4s3", "g4m128w4s3p2", (130, 128, 192, 32, 32, "holes")),
+    ("g2r2m128w4s3", "g2m128w4s3a2", (37, 192, 128, 64, 64, "random")),
+    ("g4r2m64w4s3", "g2m64w4s3p1", (130, 96, 128, 32, 64, "holes")),     # R=2 with odd block count
+    ("g2r4m128w8s3", "g4m128w4s3a1", (5, 128, 64, 16, 16, "dense")),
+    ("g2r2m128w4s3", "g2m128w4s3p2", (37, 128, 128, 32, 32, "empty")),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("vc", VARIANT_CASES, ids=lambda v: f"{v[0]}-{v[1]}-b{v[2][3]}x{v[2][4]}-{v[2][5]}")
+def test_variants_match_reference(vc, dtype):
+    spec, sdd_spec, (M, N, K, bn, bk, kind) = vc
+    check_all(M, N, K, bn, bk, dtype, kind, seed=7, variant=spec, sdd_variant=sdd_spec)
+
+
+def test_variant_choice_and_env(monkeypatch):
+    lt = make_layout(128, 128, 32, 32, "random", 0).tensors("cpu")
+    for op in ("forward", "grad_input"):
+        assert tb._parse_dsd(tb.choose_variant(op, lt)) is not None or tb.choose_variant(op, lt) == "legacy"
+    assert tb.choose_variant("grad_weight", lt) in ("legacy",) or tb._parse_sdd(tb.choose_variant("grad_weight", lt))
+    monkeypatch.setenv("SPARSEBERT_TRITON_VARIANT", "g1r1m64w4s2")
+    monkeypatch.setenv("SPARSEBERT_TRITON_SDD_VARIANT", "legacy")
+    assert tb.choose_variant("forward", lt) == "g1r1m64w4s2"
+    assert tb.choose_variant("grad_weight", lt) == "legacy"
+    monkeypatch.delenv("SPARSEBERT_TRITON_VARIANT")
+    key = ("forward", 128, 128, 32, int(round(100 * (1 - lt.nnz / 16))))
+    monkeypatch.setitem(tb._VARIANT_OVERRIDES, key, "g2r1m64w4s2")
+    assert tb.choose_variant("forward", lt) == "g2r1m64w4s2"
+    with pytest.raises(ValueError, match="variant"):
+        tb._parse_dsd("g3r1m64w4s2")
+    with pytest.raises(ValueError, match="variant"):
+        tb._parse_sdd("g2m64w4s2x2")
+    # every spec in the table parses
+    for (op, _), rows in tb._VARIANT_TABLE.items():
+        for _, spec in rows:
+            (tb._parse_sdd if op == "grad_weight" else tb._parse_dsd)(spec)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -229,7 +273,28 @@ for dtype, blocks in ((torch.float16, (64,)), (torch.bfloat16, (32, 64, 128)), (
                 "pipelined": "async_copy_global_to_local" in ttgir,
                 "shared": k.metadata.shared,
             }
+# Every spec of the variant table and of benchmarks/triton_variants.py, bf16 blocks 32/64
+import sys, os
+sys.path.insert(0, "benchmarks")
+import triton_variants as tv
+specs = set()
+for (op, blk), rows in tb._VARIANT_TABLE.items():
+    if blk in (32, 64):
+        specs |= {(op, s, blk) for _, s in rows}
+for op, fam in (("forward", tv.DSD_FAMILIES), ("grad_input", tv.DSD_FAMILIES), ("grad_weight", tv.SDD_FAMILIES)):
+    for blk in (32, 64):
+        specs |= {(op, s, blk) for s in fam(blk)}
+var = {}
+for op, s, blk in sorted(specs):
+    if s == "legacy":
+        continue
+    rep = tb.kernel_report(tb.compile_variant_for_sm90(op, s, torch.bfloat16, blk, blk))
+    var[f"bf16/{blk}/{op}/{s}"] = rep
+for op, s in (("forward", "g2r2m128w4s3"), ("grad_weight", "g2m128w4s3p2")):
+    for dt in (torch.float16, torch.float32):
+        var[f"{dt}/64/{op}/{s}"] = tb.kernel_report(tb.compile_variant_for_sm90(op, s, dt, 64, 64))
 print("RESULT" + json.dumps(out))
+print("VARIANTS" + json.dumps(var))
 """
 
 
@@ -248,6 +313,14 @@ def test_kernels_compile_for_sm90():
     for key, info in result.items():
         assert info["wgmma"], f"{key}: no wgmma"
         assert info["pipelined"], f"{key}: loads not pipelined"
+        assert info["shared"] <= 227 * 1024, f"{key}: {info['shared']} bytes of shared memory"
+    var = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("VARIANTS")][-1][len("VARIANTS"):])
+    assert len(var) >= 10
+    for key, info in var.items():
+        assert info["wgmma"], f"{key}: no wgmma"
+        assert info["pipelined"], f"{key}: loads not pipelined"
+        if "float32" not in key:
+            assert info["cp_async_max_bytes"] == 16, f"{key}: operand loads not 16-byte vectorised"
         assert info["shared"] <= 227 * 1024, f"{key}: {info['shared']} bytes of shared memory"
 
 

@@ -121,3 +121,38 @@ def test_tf32_flag_gpu(tb):
     values = torch.randn(layout.nnz, 64, 64, device="cuda") / 768 ** 0.5
     y = tb.forward(x, values, None, lt)
     assert rel_err(y, ref.forward(x.double(), values.double(), None, lt)) < 5e-3
+
+
+def _variant_params():
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import triton_variants as tv
+    return [(op, block, spec) for block in (32, 64) for op in tv.OPS for spec in tv.families(op, block)]
+
+
+@pytest.mark.parametrize("op,block,spec", _variant_params(), ids=lambda v: str(v))
+def test_every_variant_gpu(tb, op, block, spec):
+    """Every spec timed by benchmarks/triton_variants.py is correct on the GPU (odd M, an empty row
+    block, 90 % and 50 % sparsity) — so the benchmark's winners can go straight into the table."""
+    K, N, dtype = 768, 3072, torch.bfloat16
+    for M, sparsity in ((4093, 0.5), (2047, 0.9)):
+        layout = layout_for(N, K, block, sparsity, seed=block)
+        lt = layout.tensors("cuda")
+        torch.manual_seed(M)
+        x = torch.randn(M, K, device="cuda").to(dtype)
+        values = (torch.randn(layout.nnz, block, block, device="cuda") / K ** 0.5).to(dtype)
+        bias = torch.randn(N, device="cuda").to(dtype)
+        dy = torch.randn(M, N, device="cuda").to(dtype)
+        x64, v64, b64, dy64 = (t.double() for t in (x, values, bias, dy))
+        tag = f"{op} {spec} b{block} M={M} s={sparsity}"
+        if op == "forward":
+            out, lowp, r64 = (tb.forward(x, values, bias, lt, variant=spec),
+                              ref.forward(x, values, bias, lt), ref.forward(x64, v64, b64, lt))
+        elif op == "grad_input":
+            out, lowp, r64 = (tb.grad_input(dy, values, lt, variant=spec),
+                              ref.grad_input(dy, values, lt), ref.grad_input(dy64, v64, lt))
+        else:
+            out, lowp, r64 = (tb.grad_weight(x, dy, lt, variant=spec),
+                              ref.grad_weight(x, dy, lt), ref.grad_weight(x64, dy64, lt))
+        check(out, lowp, r64, dtype, tag)

@@ -50,6 +50,47 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_BLOCKS = (16, 32, 64, 128)
 ACTIVATIONS = ("none", "gelu")
 
+# ---------------------------------------------------------------------------------------------
+# Variant choice: EDIT HERE after a benchmarks/triton_variants.py run.
+#
+# Kernel variants are named by short spec strings (see _parse_dsd / _parse_sdd):
+#   DSD (forward, grad_input): "legacy" (the first kernel: 1 kept block per step, autotuned) or
+#       "g{G}r{R}m{BLOCK_M}w{num_warps}s{num_stages}": G kept blocks gathered per K step (one tl.dot
+#       with K = G*block), R consecutive output blocks per program sharing each X tile (merged
+#       column lists; missing blocks are zero-filled), BLOCK_M tokens per program.
+#   SDD (grad_weight): "legacy" (1 block per program, atomics when split) or
+#       "g{G}m{BLOCK_M}w{num_warps}s{num_stages}{a|p}{waves}": G consecutive kept blocks of one row
+#       block per program (dy tile loaded once, one tl.dot with N = G*bk); the M reduction split
+#       so that about waves x SMs programs run; partial sums by fp32 atomics (a) or into a
+#       [split, nnz, bn, bk] fp32 buffer summed afterwards (p, deterministic).
+# _VARIANT_OVERRIDES: exact (op, K, N, block, sparsity percent) -> spec, checked first
+#   (triton_variants.py prints a ready-to-paste dict of the measured winners; K = in_features,
+#   N = out_features of the weight, sparsity percent = round(100 * (1 - density))).
+# _VARIANT_TABLE: (op, block) -> [(max_density, spec), ...], first entry with density <= max_density;
+#   block = min(bn, bk) rounded into 16/32/64/128. The op is "forward", "grad_input" or "grad_weight".
+# SPARSEBERT_TRITON_VARIANT=<spec> forces one spec for every DSD op, and
+# SPARSEBERT_TRITON_SDD_VARIANT=<spec> for grad_weight (tests, benchmarks).
+# ---------------------------------------------------------------------------------------------
+_VARIANT_OVERRIDES: dict = {
+    # ("forward", 768, 3072, 64, 90): "g2r2m128w4s3",
+}
+_VARIANT_TABLE: dict = {
+    # Not yet measured on the GPU (2026-11 default guesses): K = G*block >= 128 per step, two
+    # output blocks per program at <= 15 % density (memory-bound there: X read half as often).
+    ("forward", 16): [(0.15, "g8r2m128w4s3"), (1.0, "g8r1m128w4s3")],
+    ("forward", 32): [(0.15, "g4r2m128w4s3"), (1.0, "g4r1m128w4s3")],
+    ("forward", 64): [(0.15, "g2r2m128w4s3"), (1.0, "g2r1m128w8s3")],
+    ("forward", 128): [(1.0, "g1r1m128w8s3")],
+    ("grad_input", 16): [(0.15, "g8r2m128w4s3"), (1.0, "g8r1m128w4s3")],
+    ("grad_input", 32): [(0.15, "g4r2m128w4s3"), (1.0, "g4r1m128w4s3")],
+    ("grad_input", 64): [(0.15, "g2r2m128w4s3"), (1.0, "g2r1m128w8s3")],
+    ("grad_input", 128): [(1.0, "g1r1m128w8s3")],
+    ("grad_weight", 16): [(1.0, "g8m128w4s3p2")],
+    ("grad_weight", 32): [(1.0, "g4m128w4s3p2")],
+    ("grad_weight", 64): [(1.0, "g2m128w4s3p2")],
+    ("grad_weight", 128): [(1.0, "g1m64w8s3p2")],
+}
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -206,6 +247,137 @@ if triton is not None:
         else:
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty))
 
+    # Sizes are not specialised (one compile serves every shape); leading dimensions are.
+    @triton.jit(do_not_specialize=["M", "n_super"])
+    def _dsdv_kernel(
+        a_ptr, w_ptr, bias_ptr, out_ptr,
+        sptr_ptr, scol_ptr, sval_ptr,
+        M, n_super, lda, ldo,
+        BO: tl.constexpr, BR: tl.constexpr, G: tl.constexpr, R: tl.constexpr,
+        W_TRANS: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """DSD with G kept blocks per K step and R output blocks per program.
+
+        Program (pid_m, s) owns out[pid_m*BLOCK_M : +BLOCK_M, s*R*BO : +R*BO]. Its merged reduction
+        list is e in sptr[s]:sptr[s+1]: reduction block scol[e], and sval[e*R + r] = the value
+        block of output block s*R + r at that reduction block, or -1 (zero-filled). Each step
+        gathers G entries into one [BLOCK_M, G*BR] a-tile and one [G*BR, R*BO] W-tile."""
+        pid = tl.program_id(0)
+        pid_m = pid // n_super               # output super-block fastest: one M slice at a time
+        s = pid % n_super
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        offs_m64 = offs_m.to(tl.int64)
+        k = tl.arange(0, G * BR)
+        kg = k // BR
+        kj = k % BR
+        n = tl.arange(0, R * BO)
+        nr = n // BO
+        ni = n % BO
+        if W_TRANS:   # value block [BR, BO] row-major
+            w_in = kj[:, None] * BO + ni[None, :]
+        else:         # value block [BO, BR] row-major
+            w_in = ni[None, :] * BR + kj[:, None]
+
+        start = tl.load(sptr_ptr + s)
+        end = tl.load(sptr_ptr + s + 1)
+        acc = tl.zeros((BLOCK_M, R * BO), dtype=tl.float32)
+        for e in range(start, end, G):
+            ek = e + kg
+            vk = tl.max_constancy(ek < end, [BR])
+            col = tl.load(scol_ptr + ek, mask=vk, other=0)
+            a_off = tl.max_contiguous(tl.multiple_of(col * BR + kj, [BR]), [BR])
+            a = tl.load(a_ptr + offs_m64[:, None] * lda + a_off[None, :],
+                        mask=mask_m[:, None] & vk[None, :], other=0.0)          # [BLOCK_M, G*BR]
+            p2 = tl.full((G * BR, R * BO), -1, tl.int32)
+            for r in tl.static_range(R):
+                pr = tl.load(sval_ptr + ek * R + r, mask=vk, other=-1)
+                p2 = tl.where(nr[None, :] == r, pr[:, None], p2)
+            p2 = tl.max_constancy(p2, [BR, BO])
+            w_off = p2.to(tl.int64) * (BO * BR) + w_in
+            if W_TRANS:
+                w_off = tl.max_contiguous(tl.multiple_of(w_off, [1, BO]), [1, BO])
+            else:
+                w_off = tl.max_contiguous(tl.multiple_of(w_off, [BR, 1]), [BR, 1])
+            w = tl.load(w_ptr + w_off, mask=p2 >= 0, other=0.0)                  # [G*BR, R*BO]
+            if UPCAST:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+
+        offs_out = s * (R * BO) + n
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_out).to(tl.float32)
+            acc = acc + b[None, :]
+        if ACT == "gelu":
+            acc = _gelu(acc)
+        out_ptrs = out_ptr + offs_m64[:, None] * ldo + offs_out[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+    @triton.jit(do_not_specialize=["M", "n_groups", "nnz", "chunk"])
+    def _sddv_kernel(
+        x_ptr, dy_ptr, out_ptr, gstart_ptr, grow_ptr, row_ptr_ptr, col_idx_ptr,
+        M, n_groups, nnz, ldx, ldy, chunk,
+        BN: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, MODE: tl.constexpr,
+        T_ACC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """SDD over groups of up to G consecutive kept blocks of one row block: out[i0+g] (+)=
+        dy[m0:m1, row*BN : +BN]ᵀ @ x[m0:m1, col_idx[i0+g]*BK : +BK] as one [BN, G*BK] tl.dot per step.
+        MODE 0: store; 1: fp32 atomic add; 2: fp32 store into slice s of a [split, nnz, BN, BK] buffer.
+        T_ACC: accumulate the transpose ([G*BK, BN] = xᵀ dy) so that BN < 64 still gets wgmma."""
+        pid = tl.program_id(0)
+        s = pid // n_groups                  # group fastest: programs of one M slice run together
+        gi = pid % n_groups
+        i0 = tl.load(gstart_ptr + gi)
+        r = tl.load(grow_ptr + gi)
+        iend = tl.load(row_ptr_ptr + r + 1)
+        m_start = s * chunk
+        m_end = tl.minimum(m_start + chunk, M)
+
+        q = tl.arange(0, G * BK)
+        gq = q // BK
+        kq = q % BK
+        vq = tl.max_constancy((i0 + gq) < iend, [BK])
+        cols = tl.load(col_idx_ptr + i0 + gq, mask=vq, other=0)
+        x_col = tl.max_contiguous(tl.multiple_of(cols * BK + kq, [BK]), [BK])
+        offs_n = tl.arange(0, BN)
+        offs_mm = tl.arange(0, BLOCK_M)
+        if T_ACC:
+            acc = tl.zeros((G * BK, BN), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BN, G * BK), dtype=tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + offs_mm
+            mask_m = offs_m < m_end
+            offs_m64 = offs_m.to(tl.int64)
+            dy = tl.load(dy_ptr + offs_m64[:, None] * ldy + (r * BN + offs_n)[None, :],
+                         mask=mask_m[:, None], other=0.0)                       # [BLOCK_M, BN]
+            x = tl.load(x_ptr + offs_m64[:, None] * ldx + x_col[None, :],
+                        mask=mask_m[:, None] & vq[None, :], other=0.0)          # [BLOCK_M, G*BK]
+            if UPCAST:
+                dy = dy.to(tl.float32)
+                x = x.to(tl.float32)
+            if T_ACC:
+                acc = tl.dot(tl.trans(x), dy, acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(tl.trans(dy), x, acc, input_precision=PRECISION)
+
+        o_q = tl.max_contiguous(tl.multiple_of((i0 + gq).to(tl.int64) * (BN * BK) + kq, [BK]), [BK])
+        if T_ACC:
+            out_ptrs = out_ptr + o_q[:, None] + offs_n[None, :] * BK
+            vmask = vq[:, None]
+        else:
+            out_ptrs = out_ptr + offs_n[:, None] * BK + o_q[None, :]
+            vmask = vq[None, :]
+        if MODE == 1:
+            tl.atomic_add(out_ptrs, acc, mask=vmask)
+        elif MODE == 2:
+            tl.store(out_ptrs + s.to(tl.int64) * nnz * (BN * BK), acc, mask=vmask)
+        else:
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=vmask)
+
     # ---- autotuning (GPU only) -----------------------------------------------------------
     # Small lists: every config is one compile (~1 s) per block size, and each new key benchmarks
     # all of them. SPARSEBERT_TRITON_AUTOTUNE=0 uses the first config that fits, untimed.
@@ -351,6 +523,258 @@ def _dsd(a, values, bias, out, ptr, red_idx, perm, *, BO, BR, w_trans, use_perm,
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Variants: parsing, choice, index structures
+# ---------------------------------------------------------------------------------------------
+import re as _re
+from collections import OrderedDict as _OrderedDict
+
+_DSD_RE = _re.compile(r"^g(\d+)r(\d+)m(\d+)w(\d+)s(\d+)$")
+_SDD_RE = _re.compile(r"^g(\d+)m(\d+)w(\d+)s(\d+)([ap])(\d+)$")
+
+
+def _pow2(v: int) -> bool:
+    return v >= 1 and (v & (v - 1)) == 0
+
+
+def _parse_dsd(spec: str):
+    """``"legacy"`` -> None; ``"g2r1m128w8s3"`` -> dict(G, R, BLOCK_M, num_warps, num_stages)."""
+    if spec == "legacy":
+        return None
+    m = _DSD_RE.match(spec)
+    if not m:
+        raise ValueError(f"bad DSD variant {spec!r}: want 'legacy' or 'g<G>r<R>m<BLOCK_M>w<warps>s<stages>'")
+    G, R, bm, w, st = map(int, m.groups())
+    if not all(_pow2(v) for v in (G, R, bm, w)) or bm < 16 or st < 1:
+        raise ValueError(f"bad DSD variant {spec!r}: G, R, BLOCK_M, warps must be powers of two")
+    return dict(G=G, R=R, BLOCK_M=bm, num_warps=w, num_stages=st)
+
+
+def _parse_sdd(spec: str):
+    """``"legacy"`` -> None; ``"g2m128w4s3p2"`` -> dict(G, BLOCK_M, num_warps, num_stages, mode, waves)."""
+    if spec == "legacy":
+        return None
+    m = _SDD_RE.match(spec)
+    if not m:
+        raise ValueError(f"bad SDD variant {spec!r}: want 'legacy' or 'g<G>m<BLOCK_M>w<warps>s<stages><a|p><waves>'")
+    G, bm, w, st, mode, waves = m.groups()
+    G, bm, w, st, waves = int(G), int(bm), int(w), int(st), int(waves)
+    if not all(_pow2(v) for v in (G, bm, w)) or bm < 16 or st < 1 or waves < 1:
+        raise ValueError(f"bad SDD variant {spec!r}")
+    return dict(G=G, BLOCK_M=bm, num_warps=w, num_stages=st, mode=mode, waves=waves)
+
+
+def _block_class(bn: int, bk: int) -> int:
+    b = min(bn, bk)
+    return min((c for c in SUPPORTED_BLOCKS if c >= b), default=SUPPORTED_BLOCKS[-1])
+
+
+def choose_variant(op: str, lt: LayoutTensors) -> str:
+    """The spec used for ``op`` ("forward", "grad_input", "grad_weight") on this layout:
+    env override, then _VARIANT_OVERRIDES (exact shape), then _VARIANT_TABLE (block, density)."""
+    env = os.environ.get("SPARSEBERT_TRITON_SDD_VARIANT" if op == "grad_weight"
+                         else "SPARSEBERT_TRITON_VARIANT")
+    if env:
+        return env
+    total = (lt.N // lt.bn) * (lt.K // lt.bk)
+    density = lt.nnz / total if total else 0.0
+    sp = int(round(100 * (1 - density)))
+    block = lt.bn if lt.bn == lt.bk else _block_class(lt.bn, lt.bk)
+    hit = _VARIANT_OVERRIDES.get((op, lt.K, lt.N, block, sp))
+    if hit:
+        return hit
+    rows = _VARIANT_TABLE.get((op, _block_class(lt.bn, lt.bk)))
+    if rows:
+        for max_d, spec in rows:
+            if density <= max_d + 1e-9:
+                return spec
+        return rows[-1][1]
+    return "legacy"
+
+
+def _fit_dsd(cfg: dict, elem: int, BO: int, BR: int) -> dict:
+    """Shrink a DSD config until its pipelined operand buffers fit in shared memory."""
+    cfg = dict(cfg)
+    smem = lambda c: max(2, c["num_stages"] - 1) * (c["BLOCK_M"] * c["G"] * BR
+                                                  + c["G"] * BR * c["R"] * BO) * elem
+    while smem(cfg) > _SMEM_BUDGET_BYTES:
+        if cfg["num_stages"] > 3:
+            cfg["num_stages"] -= 1
+        elif cfg["G"] > 1 and cfg["G"] * BR > 64:
+            cfg["G"] //= 2
+        elif cfg["BLOCK_M"] > 64:
+            cfg["BLOCK_M"] //= 2
+        elif cfg["R"] > 1:
+            cfg["R"] //= 2
+        elif cfg["G"] > 1:
+            cfg["G"] //= 2
+        else:
+            cfg["num_stages"] = 2
+            break
+    return cfg
+
+
+def _fit_sdd(cfg: dict, elem: int, BN: int, BK: int) -> dict:
+    cfg = dict(cfg)
+    smem = lambda c: max(2, c["num_stages"]) * c["BLOCK_M"] * (BN + c["G"] * BK) * elem
+    while smem(cfg) > _SMEM_BUDGET_BYTES:
+        if cfg["num_stages"] > 2:
+            cfg["num_stages"] -= 1
+        elif cfg["BLOCK_M"] > 32:
+            cfg["BLOCK_M"] //= 2
+        elif cfg["G"] > 1:
+            cfg["G"] //= 2
+        else:
+            break
+    return cfg
+
+
+_SMEM_BUDGET_BYTES = 227 * 1024
+_INDEX_CACHE: "_OrderedDict" = _OrderedDict()
+_INDEX_CACHE_SIZE = 256
+
+
+def _cached(key, anchor_tensors, build):
+    """Small LRU keyed on the layout tensors' storage (kept alive by the entry, so a key's
+    pointers cannot be reused while it is cached)."""
+    hit = _INDEX_CACHE.get(key)
+    if hit is not None:
+        _INDEX_CACHE.move_to_end(key)
+        return hit[1]
+    val = build()
+    _INDEX_CACHE[key] = (anchor_tensors, val)
+    while len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
+        _INDEX_CACHE.popitem(last=False)
+    return val
+
+
+def _lt_key(lt: LayoutTensors):
+    return (lt.row_ptr.data_ptr(), lt.col_idx.data_ptr(), lt.t_perm.data_ptr(), lt.nnz, lt.N,
+            lt.K, lt.bn, lt.bk, str(lt.row_ptr.device))
+
+
+def _super_index(lt: LayoutTensors, R: int, transposed: bool):
+    """Merged reduction lists for groups of R output blocks: (sptr [S+1], scol [U], sval [U*R], S).
+
+    Forward (transposed=False): output blocks = W's row blocks, reduction = column blocks.
+    grad_input (transposed=True): output blocks = W's column blocks, reduction = row blocks.
+    With R == 1 this is exactly the CSR (resp. CSC + t_perm) index."""
+    if R == 1:
+        if transposed:
+            return lt.col_ptr, lt.t_row_idx, lt.t_perm, lt.n_col_blocks
+        return lt.row_ptr, lt.col_idx, torch.arange(lt.nnz, dtype=torch.int32,
+                                                     device=lt.row_ptr.device), lt.n_row_blocks
+
+    def build():
+        dev = lt.row_ptr.device
+        nR, nC = lt.n_row_blocks, lt.n_col_blocks
+        grid = torch.full((nR, nC), -1, dtype=torch.int64, device=dev)
+        if lt.nnz:
+            grid[lt.row_idx.long(), lt.col_idx.long()] = torch.arange(lt.nnz, device=dev)
+        if transposed:
+            grid = grid.t()
+        n_out, n_red = grid.shape
+        S = -(-n_out // R)
+        if S * R != n_out:
+            grid = torch.cat([grid, grid.new_full((S * R - n_out, n_red), -1)])
+        g = grid.view(S, R, n_red).permute(0, 2, 1)            # [S, n_red, R]
+        keep = (g >= 0).any(-1)                                 # [S, n_red]
+        counts = keep.sum(1)
+        sptr = torch.zeros(S + 1, dtype=torch.int32, device=dev)
+        sptr[1:] = counts.cumsum(0).to(torch.int32)
+        scol = keep.nonzero()[:, 1].to(torch.int32).contiguous()
+        sval = g[keep].to(torch.int32).contiguous().view(-1)   # [U*R]
+        return sptr, scol, sval, S
+
+    return _cached(("super", R, transposed) + _lt_key(lt), (lt.row_ptr, lt.col_idx, lt.t_perm), build)
+
+
+def _group_index(lt: LayoutTensors, G: int):
+    """Groups of up to G consecutive kept blocks of one row block: (gstart, grow, n_groups)."""
+    def build():
+        dev = lt.row_ptr.device
+        counts = (lt.row_ptr[1:] - lt.row_ptr[:-1]).long()
+        ng = (counts + G - 1) // G
+        total = int(ng.sum().item())
+        rows = torch.repeat_interleave(torch.arange(lt.n_row_blocks, device=dev), ng)
+        first = torch.cumsum(ng, 0) - ng
+        local = torch.arange(total, device=dev) - torch.repeat_interleave(first, ng)
+        gstart = (lt.row_ptr.long()[rows] + local * G).to(torch.int32).contiguous()
+        return gstart, rows.to(torch.int32).contiguous(), total
+
+    if G == 1:
+        return _cached(("group1",) + _lt_key(lt), (lt.row_ptr, lt.col_idx, lt.t_perm),
+                       lambda: (torch.arange(lt.nnz, dtype=torch.int32, device=lt.row_ptr.device),
+                                lt.row_idx, lt.nnz))
+    return _cached(("group", G) + _lt_key(lt), (lt.row_ptr, lt.col_idx, lt.t_perm), build)
+
+
+def _dsdv(a, values, bias, out, lt, *, transposed, activation, cfg):
+    BO, BR = (lt.bk, lt.bn) if transposed else (lt.bn, lt.bk)
+    cfg = _fit_dsd(cfg, a.element_size(), BO, BR)
+    n_out_blocks = out.shape[1] // BO
+    R = min(cfg["R"], 1 << max(0, (n_out_blocks - 1).bit_length()))
+    if n_out_blocks % R:   # R output blocks per program must tile the output exactly
+        R = 1
+    sptr, scol, sval, S = _super_index(lt, R, transposed)
+    M = a.shape[0]
+    bm = _INTERP_BLOCK_M if _INTERPRET else cfg["BLOCK_M"]
+    kw = {} if _INTERPRET else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    grid = (triton.cdiv(M, bm) * S,)
+    with _device_guard(a):
+        _dsdv_kernel[grid](a, _nonempty(values), bias if bias is not None else out, out,
+                           sptr, _nonempty(scol), _nonempty(sval),
+                           M, S, a.stride(0), out.stride(0),
+                           BO=BO, BR=BR, G=cfg["G"], R=R, W_TRANS=transposed,
+                           HAS_BIAS=bias is not None, ACT=activation, UPCAST=_upcast(a.dtype),
+                           PRECISION=_precision(a.dtype), BLOCK_M=bm, **kw)
+    return out
+
+
+def _sdd_t_acc(bn: int, bk: int, G: int) -> bool:
+    """Accumulate [G*bk, bn] (xᵀ dy) instead of [bn, G*bk]: wgmma needs >= 64 accumulator rows."""
+    return bn < 64 and G * bk >= 64
+
+
+def _sddv(x, dy, lt, cfg, split=None):
+    M, nnz = x.shape[0], lt.nnz
+    cfg = _fit_sdd(cfg, x.element_size(), lt.bn, lt.bk)
+    G = cfg["G"]
+    gstart, grow, n_groups = _group_index(lt, G)
+    if split is None:
+        if x.device.type == "cuda":
+            target = cfg["waves"] * _num_sms(x.device.index if x.device.index is not None
+                                             else torch.cuda.current_device())
+        else:
+            target = 4
+        split = max(1, min(triton.cdiv(target, max(n_groups, 1)), triton.cdiv(M, 512)))
+    if split < 1:
+        raise ValueError(f"grad_weight: split must be >= 1, got {split}")
+    chunk = triton.cdiv(triton.cdiv(M, split), 128) * 128
+    split = triton.cdiv(M, chunk)
+    mode = 0 if split == 1 else (1 if cfg["mode"] == "a" else 2)
+    if mode == 0:
+        out = torch.empty(nnz, lt.bn, lt.bk, device=x.device, dtype=x.dtype)
+    elif mode == 1:
+        out = torch.zeros(nnz, lt.bn, lt.bk, device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty(split, nnz, lt.bn, lt.bk, device=x.device, dtype=torch.float32)
+    bm = _INTERP_BLOCK_M if _INTERPRET else cfg["BLOCK_M"]
+    kw = {} if _INTERPRET else dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    with _device_guard(x):
+        _sddv_kernel[(n_groups * split,)](x, dy, out, gstart, grow, lt.row_ptr, lt.col_idx,
+                                          M, n_groups, nnz, x.stride(0), dy.stride(0), chunk,
+                                          BN=lt.bn, BK=lt.bk, G=G, MODE=mode,
+                                          T_ACC=_sdd_t_acc(lt.bn, lt.bk, G),
+                                          UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
+                                          BLOCK_M=bm, **kw)
+    if mode == 0:
+        return out
+    if mode == 2:
+        out = out.sum(0)
+    return out.to(x.dtype)
+
+
 def _device_guard(t):
     if t.is_cuda:
         return torch.cuda.device(t.device)
@@ -358,7 +782,7 @@ def _device_guard(t):
     return contextlib.nullcontext()
 
 
-def forward(x, values, bias, lt: LayoutTensors, activation: str = "none"):
+def forward(x, values, bias, lt: LayoutTensors, activation: str = "none", variant: str | None = None):
     """``act(x @ Wᵀ + bias)``: x ``[M, K]``, values ``[nnz, bn, bk]``, bias ``[N]`` or None -> ``[M, N]``."""
     tensors = [("x", x), ("values", values)] + ([("bias", bias)] if bias is not None else [])
     _check("forward", lt, tensors=tensors, values=values)
@@ -372,11 +796,14 @@ def forward(x, values, bias, lt: LayoutTensors, activation: str = "none"):
     y = torch.empty(M, lt.N, device=x.device, dtype=x.dtype)
     if M == 0:
         return y
-    return _dsd(x, values, bias, y, lt.row_ptr, lt.col_idx, lt.col_idx, BO=lt.bn, BR=lt.bk,
-                w_trans=False, use_perm=False, activation=activation, nnz=lt.nnz)
+    cfg = _parse_dsd(variant or choose_variant("forward", lt))
+    if cfg is None:
+        return _dsd(x, values, bias, y, lt.row_ptr, lt.col_idx, lt.col_idx, BO=lt.bn, BR=lt.bk,
+                    w_trans=False, use_perm=False, activation=activation, nnz=lt.nnz)
+    return _dsdv(x, values, bias, y, lt, transposed=False, activation=activation, cfg=cfg)
 
 
-def grad_input(dy, values, lt: LayoutTensors):
+def grad_input(dy, values, lt: LayoutTensors, variant: str | None = None):
     """``dy @ W``: dy ``[M, N]`` -> dx ``[M, K]``."""
     _check("grad_input", lt, tensors=[("dy", dy), ("values", values)], values=values)
     if dy.dim() != 2 or dy.shape[1] != lt.N:
@@ -385,8 +812,11 @@ def grad_input(dy, values, lt: LayoutTensors):
     dx = torch.empty(M, lt.K, device=dy.device, dtype=dy.dtype)
     if M == 0:
         return dx
-    return _dsd(dy, values, None, dx, lt.col_ptr, lt.t_row_idx, lt.t_perm, BO=lt.bk, BR=lt.bn,
-                w_trans=True, use_perm=True, activation="none", nnz=lt.nnz)
+    cfg = _parse_dsd(variant or choose_variant("grad_input", lt))
+    if cfg is None:
+        return _dsd(dy, values, None, dx, lt.col_ptr, lt.t_row_idx, lt.t_perm, BO=lt.bk, BR=lt.bn,
+                    w_trans=True, use_perm=True, activation="none", nnz=lt.nnz)
+    return _dsdv(dy, values, None, dx, lt, transposed=True, activation="none", cfg=cfg)
 
 
 def _split_for(M: int, nnz: int, device: torch.device) -> int:
@@ -399,10 +829,11 @@ def _split_for(M: int, nnz: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(target, max(nnz, 1)), triton.cdiv(M, 256)))
 
 
-def grad_weight(x, dy, lt: LayoutTensors, split: int | None = None):
+def grad_weight(x, dy, lt: LayoutTensors, split: int | None = None, variant: str | None = None):
     """``(dyᵀ @ x)`` on the kept blocks: x ``[M, K]``, dy ``[M, N]`` -> ``[nnz, bn, bk]``.
 
-    ``split`` (tests) forces the number of programs per block along M."""
+    ``split`` (tests) forces the number of programs per block (group) along M; ``variant`` (tests,
+    benchmarks) forces a kernel variant spec (see _VARIANT_TABLE)."""
     _check("grad_weight", lt, tensors=[("x", x), ("dy", dy)])
     if x.dim() != 2 or dy.dim() != 2 or x.shape[0] != dy.shape[0] or x.shape[1] != lt.K \
             or dy.shape[1] != lt.N:
@@ -411,6 +842,11 @@ def grad_weight(x, dy, lt: LayoutTensors, split: int | None = None):
     M, nnz = x.shape[0], lt.nnz
     if M == 0 or nnz == 0:
         return torch.zeros(nnz, lt.bn, lt.bk, device=x.device, dtype=x.dtype)
+    if split is not None and split < 1:
+        raise ValueError(f"grad_weight: split must be >= 1, got {split}")
+    cfg = _parse_sdd(variant or choose_variant("grad_weight", lt))
+    if cfg is not None:
+        return _sddv(x, dy, lt, cfg, split)
     if split is None:
         split = _split_for(M, nnz, x.device)
     if split < 1:
@@ -487,3 +923,58 @@ def compile_for_sm90(dtype: torch.dtype = torch.bfloat16, bn: int = 64, bk: int 
               {"BN": bn, "BK": bk, "ATOMIC": atomic, "UPCAST": False, "PRECISION": prec,
                "BLOCK_M": min(block_m, 128)}, f"grad_weight{'_atomic' if atomic else ''}")
     return out
+
+
+def compile_variant_for_sm90(op: str, spec: str, dtype: torch.dtype = torch.bfloat16, bn: int = 64,
+                             bk: int = 64, arch: int = 90):
+    """Compile one variant kernel (op "forward" | "grad_input" | "grad_weight") for sm_<arch>
+    exactly as the launcher would configure it (shared-memory fitting included). No GPU needed;
+    interpreter must be off. Returns the compiled kernel."""
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(_IMPORT_ERROR)
+    if _INTERPRET:
+        raise RuntimeError("compile_variant_for_sm90 needs TRITON_INTERPRET unset")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    t = _TL_DTYPE[dtype]
+    elem = torch.empty(0, dtype=dtype).element_size()
+    prec = "tf32" if dtype == torch.float32 else "ieee"
+    if op == "grad_weight":
+        cfg = _fit_sdd(_parse_sdd(spec), elem, bn, bk)
+        fn = _sddv_kernel
+        sig = {"x_ptr": f"*{t}", "dy_ptr": f"*{t}", "out_ptr": "*fp32", "gstart_ptr": "*i32",
+               "grow_ptr": "*i32", "row_ptr_ptr": "*i32", "col_idx_ptr": "*i32",
+               "M": "i32", "n_groups": "i32", "nnz": "i32", "ldx": "i32", "ldy": "i32", "chunk": "i32"}
+        consts = {"BN": bn, "BK": bk, "G": cfg["G"], "MODE": 2 if cfg["mode"] == "p" else 1,
+                  "T_ACC": _sdd_t_acc(bn, bk, cfg["G"]),
+                  "UPCAST": False, "PRECISION": prec, "BLOCK_M": cfg["BLOCK_M"]}
+    else:
+        trans = op == "grad_input"
+        BO, BR = (bk, bn) if trans else (bn, bk)
+        cfg = _fit_dsd(_parse_dsd(spec), elem, BO, BR)
+        fn = _dsdv_kernel
+        sig = {"a_ptr": f"*{t}", "w_ptr": f"*{t}", "bias_ptr": f"*{t}", "out_ptr": f"*{t}",
+               "sptr_ptr": "*i32", "scol_ptr": "*i32", "sval_ptr": "*i32",
+               "M": "i32", "n_super": "i32", "lda": "i32", "ldo": "i32"}
+        consts = {"BO": BO, "BR": BR, "G": cfg["G"], "R": cfg["R"], "W_TRANS": trans,
+                  "HAS_BIAS": not trans, "ACT": "gelu" if not trans else "none", "UPCAST": False,
+                  "PRECISION": prec, "BLOCK_M": cfg["BLOCK_M"]}
+    signature = dict(sig)
+    for k in consts:
+        signature[k] = "constexpr"
+    aligned = [n for n, ty in sig.items() if ty.startswith("*") or n in ("lda", "ldo", "ldx", "ldy")]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+
+
+def kernel_report(k) -> dict:
+    """What a compiled kernel does: wgmma, pipelined (async) loads, widest cp.async, shared memory."""
+    ttgir, ptx = k.asm["ttgir"], k.asm.get("ptx", "")
+    widths = [int(w, 0) for w in _re.findall(
+        r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)?\s*\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)", ptx)]
+    return {"wgmma": "warp_group_dot" in ttgir, "pipelined": "async_copy_global_to_local" in ttgir,
+            "cp_async_max_bytes": max(widths, default=0), "cp_async_min_bytes": min(widths, default=0),
+            "shared": k.metadata.shared, "spills": getattr(k, "n_spills", None)}
