@@ -465,4 +465,7 @@ def build_vocab_tokenizer(texts: Sequence[str], path: os.PathLike, vocab_size: i
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab = special + [w for w, _ in words.most_common(max(0, vocab_size - len(special)))]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    return BertTokenizer(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    try:        # transformers >= 5: vocab= (a dict or a vocab.txt path)
+        return BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    except TypeError:   # older transformers
+        return BertTokenizer(vocab_file=str(path / "vocab.txt"), do_lower_case=True)

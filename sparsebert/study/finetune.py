@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data import TaskData
-from .pretrain import _bar, autocast, linear_schedule, pick_device
+from .pretrain import _bar, autocast, linear_schedule, pick_device, zero_pruned_optimizer_state
 
 CONTROLS = ("none", "deletion", "prune")
 
@@ -210,8 +210,8 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
         sched.step()
         losses.append(loss.item())
         del loss, out      # free the graph before the pruner may shrink block-sparse values
-        if pruner is not None:
-            pruner.step(step)
+        if pruner is not None and pruner.step(step):
+            zero_pruned_optimizer_state(model, opt)
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0

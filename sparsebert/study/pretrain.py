@@ -181,6 +181,24 @@ def _bar(total, desc, progress):
     return tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
 
 
+@torch.no_grad()
+def zero_pruned_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """After a mask update, clear AdamW's moments at the newly pruned weights of masked layers.
+
+    ``set_mask`` zeroes the pruned weights, but their Adam moments from before pruning would
+    keep moving them (the masked forward hides it, yet the stored weights drift off zero). With
+    the moments cleared and the gradient masked, AdamW's update there is exactly zero.
+    """
+    from sparsebert.nn import MaskedEmbedding, MaskedLinear
+    for m in model.modules():
+        if isinstance(m, (MaskedLinear, MaskedEmbedding)):
+            st = optimizer.state.get(m.weight)
+            for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if st and torch.is_tensor(st.get(k)) and st[k].shape == m.mask.shape:
+                    st[k].mul_(m.mask)
+            m.apply_mask_()
+
+
 def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, dev_blocks: torch.Tensor,
              ids: dict, device: Optional[torch.device] = None, amp: bool = False, progress: bool = True,
              desc: str = "pretrain") -> dict:
@@ -256,6 +274,7 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
         if cfg.head_only:
             del hidden
         if pruner is not None and pruner.step(step):
+            zero_pruned_optimizer_state(model, opt)
             updates.append([step, round(pruner.sparsity(), 6)])
         if device.type == "cuda":
             torch.cuda.synchronize()

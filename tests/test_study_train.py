@@ -1,0 +1,141 @@
+"""Pre-training schedule wiring, mask fixity through fine-tuning, information deletion, pruning in fine-tuning."""
+import pytest
+import torch
+
+import sparsebert
+from sparsebert.study.data import TASKS, TaskData, build_vocab_tokenizer
+from sparsebert.study.finetune import FinetuneConfig, finetune, metrics
+from sparsebert.study.pretrain import PretrainConfig, pretrain, scratch_mlm, special_ids
+
+WORDS = "good great fine bad poor dull film plot actor scene the a of and".split()
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return build_vocab_tokenizer([" ".join(WORDS)], tmp_path_factory.mktemp("vocab"), 100)
+
+
+def tiny(tok, seed=0):
+    # hidden 64, 2 layers, intermediate 128: divisible by 32 for block mode
+    return scratch_mlm(len(tok), hidden=64, layers=2, heads=2, intermediate=128, max_position=64, seed=seed)
+
+
+def blocks(tok, n=64, L=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(5, len(tok), (n, L), generator=g)
+    x[:, 0], x[:, -1] = tok.cls_token_id, tok.sep_token_id
+    return x
+
+
+def task(n=48, kind="classification", seed=0):
+    import random
+    r = random.Random(seed)
+    ex = []
+    for i in range(n):
+        y = i % 2
+        words = WORDS[:3] if y else WORDS[3:6]
+        text = " ".join(r.choice(words + WORDS[6:]) for _ in range(8))
+        ex.append((text, y if kind == "classification" else float(2 * y - 1) + r.random()))
+    spec = TASKS["polarity"] if kind == "classification" else TASKS["movie-score"]
+    return TaskData(spec, ex[: n - 16], ex[n - 16:])
+
+
+@pytest.mark.parametrize("mode", ["unstructured", "block"])
+def test_schedule_reaches_target_at_ramp_end_and_updates_every_k(tok, mode):
+    cfg = PretrainConfig(mode=mode, sparsity=0.5, steps=50, batch_size=8, ramp_fraction=0.2, prune_every=2,
+                         backend="reference" if mode == "block" else "auto")
+    model = tiny(tok)
+    res = pretrain(model, cfg, blocks(tok), blocks(tok, 8, seed=1), special_ids(tok), torch.device("cpu"), progress=False)
+    steps = [s for s, _ in res["mask_updates"]]
+    assert cfg.ramp_end() == 10
+    # every 2 steps during the ramp (block mode may skip an update whose target rounds to the same block count)
+    assert set(steps) <= {2, 4, 6, 8, 10} and steps[-1] == 10
+    if mode == "unstructured":
+        assert steps == [2, 4, 6, 8, 10]
+    sp = [s for _, s in res["mask_updates"]]
+    assert sp == sorted(sp)
+    assert sp[-1] == pytest.approx(0.5, abs=0.02)
+    assert res["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert res["mask_updates"][0][1] < 0.5 - 0.05       # gradual, not one-shot
+    layers = sparsebert.hf.sparse_layers(model)
+    assert layers and all(abs(m.density - 0.5) < 0.05 for _, m in layers if hasattr(m, "layout") or m.weight.dim() == 2)
+    assert res["dev_mlm_loss"] > 0 and res["seconds_per_step"] > 0
+
+
+def test_unstructured_prunes_embeddings_and_tied_decoder(tok):
+    model = tiny(tok)
+    pretrain(model, PretrainConfig(mode="unstructured", sparsity=0.6, steps=10, batch_size=8, prune_every=1),
+             blocks(tok), blocks(tok, 8), special_ids(tok), torch.device("cpu"), progress=False)
+    emb = model.bert.embeddings.word_embeddings
+    assert isinstance(emb, sparsebert.MaskedEmbedding)
+    assert model.cls.predictions.decoder.mask is emb.mask
+
+
+def _pretrained(tok, mode, sparsity=0.5):
+    model = tiny(tok)
+    pretrain(model, PretrainConfig(mode=mode, sparsity=sparsity, steps=10, batch_size=8, prune_every=1,
+                                   backend="reference" if mode == "block" else "auto"),
+             blocks(tok), blocks(tok, 8), special_ids(tok), torch.device("cpu"), progress=False)
+    return model.bert
+
+
+def test_mask_fixed_through_finetuning_unstructured(tok):
+    enc = _pretrained(tok, "unstructured")
+    before = {n: m.mask.clone() for n, m in sparsebert.hf.sparse_layers(enc)}
+    w0 = {n: m.weight.detach().clone() for n, m in sparsebert.hf.sparse_layers(enc)}
+    res = finetune(enc, FinetuneConfig(lr=1e-3, epochs=3, batch_size=8, max_len=16), task(), tok,
+                   torch.device("cpu"), progress=False, return_model=True)
+    model = res["model"]
+    changed = 0
+    for n, m in sparsebert.hf.sparse_layers(model.bert):
+        assert torch.equal(m.mask, before[n]), n
+        assert (m.weight[~m.mask] == 0).all(), f"{n}: pruned weights regrew"
+        changed += int(not torch.equal(m.weight.detach(), w0[n]))
+    assert changed > 0                     # the kept weights did train
+    assert res["linear_zero_fraction"] >= 0.49
+    # the input encoder is untouched (fine-tuning works on a copy)
+    assert all(torch.equal(m.weight, w0[n]) for n, m in sparsebert.hf.sparse_layers(enc))
+
+
+def test_mask_fixed_through_finetuning_block(tok):
+    enc = _pretrained(tok, "block")
+    before = {n: (m.layout, m.values.shape) for n, m in sparsebert.hf.sparse_layers(enc)}
+    res = finetune(enc, FinetuneConfig(lr=1e-3, epochs=2, batch_size=8, max_len=16), task(), tok,
+                   torch.device("cpu"), progress=False, return_model=True)
+    for n, m in sparsebert.hf.sparse_layers(res["model"].bert):
+        assert m.layout == before[n][0] and m.values.shape == before[n][1]
+        w = m.dense_weight()
+        assert (w[~m.layout.element_mask().bool()] == 0).all()
+
+
+def test_information_deletion_lets_weights_regrow(tok):
+    enc = _pretrained(tok, "unstructured")
+    masks = {n: m.mask.clone() for n, m in sparsebert.hf.sparse_layers(enc) if "word_embeddings" not in n}
+    res = finetune(enc, FinetuneConfig(lr=1e-3, epochs=2, batch_size=8, max_len=16, control="deletion"), task(),
+                   tok, torch.device("cpu"), progress=False, return_model=True)
+    model = res["model"]
+    assert not sparsebert.hf.sparse_layers(model)
+    regrown = 0
+    for n, mask in masks.items():
+        w = model.bert.get_submodule(n).weight
+        regrown += int((w[~mask] != 0).sum())
+    assert regrown > 0
+    assert res["linear_zero_fraction"] < 0.4
+
+
+@pytest.mark.parametrize("mode", ["unstructured", "block"])
+def test_pruning_during_finetuning(tok, mode):
+    enc = tiny(tok).bert
+    res = finetune(enc, FinetuneConfig(lr=1e-3, epochs=3, batch_size=8, max_len=16, control="prune",
+                                       prune_mode=mode, prune_sparsity=0.5, prune_every=1, backend="reference"),
+                   task(), tok, torch.device("cpu"), progress=False)
+    assert res["linear_zero_fraction"] == pytest.approx(0.5, abs=0.03)
+
+
+def test_regression_task_and_metrics(tok):
+    res = finetune(tiny(tok).bert, FinetuneConfig(lr=1e-3, epochs=2, batch_size=8, max_len=16), task(kind="regression"),
+                   tok, torch.device("cpu"), progress=False)
+    assert set(res["dev_metrics"]) == {"pearson", "spearman", "score"}
+    m = metrics("regression", torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 2.0, 3.0, 5.0]))
+    assert m["spearman"] == pytest.approx(100.0) and 95 < m["pearson"] < 100
+    assert metrics("classification", torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 1]))["score"] == 50.0
