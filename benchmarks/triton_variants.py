@@ -116,15 +116,17 @@ def prewarm_worker(jobs: list, M: int):
     from sparsebert.ops import triton_bsr as tb
     dev = torch.device("cuda")
     cases = {}
+    # grad_weight: a small layout (split M, fp32 partials) and a large one (often split 1, direct store)
     for op, block, spec in jobs:
-        key = block
-        if key not in cases:
-            cases[key] = make_case(768, 768, block, 0.5, M, dev, torch.bfloat16)
-        case = cases[key]
-        try:
-            op_call(tb, op, spec, case, case.layout.tensors(dev))()
-        except Exception as e:   # reported again (and not timed) by the main pass
-            print(f"prewarm {op} b{block} {spec}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        for shape in ([(768, 768), (768, 3072)] if op == "grad_weight" else [(768, 768)]):
+            key = (block,) + shape
+            if key not in cases:
+                cases[key] = make_case(shape[0], shape[1], block, 0.5, M, dev, torch.bfloat16)
+            case = cases[key]
+            try:
+                op_call(tb, op, spec, case, case.layout.tensors(dev))()
+            except Exception as e:   # reported again (and not timed) by the main pass
+                print(f"prewarm {op} b{block} {spec}: {type(e).__name__}: {str(e)[:200]}", flush=True)
     torch.cuda.synchronize()
 
 
