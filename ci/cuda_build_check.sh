@@ -52,6 +52,9 @@ print("cuda_build_check: import OK:", C.__file__)
 print("cuda_build_check: schemas:")
 for op in ("forward", "grad_input", "grad_weight"):
     print("   ", getattr(torch.ops.sparsebert_cuda, op).default._schema)
+n_var, default = torch.ops.sparsebert_cuda.dsd_variants()
+assert 0 <= default < n_var, (n_var, default)
+print("cuda_build_check: dsd_variants ->", n_var, "variants, default", default)
 PYEOF
 )
 # The backend module, with that _C beside the package sources: it must load the library and

@@ -5,6 +5,10 @@ GPU tests are marked ``gpu`` (run with ``pytest -m gpu`` on a CUDA machine with 
 built with CUDA); they skip when the backend is unavailable. The last tests run anywhere and
 check that the backend explains itself when it cannot run.
 """
+import os
+import subprocess
+import sys
+import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -25,6 +29,15 @@ def cuda_backend():
     if reason is not None:
         pytest.skip(f"cuda backend unavailable: {reason}")
     return cuda_bsr
+
+
+def _variants():
+    """The DSD kernel variants of the loaded library (0 when it cannot be asked)."""
+    try:
+        n, _ = cuda_bsr.variants()
+    except Exception:  # noqa: BLE001 - unavailable backend: the tests using this skip anyway
+        n = 1
+    return list(range(n))
 
 
 def _layout(N, K, block, density, seed=0, mask=None):
@@ -57,7 +70,7 @@ def _poison(*shapes_dtypes):
         del t
 
 
-def _check_all(layout, M, dtype, seed=0, with_bias=True):
+def _check_all(layout, M, dtype, seed=0, with_bias=True, variant=None):
     N, K = layout.shape
     bn, bk = layout.block
     lt = layout.tensors("cuda")
@@ -70,22 +83,74 @@ def _check_all(layout, M, dtype, seed=0, with_bias=True):
     tol = TOL[dtype]
 
     _poison(((M, N), dtype))
-    y = cuda_bsr.forward(x, values, bias, lt)
+    y = cuda_bsr.forward(x, values, bias, lt, variant=variant)
+    torch.cuda.synchronize()  # a kernel fault shows up here, attributed to this op
     assert y.dtype == dtype and y.device == x.device
     err = _rel_err(y, reference.forward(x64, v64, b64, lt))
-    assert err < tol, f"forward: rel err {err:.3g} >= {tol}"
+    assert err < tol, f"forward (variant {variant}): rel err {err:.3g} >= {tol}"
 
     _poison(((M, K), dtype))
-    dx = cuda_bsr.grad_input(dy, values, lt)
+    dx = cuda_bsr.grad_input(dy, values, lt, variant=variant)
+    torch.cuda.synchronize()
     assert dx.dtype == dtype
     err = _rel_err(dx, reference.grad_input(dy64, v64, lt))
-    assert err < tol, f"grad_input: rel err {err:.3g} >= {tol}"
+    assert err < tol, f"grad_input (variant {variant}): rel err {err:.3g} >= {tol}"
 
     _poison(((layout.nnz, bn, bk), dtype), ((layout.nnz, bn, bk), torch.float32))
     dv = cuda_bsr.grad_weight(x, dy, lt)
+    torch.cuda.synchronize()
     assert dv.dtype == dtype and tuple(dv.shape) == (layout.nnz, bn, bk)
     err = _rel_err(dv, reference.grad_weight(x64, dy64, lt))
     assert err < tol, f"grad_weight: rel err {err:.3g} >= {tol}"
+
+
+# ---- smoke test in a child process: a crash (segfault, illegal address) fails here, with the
+# child's output, instead of killing the whole pytest session ---------------------------------
+_SMOKE = textwrap.dedent("""
+    import faulthandler, sys, torch
+    faulthandler.enable()
+    from sparsebert.layout import BlockLayout
+    from sparsebert.ops import cuda_bsr, reference
+    n_var, default = cuda_bsr.variants()
+    print("variants", n_var, "default", default, flush=True)
+    g = torch.Generator().manual_seed(0)
+    for block in [(64, 64), (32, 32), (64, 32), (32, 64)]:
+        mask = torch.rand(256 // block[0], 192 // block[1], generator=g) < 0.5
+        layout = BlockLayout.from_mask(mask, block, (256, 192))
+        lt = layout.tensors("cuda")
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(300, 192, device="cuda").to(dtype)
+            dy = torch.randn(300, 256, device="cuda").to(dtype)
+            v = torch.randn(layout.nnz, *block, device="cuda").to(dtype)
+            for var in range(n_var if dtype != torch.float32 else 1):
+                for op in ("forward", "grad_input", "grad_weight"):
+                    print("run", block, dtype, "variant", var, op, flush=True)
+                    if op == "forward":
+                        out = cuda_bsr.forward(x, v, None, lt, variant=var)
+                        ref = reference.forward(x.double(), v.double(), None, lt)
+                    elif op == "grad_input":
+                        out = cuda_bsr.grad_input(dy, v, lt, variant=var)
+                        ref = reference.grad_input(dy.double(), v.double(), lt)
+                    else:
+                        out = cuda_bsr.grad_weight(x, dy, lt)
+                        ref = reference.grad_weight(x.double(), dy.double(), lt)
+                    torch.cuda.synchronize()
+                    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                    print("   rel err", f"{err:.2e}", flush=True)
+    print("SMOKE OK")
+""")
+
+
+@pytest.mark.gpu
+def test_smoke_in_subprocess(cuda_backend):
+    env = dict(os.environ, PYTHONFAULTHANDLER="1")
+    env.pop("TRITON_INTERPRET", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", _SMOKE], env=env, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "SMOKE OK" in out, (
+        f"CUDA smoke run failed (exit {r.returncode}); last output:\n{out[-4000:]}")
 
 
 # ---- numerics ----------------------------------------------------------------------------------
@@ -121,6 +186,41 @@ def test_odd_layouts(cuda_backend, dtype, block, kind):
     layout = _layout(N, K, block, 0, mask=mask)
     for M in (0, 1, 129):
         _check_all(layout, M, dtype, seed=M + 7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("block", [(32, 32), (64, 64), (32, 64), (64, 32)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("variant", [0, 1, 2, 3])
+def test_variants(cuda_backend, dtype, block, variant):
+    """Every tensor-core variant, with row/column blocks whose kept counts are not multiples of the
+    blocks-per-stage (partial last stage), an empty row, a dense row, and M tails."""
+    if variant not in _variants():
+        pytest.skip(f"the built library has no variant {variant}")
+    N, K = 384, 448
+    bn, bk = block
+    g = torch.Generator().manual_seed(variant * 7 + bn + bk)
+    mask = torch.rand(N // bn, K // bk, generator=g) < 0.45
+    mask[0] = False
+    mask[1] = True
+    mask[:, 2] = True
+    layout = _layout(N, K, block, 0, mask=mask)
+    for M in (1, 130, 2049):
+        _check_all(layout, M, dtype, seed=M + variant, variant=variant)
+
+
+@pytest.mark.gpu
+def test_bad_variant(cuda_backend):
+    layout, x, values, index, N, K = _op_args()
+    with pytest.raises(RuntimeError, match="variant must be"):
+        torch.ops.sparsebert_cuda.forward(x, values, None, index, N, K, 64, 64, 99)
+
+
+@pytest.mark.gpu
+def test_cpu_index_rejected(cuda_backend):
+    layout, x, values, index, N, K = _op_args()
+    with pytest.raises(ValueError, match="layout index is on cpu"):
+        cuda_bsr.forward(x, values, None, layout.tensors("cpu"))
 
 
 @pytest.mark.gpu

@@ -1,8 +1,11 @@
 // Torch bindings of the block-sparse CUDA kernels: namespace `sparsebert_cuda`.
 //
-//   forward(x, values, bias, index, N, K, bn, bk)   -> y  [M, N]      y = x W^T + bias
-//   grad_input(dy, values, index, N, K, bn, bk)     -> dx [M, K]      dx = dy W
-//   grad_weight(x, dy, index, N, K, bn, bk)         -> dvalues [nnz, bn, bk]
+//   forward(x, values, bias, index, N, K, bn, bk, variant=-1)   -> y  [M, N]   y = x W^T + bias
+//   grad_input(dy, values, index, N, K, bn, bk, variant=-1)     -> dx [M, K]   dx = dy W
+//   grad_weight(x, dy, index, N, K, bn, bk, variant=-1)         -> dvalues [nnz, bn, bk]
+//   dsd_variants() -> [number of DSD variants, default variant]
+// `variant` selects the fp16/bf16 tensor-core kernel of forward / grad_input (bsr_kernels.h; -1 =
+// the built-in default); grad_weight accepts it for symmetry and ignores it.
 //
 // `index` is the packed int32 layout index of sparsebert.layout.pack_index:
 //   [row_ptr R+1 | col_idx nnz | row_idx nnz | col_ptr C+1 | t_row_idx nnz | t_perm nnz]
@@ -17,6 +20,8 @@
 
 #include <cstdint>
 #include <limits>
+#include <optional>
+#include <vector>
 
 #include "bsr_kernels.h"
 
@@ -26,9 +31,6 @@ namespace {
 
 #define CHECK_DEVICE(x) TORCH_CHECK((x).is_cuda(), "sparsebert_cuda: " #x " must be a CUDA tensor, got device ", (x).device())
 #define CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), "sparsebert_cuda: " #x " must be contiguous")
-#define CHECK_SHAPE(x, ...)                                                                        \
-  TORCH_CHECK((x).sizes() == at::IntArrayRef({__VA_ARGS__}), "sparsebert_cuda: " #x " must have shape (", \
-              at::IntArrayRef({__VA_ARGS__}), "), got ", (x).sizes())
 #define CHECK_SAME_DEVICE(x, ref)                                                                  \
   TORCH_CHECK((x).device() == (ref).device(), "sparsebert_cuda: " #x " is on ", (x).device(), " but " #ref " is on ", (ref).device())
 #define CHECK_ALIGNED(x)                                                                           \
@@ -61,6 +63,19 @@ void check_dense(const at::Tensor& t, const char* name, int64_t cols) {
   TORCH_CHECK(t.size(1) == cols, "sparsebert_cuda: ", name, " must have ", cols, " columns, got shape ", t.sizes());
 }
 
+int check_variant(int64_t variant) {
+  TORCH_CHECK(variant >= -1 && variant < kDsdNumVariants, "sparsebert_cuda: variant must be -1 (default) or in [0, ",
+              kDsdNumVariants, "), got ", variant);
+  return (int)variant;
+}
+
+// Rows of M elements of a 2-byte / 4-byte dtype whose length is a multiple of 32 elements are
+// 64-byte multiples, so 16-byte alignment of the base pointer (checked) is all cp.async needs.
+void check_rows_aligned(const at::Tensor& t, const char* name) {
+  TORCH_CHECK((t.size(1) * t.element_size()) % 16 == 0, "sparsebert_cuda: ", name, " rows of ", t.size(1),
+              " elements are not a multiple of 16 bytes");
+}
+
 struct Index {
   const int32_t *row_ptr, *col_idx, *row_idx, *col_ptr, *t_row_idx, *t_perm;
   int64_t nnz;
@@ -82,11 +97,14 @@ Index unpack(const at::Tensor& index, const at::Tensor& ref, int64_t N, int64_t 
                 " (weight (", N, ", ", K, "), block (", bn, ", ", bk, "))");
     nnz = rest / 4;
   }
-  TORCH_CHECK(nnz <= R * C, "sparsebert_cuda: ", nnz, " kept blocks, but the weight has only ", R * C);
+  TORCH_CHECK(nnz >= 0 && nnz <= R * C, "sparsebert_cuda: ", nnz, " kept blocks, but the weight has only ", R * C);
+  TORCH_CHECK(nnz <= std::numeric_limits<int32_t>::max(), "sparsebert_cuda: too many kept blocks (", nnz, ")");
   const int64_t expected = (R + 1) + (C + 1) + 4 * nnz;
   TORCH_CHECK(len == expected, "sparsebert_cuda: index has ", len, " entries, expected ", expected,
               " for a (", N, ", ", K, ") weight with block (", bn, ", ", bk, ") and ", nnz, " kept blocks");
+  // Device pointers: only offsets are computed here, the contents are never read on the host.
   const int32_t* p = index.data_ptr<int32_t>();
+  TORCH_CHECK(p != nullptr, "sparsebert_cuda: index has no storage");
   Index ix;
   ix.row_ptr = p;
   ix.col_idx = ix.row_ptr + (R + 1);
@@ -110,13 +128,15 @@ void check_values(const at::Tensor& values, const at::Tensor& ref, int64_t bn, i
 }
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias_opt,
-                   const at::Tensor& index, int64_t N, int64_t K, int64_t bn, int64_t bk) {
+                   const at::Tensor& index, int64_t N, int64_t K, int64_t bn, int64_t bk, int64_t variant) {
   check_layout_args(N, K, bn, bk);
+  const int var = check_variant(variant);
   CHECK_DEVICE(x);
   const BsrDtype dt = to_bsr_dtype(x.scalar_type(), "x");
   check_dense(x, "x", K);
   CHECK_CONTIGUOUS(x);
   CHECK_ALIGNED(x);
+  check_rows_aligned(x, "x");
   check_values(values, x, bn, bk);
   const void* bias_ptr = nullptr;
   if (bias_opt.has_value()) {
@@ -125,7 +145,8 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const std::opt
     CHECK_SAME_DEVICE(bias, x);
     TORCH_CHECK(bias.scalar_type() == x.scalar_type(), "sparsebert_cuda: bias has dtype ", bias.scalar_type(),
                 " but x has ", x.scalar_type());
-    CHECK_SHAPE(bias, N);
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N, "sparsebert_cuda: bias must have shape (", N,
+                "), got ", bias.sizes());
     CHECK_CONTIGUOUS(bias);
     bias_ptr = bias.data_ptr();
   }
@@ -136,18 +157,20 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const std::opt
   if (M == 0) return y;
   C10_CUDA_CHECK(bsr_forward(dt, x.data_ptr(), values.data_ptr(), bias_ptr, ix.row_ptr, ix.col_idx,
                              y.data_ptr(), M, (int)N, (int)K, (int)bn, (int)bk,
-                             at::cuda::getCurrentCUDAStream()));
+                             at::cuda::getCurrentCUDAStream(), var));
   return y;
 }
 
 at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& index, int64_t N,
-                      int64_t K, int64_t bn, int64_t bk) {
+                      int64_t K, int64_t bn, int64_t bk, int64_t variant) {
   check_layout_args(N, K, bn, bk);
+  const int var = check_variant(variant);
   CHECK_DEVICE(dy);
   const BsrDtype dt = to_bsr_dtype(dy.scalar_type(), "dy");
   check_dense(dy, "dy", N);
   CHECK_CONTIGUOUS(dy);
   CHECK_ALIGNED(dy);
+  check_rows_aligned(dy, "dy");
   check_values(values, dy, bn, bk);
   const Index ix = unpack(index, dy, N, K, bn, bk, values.size(0));
   const c10::cuda::CUDAGuard guard(dy.device());
@@ -156,13 +179,14 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   if (M == 0) return dx;
   C10_CUDA_CHECK(bsr_grad_input(dt, dy.data_ptr(), values.data_ptr(), ix.col_ptr, ix.t_row_idx, ix.t_perm,
                                 dx.data_ptr(), M, (int)N, (int)K, (int)bn, (int)bk,
-                                at::cuda::getCurrentCUDAStream()));
+                                at::cuda::getCurrentCUDAStream(), var));
   return dx;
 }
 
 at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& index, int64_t N,
-                       int64_t K, int64_t bn, int64_t bk) {
+                       int64_t K, int64_t bn, int64_t bk, int64_t variant) {
   check_layout_args(N, K, bn, bk);
+  check_variant(variant);
   CHECK_DEVICE(x);
   CHECK_DEVICE(dy);
   CHECK_SAME_DEVICE(dy, x);
@@ -176,6 +200,8 @@ at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tens
   CHECK_CONTIGUOUS(dy);
   CHECK_ALIGNED(x);
   CHECK_ALIGNED(dy);
+  check_rows_aligned(x, "x");
+  check_rows_aligned(dy, "dy");
   const Index ix = unpack(index, x, N, K, bn, bk, /*nnz=*/-1);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dvalues = at::empty({ix.nnz, bn, bk}, x.options());
@@ -192,14 +218,18 @@ at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tens
   return dvalues;
 }
 
+std::vector<int64_t> dsd_variants() { return {kDsdNumVariants, kDsdDefaultVariant}; }
+
 }  // namespace
 }  // namespace cuda
 }  // namespace sparsebert
 
 TORCH_LIBRARY(sparsebert_cuda, m) {
-  m.def("forward(Tensor x, Tensor values, Tensor? bias, Tensor index, int N, int K, int bn, int bk) -> Tensor");
-  m.def("grad_input(Tensor dy, Tensor values, Tensor index, int N, int K, int bn, int bk) -> Tensor");
-  m.def("grad_weight(Tensor x, Tensor dy, Tensor index, int N, int K, int bn, int bk) -> Tensor");
+  m.def("forward(Tensor x, Tensor values, Tensor? bias, Tensor index, int N, int K, int bn, int bk, "
+        "int variant=-1) -> Tensor");
+  m.def("grad_input(Tensor dy, Tensor values, Tensor index, int N, int K, int bn, int bk, int variant=-1) -> Tensor");
+  m.def("grad_weight(Tensor x, Tensor dy, Tensor index, int N, int K, int bn, int bk, int variant=-1) -> Tensor");
+  m.def("dsd_variants() -> int[]", &sparsebert::cuda::dsd_variants);
 }
 
 TORCH_LIBRARY_IMPL(sparsebert_cuda, CUDA, m) {

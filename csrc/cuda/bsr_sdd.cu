@@ -212,8 +212,11 @@ cudaError_t launch_sdd(SddParams p, int64_t nnz, void* dvalues, cudaStream_t str
   if (p.M > 0) {
     const int mc = kFp32 ? kSimtTokensPerStep : kMmaTokensPerStage;
     const int64_t n_chunks = (p.M + mc - 1) / mc;
-    // Enough CTAs for ~4 per SM, but each CTA keeps >= 4 chunks when it can.
-    const int64_t target = 4LL * num_sms();
+    // Split M deep: ~16 CTAs per SM in total (several waves, so the last partial wave costs
+    // little; 4 CTAs of the MMA kernel fit an SM), each CTA keeping >= 4 chunks (256 tokens) when
+    // it can. Few kept blocks (768x768 at 90%: 14 blocks of 64x64) get splits up to n_chunks / 4;
+    // the extra atomics are cheap (one red.add per output element per CTA).
+    const int64_t target = 16LL * num_sms();
     int64_t splits = std::max<int64_t>(1, (target + nnz - 1) / nnz);
     splits = std::min<int64_t>(splits, std::max<int64_t>(1, n_chunks / 4));
     int64_t cps = (n_chunks + splits - 1) / splits;

@@ -5,15 +5,22 @@ cp.async pipeline), fp32 on plain FMA (exact fp32, no TF32). Block sizes ``bn, b
 The ops live under ``torch.ops.sparsebert_cuda`` and take the packed layout index
 (:func:`sparsebert.layout.pack_index`)::
 
-    forward(x, values, bias, index, N, K, bn, bk)   -> y  [M, N]     y = x Wᵀ + bias
-    grad_input(dy, values, index, N, K, bn, bk)     -> dx [M, K]     dx = dy W
-    grad_weight(x, dy, index, N, K, bn, bk)         -> dvalues [nnz, bn, bk]
+    forward(x, values, bias, index, N, K, bn, bk, variant=-1)   -> y  [M, N]     y = x Wᵀ + bias
+    grad_input(dy, values, index, N, K, bn, bk, variant=-1)     -> dx [M, K]     dx = dy W
+    grad_weight(x, dy, index, N, K, bn, bk, variant=-1)         -> dvalues [nnz, bn, bk]
+
+``variant`` picks the fp16/bf16 tensor-core kernel of forward / grad_input (see
+``csrc/cuda/bsr_kernels.h``; ``-1`` = the compiled-in default). The environment variable
+``SPARSEBERT_CUDA_VARIANT`` (read once, at import) overrides that default for this process, and
+:func:`set_variant` changes it at run time; ``benchmarks/cuda_variants.py`` compares them.
 
 The backend functions (``forward``/``grad_input``/``grad_weight``) follow ``docs/CONTRACT.md``;
 ``*_packed`` variants take the packed index directly (what the custom-op layer already holds).
 ``sparsebert._C`` is imported lazily; when it cannot be used, :func:`unavailable_reason` says why.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -25,6 +32,43 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _lib = None          # the loaded sparsebert._C, once loaded
 _lib_error = None    # why it could not be loaded / used (str), once tried
+
+
+def _env_variant() -> int:
+    raw = os.environ.get("SPARSEBERT_CUDA_VARIANT", "").strip()
+    if not raw:
+        return -1
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"SPARSEBERT_CUDA_VARIANT must be an integer, got {raw!r}") from None
+
+
+_variant = _env_variant()   # -1: the kernel library's default
+
+
+def set_variant(variant: int | None) -> None:
+    """Select the forward / grad_input kernel variant for later calls (None or -1: default)."""
+    global _variant
+    _variant = -1 if variant is None else int(variant)
+
+
+def get_variant() -> int:
+    return _variant
+
+
+def variants() -> tuple[int, int]:
+    """``(number of DSD kernel variants, default variant)`` of the loaded library."""
+    ops = _ops()
+    try:
+        n, default = ops.dsd_variants()
+        return int(n), int(default)
+    except (AttributeError, RuntimeError):  # a library built before variants existed
+        return 1, 0
+
+
+def _v(variant):
+    return _variant if variant is None else int(variant)
 
 
 def _load():
@@ -103,26 +147,36 @@ def packed_index(lt: LayoutTensors) -> torch.Tensor:
 
 
 # ---- packed-index entry points (what the custom op holds) ----------------------------------
-def forward_packed(x, values, bias, index, N: int, K: int, bn: int, bk: int):
-    return _ops().forward(x, values, bias, index, N, K, bn, bk)
+def forward_packed(x, values, bias, index, N: int, K: int, bn: int, bk: int, variant: int | None = None):
+    return _ops().forward(x, values, bias, index, N, K, bn, bk, _v(variant))
 
 
-def grad_input_packed(dy, values, index, N: int, K: int, bn: int, bk: int):
-    return _ops().grad_input(dy, values, index, N, K, bn, bk)
+def grad_input_packed(dy, values, index, N: int, K: int, bn: int, bk: int, variant: int | None = None):
+    return _ops().grad_input(dy, values, index, N, K, bn, bk, _v(variant))
 
 
-def grad_weight_packed(x, dy, index, N: int, K: int, bn: int, bk: int):
-    return _ops().grad_weight(x, dy, index, N, K, bn, bk)
+def grad_weight_packed(x, dy, index, N: int, K: int, bn: int, bk: int, variant: int | None = None):
+    return _ops().grad_weight(x, dy, index, N, K, bn, bk, _v(variant))
+
+
+def _check_index_device(lt: LayoutTensors, ref: torch.Tensor):
+    # The kernels read the index on the GPU: a CPU index would be a host pointer there.
+    if lt.row_ptr.device != ref.device:
+        raise ValueError(f"cuda backend: layout index is on {lt.row_ptr.device} but the inputs are on "
+                         f"{ref.device}; use layout.tensors({str(ref.device)!r})")
 
 
 # ---- backend contract -------------------------------------------------------------------------
-def forward(x, values, bias, lt: LayoutTensors):
-    return forward_packed(x, values, bias, packed_index(lt), lt.N, lt.K, lt.bn, lt.bk)
+def forward(x, values, bias, lt: LayoutTensors, variant: int | None = None):
+    _check_index_device(lt, x)
+    return forward_packed(x, values, bias, packed_index(lt), lt.N, lt.K, lt.bn, lt.bk, variant)
 
 
-def grad_input(dy, values, lt: LayoutTensors):
-    return grad_input_packed(dy, values, packed_index(lt), lt.N, lt.K, lt.bn, lt.bk)
+def grad_input(dy, values, lt: LayoutTensors, variant: int | None = None):
+    _check_index_device(lt, dy)
+    return grad_input_packed(dy, values, packed_index(lt), lt.N, lt.K, lt.bn, lt.bk, variant)
 
 
-def grad_weight(x, dy, lt: LayoutTensors):
-    return grad_weight_packed(x, dy, packed_index(lt), lt.N, lt.K, lt.bn, lt.bk)
+def grad_weight(x, dy, lt: LayoutTensors, variant: int | None = None):
+    _check_index_device(lt, x)
+    return grad_weight_packed(x, dy, packed_index(lt), lt.N, lt.K, lt.bn, lt.bk, variant)
