@@ -1,0 +1,125 @@
+"""Study orchestration: resume from the per-run cache, report files, CLI registration."""
+import argparse
+import csv
+import json
+from dataclasses import replace
+
+import pytest
+
+from sparsebert.study import data as D
+from sparsebert.study import runner as R
+from sparsebert.study.fixtures import make_fixture_cache
+from sparsebert.study.report import markdown_table, write_report
+
+
+def tiny_preset(**kw):
+    p = R.Preset(name="test", description="test", levels=(0.0, 0.5), modes=("unstructured", "block"),
+                 tasks=("polarity", "movie-score"), model="scratch",
+                 scratch=dict(hidden=64, layers=2, heads=2, intermediate=128, max_position=64),
+                 seq_len=16, mlm_train_blocks=40, mlm_dev_blocks=4,
+                 warmup=dict(steps=3, lr=1e-3, batch_size=8),
+                 pretrain=dict(steps=6, batch_size=8, prune_every=1, ramp_fraction=0.5, backend="reference"),
+                 finetune=dict(epochs=1, max_steps=3, batch_size=8, max_len=16),
+                 lrs=(1e-3,), max_train=24, max_dev=12, demo=True)
+    return replace(p, **kw)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("tests must not download")
+    monkeypatch.setattr(D.subprocess, "run", refuse)
+    make_fixture_cache(tmp_path / "cache", n_sentences=60, n_articles=6)
+    return tmp_path / "cache"
+
+
+def counting(monkeypatch):
+    calls = {"pretrain": 0, "finetune": 0}
+    real_p, real_f = R.pretrain, R.finetune
+
+    def p(*a, **k):
+        calls["pretrain"] += 1
+        return real_p(*a, **k)
+
+    def f(*a, **k):
+        calls["finetune"] += 1
+        return real_f(*a, **k)
+    monkeypatch.setattr(R, "pretrain", p)
+    monkeypatch.setattr(R, "finetune", f)
+    return calls
+
+
+def test_study_runs_then_resumes_from_cache(tmp_path, cache, monkeypatch):
+    calls = counting(monkeypatch)
+    out = tmp_path / "out"
+    logs = []
+    rows = R.Study(tiny_preset(), out, cache, progress=False, log=logs.append).run()
+    # warm-up + dense + 2 modes x 1 level = 4 pretrain calls; 3 encoders x 2 tasks = 6 fine-tunings
+    assert calls == {"pretrain": 4, "finetune": 6}
+    assert [(r["mode"], r["sparsity"]) for r in rows] == [("dense", 0.0), ("unstructured", 0.5), ("block", 0.5)]
+    assert any("SMALL-SCALE DEMONSTRATION" in l for l in logs)
+    # interrupted study: drop one fine-tuning result, run again -> only that one is redone
+    ft = sorted((out / "runs").glob("finetune-*.json"))
+    assert len(ft) == 6
+    ft[0].unlink()
+    rows2 = R.Study(tiny_preset(), out, cache, progress=False, log=logs.append).run()
+    assert calls == {"pretrain": 4, "finetune": 7}
+    # a complete study: nothing retrained, same numbers
+    rows3 = R.Study(tiny_preset(), out, cache, progress=False, log=logs.append).run()
+    assert calls == {"pretrain": 4, "finetune": 7}
+    assert json.dumps(rows3, sort_keys=True) == json.dumps(rows2, sort_keys=True)
+    # a changed setting is a new run
+    R.Study(tiny_preset(lrs=(1e-3, 2e-3)), out, cache, progress=False, log=logs.append).run()
+    assert calls == {"pretrain": 4, "finetune": 13}
+
+
+def test_controls_plan(tmp_path, cache, monkeypatch):
+    calls = counting(monkeypatch)
+    p = tiny_preset(modes=("unstructured",), tasks=("polarity",), controls=("random", "deletion", "finetune-prune"))
+    rows = R.Study(p, tmp_path / "out", cache, progress=False, log=lambda m: None).run()
+    got = {(r["mode"], r["control"]) for r in rows}
+    assert got == {("dense", "none"), ("unstructured", "none"), ("unstructured", "random"),
+                   ("unstructured", "deletion"), ("unstructured", "finetune-prune")}
+    # warm-up, dense, magnitude 50%, random 50%
+    assert calls["pretrain"] == 4
+    fp = [r for r in rows if r["control"] == "finetune-prune"][0]
+    assert fp["achieved_sparsity"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_report_files_hold_the_numbers(tmp_path):
+    rows = [
+        {"mode": "dense", "control": "none", "sparsity": 0.0, "pretrain_dev_loss": 2.5, "pretrain_s_per_step": 0.1,
+         "tasks": {"polarity": {"dev_score": 80.0, "train_loss": 0.3}}, "average": 80.0},
+        {"mode": "unstructured", "control": "none", "sparsity": 0.6, "pretrain_dev_loss": 3.25,
+         "pretrain_s_per_step": 0.12, "tasks": {"polarity": {"dev_score": 71.5, "train_loss": 0.45}}, "average": 71.5},
+        {"mode": "block", "control": "none", "sparsity": 0.6, "pretrain_dev_loss": 4.125,
+         "pretrain_s_per_step": 0.08, "tasks": {"polarity": {"dev_score": 66.25, "train_loss": 0.6}}, "average": 66.25},
+    ]
+    paths = write_report(rows, ["polarity"], tmp_path, {"preset": "x"})
+    for p in paths.values():
+        assert p.exists() and p.stat().st_size > 0
+    for k in ("plot_dev", "plot_pretrain", "plot_train"):
+        assert paths[k].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    j = json.loads(paths["json"].read_text())
+    assert j["rows"][2]["tasks"]["polarity"]["dev_score"] == 66.25
+    c = list(csv.DictReader(open(paths["csv"])))
+    assert [float(r["pretrain_dev_loss"]) for r in c] == [2.5, 3.25, 4.125]
+    assert float(c[1]["polarity_dev"]) == 71.5 and float(c[2]["polarity_train_loss"]) == 0.6
+    md = paths["md"].read_text()
+    assert "| unstructured | 60% | 3.250 |" in md and "66.2" in md and "| dense | 0% |" in md
+    assert markdown_table(rows, ["polarity"]).count("\n") == 5
+
+
+def test_cli_registers_subcommands():
+    from sparsebert.study.cli import add_subcommands
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    a = parser.parse_args(["study", "--preset", "cpu-demo", "--levels", "40", "0.7", "--modes", "block",
+                           "--tasks", "polarity", "--out", "x"])
+    assert callable(a.func) and a.levels == ["40", "0.7"] and a.modes == ["block"]
+    a = parser.parse_args(["pretrain", "--mode", "block", "--sparsity", "70", "--out", "d"])
+    assert a.sparsity == 0.7 and callable(a.func)
+    a = parser.parse_args(["finetune", "--checkpoint", "d", "--task", "polarity", "--control", "deletion"])
+    assert callable(a.func)
+    assert set(R.PRESETS) >= {"cpu-demo", "gpu"}
+    assert R.PRESETS["gpu"].levels == tuple(i / 10 for i in range(10))
