@@ -175,9 +175,10 @@ Index parse_index(const at::Tensor& index, int64_t nnz, int64_t N, int64_t K, in
 // [M, G*b] -> fp32 [G, M, b]: every block column becomes one contiguous panel, so a register
 // tile reads MT*b consecutive floats instead of MT rows K apart (prefetch-friendly), and bf16 is
 // widened in the same pass. Costs one copy of the input (parallel, ~1 ms for 2048 x 768).
-// Measured (RESULTS_CPU.md): worth it for the weight gradient (2x: both operands stream
-// through every kept block), not for forward / grad_input, where the copy costs more than the
-// strided reads. SPARSEBERT_CPU_PACK=0/1 overrides for experiments.
+// Measured (RESULTS_CPU.md): not worth it with the blocking below, where the strided tiles
+// come from L2 anyway -- the copy costs more than it saves (weight gradient at 90% sparsity:
+// ~1.45x slower packed). It was 2x faster for the weight gradient under an earlier loop order
+// (all tokens per block). Off by default; SPARSEBERT_CPU_PACK=1 turns it on for experiments.
 bool pack_enabled(bool by_default) {
   const char* env = std::getenv("SPARSEBERT_CPU_PACK");
   if (env && env[0] != '\0') return env[0] != '0';
@@ -352,7 +353,7 @@ at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tens
   const Kernels kern = select_kernels();
 
   if (nnz == 0) return at::empty({0, bn, bk}, x.options());
-  const bool pack = pack_enabled(true);
+  const bool pack = pack_enabled(false);
   const at::Tensor xf = pack ? pack_panels(x, C, bk) : as_f32(x);     // [C, M, bk] or [M, K]
   const at::Tensor dyf = pack ? pack_panels(dy, R, bn) : as_f32(dy);  // [R, M, bn] or [M, N]
   const int64_t ldx = pack ? bk : K, ldy = pack ? bn : N;

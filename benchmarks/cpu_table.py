@@ -1,0 +1,110 @@
+"""The CPU benchmark grid of ``bench_cpu.py`` as a Markdown table (paste into RESULTS).
+
+    .venv/bin/python benchmarks/cpu_table.py [--rounds 7] [--quick] [--no-e2e] [--providers dense,cpu]
+
+Per (shape, block, sparsity, mode) the providers are timed interleaved, round by round, and the
+median is reported: time, speedup over dense F.linear and fraction of the ideal, where
+ideal = dense time x kept fraction (1.0 = the sparse kernel is exactly as efficient as dense).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_cpu as bc  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except Exception:  # noqa: BLE001
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def kernel_table(rounds: int, providers, shapes, blocks, sparsities, modes):
+    print("| shape K→N | block | sparsity | mode | provider | ms | × dense | of ideal |")
+    print("|---|---|---|---|---|---:|---:|---:|")
+    for (K, N) in shapes:
+        for block in blocks:
+            for sp in sparsities:
+                case = bc.Case(K, N, block, sp)
+                for mode in modes:
+                    fns, skipped = {}, {}
+                    for p in providers:
+                        fn = bc.build(p, mode, case)
+                        (skipped if isinstance(fn, str) else fns)[p] = fn
+                    r = rounds if "reference" not in fns else max(3, rounds // 2)
+                    t = bc.time_interleaved(fns, rounds=r)
+                    dense = t.get("dense")
+                    for p in providers:
+                        if p in skipped:
+                            print(f"| {K}→{N} | {block} | {sp:.0%} | {mode} | {p} | n/a | | |")
+                            continue
+                        ms = t[p] * 1e3
+                        sx = f"{dense / t[p]:.2f}" if dense else ""
+                        ideal = f"{dense * case.kept / t[p]:.2f}" if dense and sp > 0 and p != "dense" else ""
+                        print(f"| {K}→{N} | {block} | {sp:.0%} | {mode} | {p} | {ms:.1f} | {sx} | {ideal} |",
+                              flush=True)
+
+
+def e2e_table(rounds: int):
+    ids = bc.bert_inputs()
+    models = {"dense": bc.build_bert(None), "cpu, 90% 32×32": bc.build_bert(0.9)}
+
+    def runner(m):
+        def run():
+            with torch.inference_mode():
+                m(input_ids=ids)
+        return run
+    t = bc.time_interleaved({k: runner(m) for k, m in models.items()}, rounds=rounds)
+    e = bc.E2E
+    print(f"\nEnd to end: BertModel hidden {e['hidden']}, {e['layers']} layers, intermediate "
+          f"{e['intermediate']}, batch {e['batch']} x seq {e['seq']}, inference, fp32\n")
+    print("| model | ms / batch | tokens/s | × dense |")
+    print("|---|---:|---:|---:|")
+    for k, v in t.items():
+        print(f"| {k} | {v * 1e3:.1f} | {ids.numel() / v:,.0f} | {t['dense'] / v:.2f} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--providers", default=",".join(bc.PROVIDERS))
+    ap.add_argument("--quick", action="store_true", help="block 32 only, sparsity 50/90%%, no reference")
+    ap.add_argument("--no-e2e", action="store_true")
+    args = ap.parse_args()
+    providers = args.providers.split(",")
+    blocks, sparsities = bc.BLOCKS, bc.SPARSITIES
+    if args.quick:
+        blocks, sparsities = [32], [0.5, 0.9]
+        providers = [p for p in providers if p != "reference"]
+    try:
+        from sparsebert.ops import cpu_bsr
+        isa = cpu_bsr.isa()
+    except Exception as e:  # noqa: BLE001
+        isa = f"unavailable ({e})"
+    print(f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), cpu kernels: {isa}, "
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}, M = {bc.M_TOKENS}, fp32, "
+          f"median of {args.rounds} interleaved rounds\n")
+    t0 = time.time()
+    kernel_table(args.rounds, providers, bc.SHAPES, blocks, sparsities, bc.MODES)
+    if not args.no_e2e:
+        e2e_table(args.rounds)
+    print(f"\n({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
