@@ -5,6 +5,7 @@ also the CUDA kernels (``csrc/cuda``). Switches (environment):
 
 * ``SPARSEBERT_NO_EXTENSION=1``  install pure Python (reference + Triton backends only)
 * ``SPARSEBERT_SKIP_CUDA=1``     build only the CPU kernels even where CUDA is available
+* ``SPARSEBERT_SKIP_CPU=1``      leave out the CPU kernels (a quicker build on a GPU machine)
 * ``TORCH_CUDA_ARCH_LIST``, ``MAX_JOBS``, ``CUDA_HOME``  honoured as by torch.utils.cpp_extension
 
 Install with ``pip install --no-build-isolation -e .`` so the extension builds against the torch
@@ -35,7 +36,7 @@ def _extensions():
         return [], {}
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
-    sources = rel("csrc/module.cpp") + rel("csrc/cpu/*.cpp")
+    sources = rel("csrc/module.cpp") + ([] if _flag("SPARSEBERT_SKIP_CPU") else rel("csrc/cpu/*.cpp"))
     # --- CPU flags (csrc/cpu owns this list) ---
     # Baseline ISA on purpose (no -march): the AVX-512 / AVX2 kernels are separate translation
     # units (csrc/cpu/bsr_cpu_isa_*.cpp, `#pragma GCC target`) picked by CPUID at run time, so
