@@ -19,6 +19,9 @@ constexpr int VW = SB_VW;
 constexpr int MT = SB_MT;
 constexpr int NV = SB_NV;
 constexpr int NR = SB_NR;
+#ifndef SB_SDD_CHUNK
+#define SB_SDD_CHUNK 128
+#endif
 
 // A GCC vector extension: one register of VW floats, compiled to zmm/ymm/xmm by the target.
 typedef float vec __attribute__((vector_size(SB_VW * sizeof(float))));
@@ -123,6 +126,13 @@ void sdd_tile(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int6
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) acc[i][v] = vec{};
   for (int64_t m = 0; m < M; ++m) {
+#if SB_PREFETCH
+    // Rows are ld_x / ld_dy apart (strided): fetch a few tokens ahead. Past the end: harmless.
+    constexpr int64_t ahead = 8;
+#pragma GCC unroll 8
+    for (int v = 0; v < (V * VW + 15) / 16; ++v) __builtin_prefetch(x + (m + ahead) * ld_x + 16 * v, 0, 3);
+    __builtin_prefetch(dy + (m + ahead) * ld_dy, 0, 3);
+#endif
     vec w[V];
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) w[v] = load(x + m * ld_x + v * VW);
@@ -148,8 +158,9 @@ void sdd(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M
     if (!accumulate) std::memset(out, 0, sizeof(float) * bn * bk);
     return;
   }
-  // Tokens in chunks so the dy / x sub-panels of one chunk stay in L2 across the tiles.
-  constexpr int64_t MC = 512;
+  // Tokens in chunks so the dy / x sub-panels of one chunk (2 x 128 x 32 floats for 32 x 32
+  // blocks) stay in L1 across the bn / NR row tiles.
+  constexpr int64_t MC = SB_SDD_CHUNK;
   for (int64_t m0 = 0; m0 < M; m0 += MC) {
     const int64_t mc = M - m0 < MC ? M - m0 : MC;
     const bool acc = accumulate || m0 > 0;
