@@ -48,7 +48,7 @@ M_TOKENS = 16384
 DTYPE = torch.bfloat16
 N_SETS = 3                                         # input sets rotated so none sits in L2
 QUICK = dict(shapes=[(768, 3072)], blocks=[64], sparsities=[0.0, 0.5, 0.9])
-PROVIDERS = ["dense", "torch_bsr", "semi_structured_2:4", "triton", "cuda"]
+PROVIDERS = ["dense", "torch_bsr", "semi_structured_2:4", "triton", "cuda", "auto"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,12 +224,38 @@ def _sparsebert(name: str):
     return build
 
 
+def _auto(case: Case):
+    """The public op, ``sparsebert.bsr_linear(..., backend="auto")``, with autograd: what a
+    BlockSparseLinear layer runs (dispatch and op overheads included)."""
+    import sparsebert
+
+    v = case.values.detach().clone().requires_grad_()
+    b = case.bias.detach().clone().requires_grad_()
+    xs = [x.detach().clone().requires_grad_() for x in case.xs]
+
+    def fwd():
+        i = case.next()
+        with torch.no_grad():
+            return sparsebert.bsr_linear(case.xs[i], case.values, case.layout, case.bias, backend="auto")
+
+    def fwd_bwd():
+        i = case.next()
+        x = xs[i]
+        x.grad = v.grad = b.grad = None
+        sparsebert.bsr_linear(x, v, case.layout, b, backend="auto").backward(case.dys[i])
+
+    fwd()
+    fwd_bwd()
+    return fwd, fwd_bwd
+
+
 BUILDERS: Dict[str, Callable] = {
     "dense": _dense,
     "torch_bsr": _torch_bsr,
     "semi_structured_2:4": _semi_structured,
     "triton": _sparsebert("triton"),
     "cuda": _sparsebert("cuda"),
+    "auto": _auto,
 }
 
 

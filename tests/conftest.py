@@ -1,11 +1,13 @@
 import os
 
-# Triton reads this when @triton.jit decorates a kernel: it must be set before any kernel
-# module is imported, so Triton kernels run (slowly) on the CPU in tests and CI.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Triton reads this when @triton.jit decorates a kernel: it must be set before any kernel
+# module is imported, so Triton kernels run (slowly) on the CPU in tests and CI. On a machine
+# with a GPU the kernels run for real (the `-m gpu` tests).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

@@ -72,23 +72,38 @@ ACTIVATIONS = ("none", "gelu")
 # SPARSEBERT_TRITON_SDD_VARIANT=<spec> for grad_weight (tests, benchmarks).
 # ---------------------------------------------------------------------------------------------
 _VARIANT_OVERRIDES: dict = {
-    # ("forward", 768, 3072, 64, 90): "g2r2m128w4s3",
+    # Measured winners where they are not "legacy" (H200, bf16, M = 16384, 2026-11-26,
+    # benchmarks/triton_variants.py; benchmarks/RESULTS.md has the table).
+    ("forward", 768, 768, 64, 90): "g1r1m128w4s3",
+    ("grad_input", 768, 768, 64, 90): "g1r1m128w4s3",
+    ("grad_weight", 768, 768, 32, 50): "g2m128w4s3p2",
+    ("grad_weight", 768, 768, 32, 75): "g8m128w8s3p2",
+    ("grad_weight", 768, 768, 64, 50): "g2m64w4s3p1",
+    ("grad_weight", 768, 768, 64, 75): "g2m128w4s3p4",
+    ("grad_weight", 768, 768, 64, 90): "g2m64w4s3p1",
+    ("grad_weight", 768, 3072, 32, 50): "g4m64w4s3p1",
+    ("grad_weight", 768, 3072, 32, 75): "g2m128w4s3p2",
+    ("grad_weight", 768, 3072, 32, 90): "g2m128w4s3p2",
+    ("grad_weight", 3072, 768, 32, 50): "g4m64w4s3p1",
+    ("grad_weight", 3072, 768, 32, 75): "g2m128w4s3p2",
+    ("grad_weight", 3072, 768, 32, 90): "g4m64w4s3p1",
 }
 _VARIANT_TABLE: dict = {
-    # Not yet measured on the GPU (2026-11 default guesses): K = G*block >= 128 per step, two
-    # output blocks per program at <= 15 % density (memory-bound there: X read half as often).
-    ("forward", 16): [(0.15, "g8r2m128w4s3"), (1.0, "g8r1m128w4s3")],
-    ("forward", 32): [(0.15, "g4r2m128w4s3"), (1.0, "g4r1m128w4s3")],
-    ("forward", 64): [(0.15, "g2r2m128w4s3"), (1.0, "g2r1m128w8s3")],
-    ("forward", 128): [(1.0, "g1r1m128w8s3")],
-    ("grad_input", 16): [(0.15, "g8r2m128w4s3"), (1.0, "g8r1m128w4s3")],
-    ("grad_input", 32): [(0.15, "g4r2m128w4s3"), (1.0, "g4r1m128w4s3")],
-    ("grad_input", 64): [(0.15, "g2r2m128w4s3"), (1.0, "g2r1m128w8s3")],
-    ("grad_input", 128): [(1.0, "g1r1m128w8s3")],
-    ("grad_weight", 16): [(1.0, "g8m128w4s3p2")],
-    ("grad_weight", 32): [(1.0, "g4m128w4s3p2")],
-    ("grad_weight", 64): [(1.0, "g2m128w4s3p2")],
-    ("grad_weight", 128): [(1.0, "g1m64w8s3p2")],
+    # Measured on the H200 (see above): the autotuned one-block-per-step kernel ("legacy") won
+    # forward and grad_input at every BERT shape, block 32/64 and sparsity 50/75/90% but one; the
+    # grouped weight-gradient kernel won with 32-wide blocks, legacy with 64.
+    ("forward", 16): [(1.0, "legacy")],
+    ("forward", 32): [(1.0, "legacy")],
+    ("forward", 64): [(1.0, "legacy")],
+    ("forward", 128): [(1.0, "legacy")],
+    ("grad_input", 16): [(1.0, "legacy")],
+    ("grad_input", 32): [(1.0, "legacy")],
+    ("grad_input", 64): [(1.0, "legacy")],
+    ("grad_input", 128): [(1.0, "legacy")],
+    ("grad_weight", 16): [(1.0, "g4m64w4s3p1")],
+    ("grad_weight", 32): [(1.0, "g2m128w4s3p2")],
+    ("grad_weight", 64): [(1.0, "legacy")],
+    ("grad_weight", 128): [(1.0, "legacy")],
 }
 
 
