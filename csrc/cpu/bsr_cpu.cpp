@@ -198,7 +198,10 @@ at::Tensor transpose_blocks(const at::Tensor& v) {
   at::Tensor t = at::empty({nnz, bk, bn}, v.options());
   const float* src = v.data_ptr<float>();
   float* dst = t.data_ptr<float>();
-  at::parallel_for(0, nnz, 16, [&](int64_t begin, int64_t end) {
+  // Grain: below ~256K floats it runs inline -- a parallel region costs more than the copy
+  // (and on a busy machine a scheduler tick, ~4 ms).
+  const int64_t grain = std::max<int64_t>(16, (1 << 18) / (bn * bk));
+  at::parallel_for(0, nnz, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* s = src + i * bn * bk;
       float* d = dst + i * bn * bk;
