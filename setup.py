@@ -81,7 +81,41 @@ def _extensions():
         ext = cpp_extension.CppExtension(
             "sparsebert._C", sources, define_macros=defines,
             extra_compile_args={"cxx": cxx}, extra_link_args=ldflags)
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _build_ext_class(cpp_extension.BuildExtension)}
+
+
+def _build_ext_class(base):
+    class BuildExtension(base):
+        """torch's BuildExtension, plus a check that the result uses the shared C++ runtime."""
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            _check_shared_libstdcxx(self.get_ext_fullpath(ext.name))
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+def _check_shared_libstdcxx(path):
+    """Refuse an extension that carries its own copy of libstdc++.
+
+    Some compilers link libstdc++ statically (seen: a /opt/gcc g++ wrapper set as CC/CXX on a GPU
+    image). Then a TORCH_CHECK failure inside our ops throws through a second C++ runtime and the
+    process dies with a segmentation fault instead of raising a RuntimeError.
+    """
+    import shutil
+    import subprocess
+
+    nm = shutil.which("nm")
+    if nm is None or not os.path.exists(path):
+        return
+    out = subprocess.run([nm, "-D", "--defined-only", path], capture_output=True, text=True).stdout
+    if any(line.split()[-1:] == ["__cxa_throw"] for line in out.splitlines()):
+        os.remove(path)
+        cxx = os.environ.get("CXX", "the default C++ compiler")
+        raise RuntimeError(
+            f"sparsebert._C was linked with a static libstdc++ by {cxx}: C++ errors raised by its "
+            "input checks would crash Python instead of raising. Rebuild with a compiler that links "
+            "libstdc++ dynamically, e.g. CC=gcc CXX=g++ (the system compiler).")
 
 
 ext_modules, cmdclass = _extensions()

@@ -22,8 +22,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 
 stamp "build sparsebert._C with nvcc (log: $OUT_DIR/build.log)"
-( CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} \
-  MAX_JOBS=${MAX_JOBS:-16} timeout 400 $PY setup.py -q build_ext --inplace ) > "$OUT_DIR/build.log" 2>&1 &
+build() {
+  CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} \
+    MAX_JOBS=${MAX_JOBS:-16} timeout 400 "$@" $PY setup.py -q build_ext --inplace >> "$OUT_DIR/build.log" 2>&1
+}
+# setup.py refuses a build that links libstdc++ statically (C++ errors would crash Python);
+# some GPU images set such a compiler as CC/CXX: then retry with the system compiler.
+( build env || { grep -q "static libstdc++" "$OUT_DIR/build.log" && echo "retrying with CC=gcc CXX=g++" \
+    && build env CC=gcc CXX=g++; } ) &
 build_pid=$!
 
 stamp "CPU test suite on this machine's torch (no Triton interpreter tests) while the build runs"
@@ -53,7 +59,7 @@ tail -n 5 "$OUT_DIR/bench.log"
 
 if [ -f benchmarks/bench_bert.py ]; then
   stamp "end-to-end BERT-base MLM training step"
-  timeout 240 $PY benchmarks/bench_bert.py --out "$OUT_DIR" 2>&1 | tail -n 12 | tee "$OUT_DIR/bert.txt" || status=1
+  timeout 240 $PY benchmarks/bench_bert.py --out "$OUT_DIR" ${BERT_ARGS:-} 2>&1 | tail -n 12 | tee "$OUT_DIR/bert.txt" || status=1
 fi
 stamp "done (status $status)"
 exit $status
