@@ -109,3 +109,18 @@ def test_block_pruner_shrinks_optimizer_state_and_training_continues():
 def test_pruner_needs_sparse_layers():
     with pytest.raises(ValueError, match="sparsify"):
         Pruner(_model(), OneShotSchedule(0.5))
+
+
+def test_masked_weights_pruned_mid_training_stay_zero_with_adamw():
+    model = sparsebert.sparsify(_model(), sparsity=0.0, mode="unstructured", targets=[r"^\d+$"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    pruner = Pruner(model, CubicSchedule(0.0, 0.7, 0, 20, 5), optimizer=opt)
+    x = torch.randn(16, 64)
+    for step in range(40):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        pruner.step(step)
+        for _, m in pruner.layers:
+            assert torch.count_nonzero(m.weight[~m.mask]) == 0, step
+    assert pruner.sparsity() == pytest.approx(0.7, abs=1e-3)

@@ -93,6 +93,17 @@ class Pruner:
                 mod.set_layout(new, self.optimizer)
         else:
             mod.set_mask(keep)
+            self._zero_pruned_state(mod)
+
+    def _zero_pruned_state(self, mod) -> None:
+        """Clear the optimizer's per-weight state (AdamW moments) of newly pruned weights: with a
+        stale first moment AdamW would still move them away from zero."""
+        state = self.optimizer.state.get(mod.weight) if self.optimizer is not None else None
+        if not state:
+            return
+        for v in state.values():
+            if torch.is_tensor(v) and v.shape == mod.weight.shape:
+                v.mul_(mod.mask.to(v.device))
 
     # ---- public ---------------------------------------------------------------------------
     @torch.no_grad()
