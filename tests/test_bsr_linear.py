@@ -159,3 +159,39 @@ def test_gelu_activation_matches_separate_gelu(grad):
         assert x.grad is not None and v.grad is not None
     with pytest.raises(ValueError, match="activation"):
         bsr_linear(x, v, lay, b, activation="relu")
+
+
+def test_auto_takes_the_fastest_backend_per_op_when_training(monkeypatch):
+    backends.clear_auto_cache()
+    fastest = {"forward": "dense", "grad_input": "reference", "grad_weight": "dense"}
+
+    def fake_times(mod, x, values, lt, train, reps=3):
+        ops = ("forward", "grad_input", "grad_weight") if train else ("forward",)
+        return {op: (1.0 if mod.NAME == fastest[op] else 2.0) for op in ops}
+
+    monkeypatch.setattr(backends, "_time_ops", fake_times)
+    used = []
+
+    def spy(name, op, fn):
+        def wrapped(*args, **kwargs):
+            used.append((name, op))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for name in ("dense", "reference"):
+        mod = backends.get(name)
+        for op in ("forward", "grad_input", "grad_weight"):
+            monkeypatch.setattr(mod, op, spy(name, op, getattr(mod, op)))
+    lay = random_layout(4, 4, 0.5, (16, 16), seed=12)
+    x = torch.randn(32, 64, requires_grad=True)
+    v = torch.randn(lay.nnz, 16, 16, requires_grad=True)
+    y = bsr_linear(x, v, lay, backend="auto")
+    (plan,) = backends._choice_cache.values()
+    assert backends.plan_names(plan)[1:] == ("reference", "dense")
+    used.clear()
+    y.backward(torch.ones_like(y))
+    assert ("reference", "grad_input") in used and ("dense", "grad_weight") in used
+    ref_x, ref_v = x.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+    bsr_linear(ref_x, ref_v, lay, backend="reference").backward(torch.ones_like(y))
+    assert torch.allclose(x.grad, ref_x.grad, atol=1e-4) and torch.allclose(v.grad, ref_v.grad, atol=1e-4)
+    backends.clear_auto_cache()

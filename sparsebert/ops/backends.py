@@ -78,34 +78,46 @@ def _auto_key(device_type: str, dtype, M: int, layout, train: bool) -> tuple:
     return (device_type, dtype, m_bucket, layout.shape, layout.block, round(layout.density, 2), train)
 
 
-def _time_backend(mod, x, values, lt, train: bool, reps: int = 3) -> float:
-    """Best of ``reps`` wall times of the forward (and, when training, both gradients)."""
+_OPS = ("forward", "grad_input", "grad_weight")
+
+
+def _time_ops(mod, x, values, lt, train: bool, reps: int = 3) -> Dict[str, float]:
+    """Best of ``reps`` wall times of each op (the forward only, unless training)."""
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-
-    def run():
-        y = mod.forward(x, values, None, lt)
-        if train:
-            mod.grad_input(y, values, lt)
-            mod.grad_weight(x, y, lt)
-
-    run()                                   # warm-up (JIT compile, autotune)
-    sync()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
+    dy = mod.forward(x, values, None, lt)           # warm-up (JIT compile, autotune) and a dy
+    calls = {"forward": lambda: mod.forward(x, values, None, lt)}
+    if train:
+        calls["grad_input"] = lambda: mod.grad_input(dy, values, lt)
+        calls["grad_weight"] = lambda: mod.grad_weight(x, dy, lt)
+    times = {}
+    for op, call in calls.items():
+        call()
         sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            call()
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        times[op] = best
+    return times
+
+
+def plan_names(plan: str):
+    """``(forward, grad_input, grad_weight)`` backend names of a plan string: one name for all
+    three, or three comma-separated names."""
+    names = plan.split(",")
+    return tuple(names) * 3 if len(names) == 1 else tuple(names)
 
 
 def choose(x, values, layout, train: bool = False) -> str:
-    """The backend ``auto`` uses for these inputs.
+    """The backend plan ``auto`` uses for these inputs: a name, or ``"fwd,dx,dw"`` names.
 
     The choice is cached per (device, dtype, tokens rounded up to a power of two, shape, block,
     density, training) key. The first call with a new key times every usable candidate on the
-    real inputs — the forward, plus both gradients when training — the dense path included, so a
-    sparse layer is never slower than dense. Inside ``torch.compile`` see :func:`traced_choice`.
+    real inputs, each op on its own (the forward, plus both gradients when training), the dense
+    path included, and takes the fastest per op — so no op of a sparse layer is slower than the
+    dense one. Inside ``torch.compile`` see :func:`traced_choice`.
     """
     key = _auto_key(x.device.type, x.dtype, x.shape[0], layout, train)
     if key in _choice_cache:
@@ -117,14 +129,18 @@ def choose(x, values, layout, train: bool = False) -> str:
     if len(usable) == 1:
         _choice_cache[key] = usable[0]
         return usable[0]
-    times = {}
+    times: Dict[str, Dict[str, float]] = {}
     with torch.no_grad():
         for n in usable:
             try:
-                times[n] = _time_backend(get(n), x.detach(), values.detach(), lt, train)
+                times[n] = _time_ops(get(n), x.detach(), values.detach(), lt, train)
             except Exception:   # a backend that fails here is simply not chosen
                 continue
-    choice = min(times, key=times.get) if times else "reference"
+    if not times:
+        choice = "reference"
+    else:
+        best = [min(times, key=lambda n: times[n].get(op, float("inf"))) for op in _OPS]
+        choice = best[0] if not train or len(set(best)) == 1 else ",".join(best)
     _choice_cache[key] = choice
     _last_choice[x.device.type] = choice
     return choice

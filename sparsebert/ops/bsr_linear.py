@@ -29,7 +29,7 @@ def _nnz_of(index: Tensor, N: int, K: int, bn: int, bk: int) -> int:
 def _bsr_fwd(x: Tensor, values: Tensor, bias: Optional[Tensor], index: Tensor,
              N: int, K: int, bn: int, bk: int, backend: str) -> Tensor:
     lt = unpack_index(index, N, K, bn, bk, values.shape[0])
-    return backends.get(backend).forward(x, values, bias, lt)
+    return backends.get(backends.plan_names(backend)[0]).forward(x, values, bias, lt)
 
 
 @_bsr_fwd.register_fake
@@ -42,7 +42,7 @@ def _bsr_fwd_gelu(x: Tensor, values: Tensor, bias: Optional[Tensor], index: Tens
                   N: int, K: int, bn: int, bk: int, backend: str) -> Tensor:
     """Inference only: ``gelu(x Wᵀ + b)``, fused in the kernel's epilogue where the backend can."""
     lt = unpack_index(index, N, K, bn, bk, values.shape[0])
-    mod = backends.get(backend)
+    mod = backends.get(backends.plan_names(backend)[0])
     if "gelu" in getattr(mod, "ACTIVATIONS", ()):     # the backend fuses it
         return mod.forward(x, values, bias, lt, activation="gelu")
     return torch.nn.functional.gelu(mod.forward(x, values, bias, lt))
@@ -87,13 +87,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, values, index = ctx.saved_tensors
-    N, K, bn, bk, backend = ctx.meta
+    N, K, bn, bk, plan = ctx.meta
+    _, dx_backend, dw_backend = backends.plan_names(plan)
     dy = dy.contiguous()
     dx = dvalues = dbias = None
     if ctx.needs_input_grad[0]:
-        dx = _bsr_grad_input(dy, values, index, N, K, bn, bk, backend)
+        dx = _bsr_grad_input(dy, values, index, N, K, bn, bk, dx_backend)
     if ctx.needs_input_grad[1]:
-        dvalues = _bsr_grad_weight(x, dy, index, N, K, bn, bk, backend)
+        dvalues = _bsr_grad_weight(x, dy, index, N, K, bn, bk, dw_backend)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
         dbias = dy.sum(0, dtype=acc).to(dy.dtype)
@@ -125,7 +126,8 @@ def _check(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Tensor
 
 
 def resolve_backend(backend: str, x2: Tensor, values: Tensor, layout: BlockLayout) -> str:
-    """The concrete backend name for ``backend`` ("auto" or a name) on these inputs.
+    """The concrete backend plan for ``backend`` ("auto" or a name) on these inputs: one name, or
+    ``"fwd,dx,dw"`` names when ``auto`` found different backends fastest for different ops.
 
     ``SPARSEBERT_BACKEND`` (environment) replaces ``"auto"`` with a fixed backend everywhere."""
     if backend == "auto":
