@@ -123,3 +123,20 @@ def test_cli_registers_subcommands():
     assert callable(a.func)
     assert set(R.PRESETS) >= {"cpu-demo", "gpu"}
     assert R.PRESETS["gpu"].levels == tuple(i / 10 for i in range(10))
+
+
+def test_cli_pretrain_then_finetune(tmp_path, cache, capsys):
+    from sparsebert.study.cli import main
+    out = tmp_path / "ckpt"
+    common = ["--cache-dir", str(cache), "--no-progress", "--threads", "1"]
+    assert main(["pretrain", "--from-scratch", "--mode", "block", "--sparsity", "50", "--steps", "4",
+                 "--batch-size", "4", "--seq-len", "16", "--max-blocks", "20", "--ramp-fraction", "0.5",
+                 "--prune-every", "1", "--out", str(out)] + common) == 0
+    rec = json.loads((out / "pretrain.json").read_text())
+    assert rec["result"]["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert main(["finetune", "--checkpoint", str(out), "--task", "polarity", "--max-steps", "2",
+                 "--batch-size", "4", "--max-len", "16", "--max-train", "8", "--max-dev", "8"] + common) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(printed[printed.rindex('{\n "dev_score"'):])
+    assert 0 <= res["dev_score"] <= 100 and res["linear_zero_fraction"] >= 0.49
+    assert main(["finetune", "--checkpoint", str(tmp_path / "nope"), "--task", "polarity"] + common) == 2

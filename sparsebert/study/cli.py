@@ -20,9 +20,13 @@ def _common(s):
     s.add_argument("--cache-dir", default=None, help="data/model cache (default ~/.cache/sparsebert or $SPARSEBERT_CACHE)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: cores not busy with other work, at least 1)")
 
 
 def _cmd_study(args) -> int:
+    from .pretrain import configure_threads
+    threads = configure_threads(args.threads)
     from .data import TASKS, DataUnavailable
     from .runner import CONTROLS, PRESETS, Study
 
@@ -46,6 +50,7 @@ def _cmd_study(args) -> int:
         kw["model"] = "scratch"
     p = replace(p, **kw)
     out = Path(args.out or f"study_runs/{p.name}")
+    print(f"torch CPU threads: {threads}")
     try:
         Study(p, out, args.cache_dir, device=args.device, progress=not args.no_progress).run()
     except DataUnavailable as e:
@@ -55,6 +60,8 @@ def _cmd_study(args) -> int:
 
 
 def _cmd_pretrain(args) -> int:
+    from .pretrain import configure_threads
+    threads = configure_threads(args.threads)
     import torch
 
     from .data import DataCache, DataUnavailable, load_mlm_text, mlm_blocks
@@ -63,12 +70,8 @@ def _cmd_pretrain(args) -> int:
     cache = DataCache(args.cache_dir)
     try:
         train_docs, dev_docs = load_mlm_text(cache, extra_text=args.extra_text)
-        mdir = None
-        try:
-            mdir = cache.minilm_dir()
-        except DataUnavailable:
-            if not args.from_scratch:
-                raise
+        # --from-scratch: MiniLM's tokenizer if its archive is already here, else a word vocabulary
+        mdir = cache.minilm_dir() if (not args.from_scratch or cache.has("minilm")) else None
         tok = load_tokenizer(mdir, texts=train_docs, vocab_dir=cache.root / "scratch-vocab")
     except DataUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
@@ -92,6 +95,8 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
+    from .pretrain import configure_threads
+    threads = configure_threads(args.threads)
     import torch
 
     from .data import DataCache, DataUnavailable, load_task

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data import TaskData
-from .pretrain import _bar, autocast, linear_schedule, pick_device, zero_pruned_optimizer_state
+from .pretrain import _bar, autocast, linear_schedule, make_adamw, pick_device, zero_pruned_optimizer_state
 
 CONTROLS = ("none", "deletion", "prune")
 
@@ -176,8 +176,8 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
         steps = min(steps, cfg.max_steps)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
+    opt = make_adamw([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], cfg.lr)
     sched = linear_schedule(opt, steps, cfg.warmup_fraction)
     pruner = None
     if cfg.control == "prune":
