@@ -29,6 +29,29 @@ def _magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return topk_mask(element_scores(weight), keep_count(weight.numel(), sparsity))
 
 
+def _resolve_mask(weight: torch.Tensor, sparsity, mask, what: str) -> torch.Tensor:
+    """The boolean mask for ``from_dense``: given, or by magnitude at ``sparsity`` (exactly one)."""
+    if (sparsity is None) == (mask is None):
+        raise ValueError("give exactly one of sparsity= or mask=")
+    if mask is None:
+        mask = _magnitude_mask(weight, sparsity)
+    return _check_mask(mask, weight.shape, what)
+
+
+_LINEAR_ATTRS = ("in_features", "out_features", "weight", "bias")
+_EMBEDDING_ATTRS = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
+                    "scale_grad_by_freq", "sparse", "weight")
+
+
+def _sharing(cls, src: nn.Module, attrs) -> nn.Module:
+    """A ``cls`` module (not initialised: no new Parameters) that shares ``attrs`` with ``src``."""
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    for attr in attrs:
+        setattr(module, attr, getattr(src, attr))
+    return module
+
+
 class _MaskedMixin:
     """Shared by the masked layers: a boolean ``mask`` buffer applied in the forward."""
 
@@ -65,15 +88,8 @@ class MaskedLinear(nn.Linear, _MaskedMixin):
     @classmethod
     def from_dense(cls, linear: nn.Linear, sparsity: Optional[float] = None, mask=None) -> "MaskedLinear":
         """Wrap ``linear`` (sharing its parameters), pruned by magnitude to ``sparsity`` or to ``mask``."""
-        if (sparsity is None) == (mask is None):
-            raise ValueError("give exactly one of sparsity= or mask=")
-        if mask is None:
-            mask = _magnitude_mask(linear.weight, sparsity)
-        mask = _check_mask(mask, linear.weight.shape, "MaskedLinear")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight, layer.bias = linear.weight, linear.bias
+        mask = _resolve_mask(linear.weight, sparsity, mask, "MaskedLinear")
+        layer = _sharing(cls, linear, _LINEAR_ATTRS)
         layer._init_mask(mask)
         return layer
 
@@ -85,11 +101,7 @@ class MaskedLinear(nn.Linear, _MaskedMixin):
 
         It shares this layer's Parameters, so weight ties and optimizer references survive."""
         self.apply_mask_()
-        lin = nn.Linear.__new__(nn.Linear)
-        nn.Module.__init__(lin)
-        lin.in_features, lin.out_features = self.in_features, self.out_features
-        lin.weight, lin.bias = self.weight, self.bias
-        return lin
+        return _sharing(nn.Linear, self, _LINEAR_ATTRS)
 
     def extra_repr(self):
         return super().extra_repr() + f", density={self.density:.3f}"
@@ -100,17 +112,9 @@ class MaskedEmbedding(nn.Embedding, _MaskedMixin):
 
     @classmethod
     def from_dense(cls, emb: nn.Embedding, sparsity: Optional[float] = None, mask=None) -> "MaskedEmbedding":
-        if (sparsity is None) == (mask is None):
-            raise ValueError("give exactly one of sparsity= or mask=")
-        if mask is None:
-            mask = _magnitude_mask(emb.weight, sparsity)
-        mask = _check_mask(mask, emb.weight.shape, "MaskedEmbedding")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
-                     "scale_grad_by_freq", "sparse"):
-            setattr(layer, attr, getattr(emb, attr))
-        layer.weight = emb.weight
+        """Wrap ``emb`` (sharing its table), pruned by magnitude to ``sparsity`` or to ``mask``."""
+        mask = _resolve_mask(emb.weight, sparsity, mask, "MaskedEmbedding")
+        layer = _sharing(cls, emb, _EMBEDDING_ATTRS)
         layer._init_mask(mask)
         return layer
 
@@ -121,13 +125,7 @@ class MaskedEmbedding(nn.Embedding, _MaskedMixin):
     def to_dense(self) -> nn.Embedding:
         """A plain ``nn.Embedding`` sharing this layer's (masked, zeroed) weight Parameter."""
         self.apply_mask_()
-        emb = nn.Embedding.__new__(nn.Embedding)
-        nn.Module.__init__(emb)
-        for attr in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
-                     "scale_grad_by_freq", "sparse"):
-            setattr(emb, attr, getattr(self, attr))
-        emb.weight = self.weight
-        return emb
+        return _sharing(nn.Embedding, self, _EMBEDDING_ATTRS)
 
     def extra_repr(self):
         return super().extra_repr() + f", density={self.density:.3f}"
