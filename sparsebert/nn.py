@@ -216,23 +216,28 @@ class BlockSparseLinear(nn.Module):
     def set_layout(self, layout: BlockLayout, optimizer: Optional[torch.optim.Optimizer] = None) -> torch.Tensor:
         """Shrink to ``layout`` (a sub-layout: blocks are only ever removed).
 
-        ``values`` stays the same Parameter object (its data is replaced by the kept rows), and
-        per-parameter optimizer state of ``values`` with the same leading size (AdamW's moments)
-        is gathered the same way, so training continues as if the dropped blocks never existed.
-        Returns the indices (into the old values) that were kept.
+        ``values`` becomes a new, smaller Parameter holding the kept blocks (a new object, so an
+        autograd graph still alive from the last step cannot clash with the new shape). Pass the
+        optimizer: the new Parameter takes the old one's place in its param groups, and its
+        per-parameter state (AdamW's moments) is gathered the same way, so training continues as
+        if the dropped blocks never existed. Returns the indices (into the old values) kept.
         """
         keep = self.layout.positions_in(layout)
-        idx = keep.to(self.values.device)
-        old_nnz = self.values.shape[0]
-        self.values.data = self.values.data.index_select(0, idx).contiguous()
-        if self.values.grad is not None:
-            self.values.grad = self.values.grad.index_select(0, idx).contiguous()
+        old = self.values
+        idx = keep.to(old.device)
+        new = nn.Parameter(old.detach().index_select(0, idx).contiguous(), requires_grad=old.requires_grad)
+        if old.grad is not None:
+            new.grad = old.grad.index_select(0, idx).contiguous()
         if optimizer is not None:
-            state = optimizer.state.get(self.values)
+            for group in optimizer.param_groups:
+                group["params"] = [new if p is old else p for p in group["params"]]
+            state = optimizer.state.pop(old, None)
             if state:
-                for k, v in state.items():
-                    if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == old_nnz:
-                        state[k] = v.index_select(0, idx.to(v.device)).contiguous()
+                optimizer.state[new] = {
+                    k: v.index_select(0, idx.to(v.device)).contiguous()
+                    if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == old.shape[0] else v
+                    for k, v in state.items()}
+        self.values = new
         self.layout = layout
         return keep
 

@@ -80,9 +80,11 @@ def test_set_layout_shrinks_values_and_adamw_state_consistently():
     new = layer.layout.intersect(keep_mask)
     kept = layer.set_layout(new, opt)
     assert kept.tolist() == torch.arange(16)[keep_mask.flatten()].tolist()
-    assert layer.values is param and param.shape == (new.nnz, 16, 16)
-    assert torch.equal(param, old_values[kept])
-    st = opt.state[param]
+    assert layer.values is not param and layer.values.shape == (new.nnz, 16, 16)
+    assert torch.equal(layer.values, old_values[kept])
+    assert any(p is layer.values for p in opt.param_groups[0]["params"])
+    assert not any(p is param for p in opt.param_groups[0]["params"]) and param not in opt.state
+    st = opt.state[layer.values]
     for k in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(st[k], old_state[k][kept])
     assert torch.equal(st["step"], old_state["step"])
@@ -99,3 +101,19 @@ def test_state_dict_round_trip_keeps_layout():
     other = BlockSparseLinear(layer.layout, bias=True)
     other.load_state_dict(layer.state_dict())
     assert other.layout == layer.layout and torch.equal(other.values, layer.values)
+
+
+def test_set_layout_while_the_last_graph_is_alive():
+    """The usual loop keeps `loss` (and its graph) alive until the next forward has run."""
+    layer = BlockSparseLinear.from_dense(nn.Linear(64, 64), sparsity=0.0, block=16, backend="reference")
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    x = torch.randn(8, 64)
+    loss = layer(x).square().sum()
+    loss.backward()
+    opt.step()
+    layer.set_layout(layer.layout.intersect(torch.rand(4, 4) < 0.5), opt)
+    opt.zero_grad()
+    loss = layer(x).square().sum()      # the previous graph is still referenced until here
+    loss.backward()
+    opt.step()
+    assert layer.values.grad.shape == layer.values.shape
