@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data import TaskData
-from .pretrain import _bar, autocast, linear_schedule, make_adamw, pick_device, zero_pruned_optimizer_state
+from .pretrain import _bar, autocast, linear_schedule, make_adamw, pick_device
 
 CONTROLS = ("none", "deletion", "prune")
 
@@ -205,13 +205,14 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
         loss = F.cross_entropy(out, y) if spec.kind == "classification" else F.mse_loss(out.view(-1), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        # the optimizer's groups, not `params`: the Pruner swaps in smaller block-sparse values
+        torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
-        del loss, out      # free the graph before the pruner may shrink block-sparse values
-        if pruner is not None and pruner.step(step):
-            zero_pruned_optimizer_state(model, opt)
+        del loss, out
+        if pruner is not None:
+            pruner.step(step)          # also clears pruned weights' AdamW state
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0

@@ -206,24 +206,6 @@ def _bar(total, desc, progress):
     return tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
 
 
-@torch.no_grad()
-def zero_pruned_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """After a mask update, clear AdamW's moments at the newly pruned weights of masked layers.
-
-    ``set_mask`` zeroes the pruned weights, but their Adam moments from before pruning would
-    keep moving them (the masked forward hides it, yet the stored weights drift off zero). With
-    the moments cleared and the gradient masked, AdamW's update there is exactly zero.
-    """
-    from sparsebert.nn import MaskedEmbedding, MaskedLinear
-    for m in model.modules():
-        if isinstance(m, (MaskedLinear, MaskedEmbedding)):
-            st = optimizer.state.get(m.weight)
-            for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                if st and torch.is_tensor(st.get(k)) and st[k].shape == m.mask.shape:
-                    st[k].mul_(m.mask)
-            m.apply_mask_()
-
-
 def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, dev_blocks: torch.Tensor,
              ids: dict, device: Optional[torch.device] = None, amp: bool = False, progress: bool = True,
              desc: str = "pretrain") -> dict:
@@ -289,17 +271,15 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
                 loss = mlm_loss(model, inputs.to(device), labels.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        # the optimizer's groups, not `params`: the Pruner swaps in smaller block-sparse values
+        torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
-        # Drop the graph before pruning: a live graph keeps the AccumulateGrad node of a
-        # BlockSparseLinear's values alive with the old shape, and the next backward then fails.
         del loss
         if cfg.head_only:
             del hidden
-        if pruner is not None and pruner.step(step):
-            zero_pruned_optimizer_state(model, opt)
+        if pruner is not None and pruner.step(step):   # also clears pruned weights' AdamW state
             updates.append([step, round(pruner.sparsity(), 6)])
         if device.type == "cuda":
             torch.cuda.synchronize()
