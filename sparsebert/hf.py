@@ -7,12 +7,12 @@ structure turns into speed: ``nn.Linear`` -> :class:`BlockSparseLinear` (mode ``
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .layout import BlockLayout, _as_block
+from .layout import _as_block
 from .nn import BlockSparseLinear, MaskedEmbedding, MaskedLinear
 from .pruning.scores import block_scores, element_scores, global_masks, keep_count, topk_mask
 

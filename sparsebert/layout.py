@@ -17,7 +17,6 @@ The forward and the weight gradient walk the CSR order; the input gradient walks
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Tuple
 
 import torch
@@ -36,6 +35,11 @@ class LayoutTensors(NamedTuple):
     K: int
     bn: int
     bk: int
+    index: "torch.Tensor | None" = None   # the packed tensor these are views of, if any
+
+    def packed(self) -> torch.Tensor:
+        """The packed index (:func:`pack_index`): free when these are views of one."""
+        return self.index if self.index is not None else pack_index(*self[:6])
 
     @property
     def nnz(self) -> int:
@@ -65,7 +69,7 @@ def unpack_index(index: torch.Tensor, N: int, K: int, bn: int, bk: int, nnz: int
             f"[{N}, {K}] weight with block ({bn}, {bk}) and {nnz} kept blocks"
         )
     parts = torch.split(index, sizes)
-    return LayoutTensors(*parts, N=N, K=K, bn=bn, bk=bk)
+    return LayoutTensors(*parts, N=N, K=K, bn=bn, bk=bk, index=index)
 
 
 def _as_block(block) -> Tuple[int, int]:

@@ -1,10 +1,9 @@
 """The compiled CPU backend (``sparsebert.ops.cpu_bsr``) against the pure-PyTorch reference."""
-import os
 
 import pytest
 import torch
 
-from sparsebert.layout import BlockLayout, pack_index
+from sparsebert.layout import BlockLayout
 from sparsebert.ops import cpu_bsr, reference
 
 pytestmark = pytest.mark.skipif(cpu_bsr.unavailable_reason() is not None,
@@ -143,15 +142,6 @@ def test_packed_and_strided_paths(pack, monkeypatch):
     _close(cpu_bsr.forward(x, values, bias, lt), reference.forward(x, values, bias, lt), torch.float32, K)
     _close(cpu_bsr.grad_input(dy, values, lt), reference.grad_input(dy, values, lt), torch.float32, N)
     _close(cpu_bsr.grad_weight(x, dy, lt), reference.grad_weight(x, dy, lt), torch.float32, 77)
-
-
-def test_index_is_reused_not_repacked():
-    lay = _layout(64, 64, (32, 32), 0.5)
-    lt = lay.tensors()
-    assert cpu_bsr._index(lt) is lay.index("cpu")
-    # Tensors that are not views of one packed index get packed.
-    own = lt._replace(**{f: getattr(lt, f).clone() for f in lt._fields[:6]})
-    assert torch.equal(cpu_bsr._index(own), lay.index("cpu"))
 
 
 # ---- errors ------------------------------------------------------------------------------

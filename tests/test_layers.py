@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from sparsebert import BlockLayout, BlockSparseLinear, MaskedEmbedding, MaskedLinear
+from sparsebert import BlockSparseLinear, MaskedEmbedding, MaskedLinear
 
 
 def test_masked_weights_stay_exactly_zero_through_adamw():

@@ -89,3 +89,11 @@ def test_positions_in_only_allows_shrinking():
     assert big.positions_in(small).tolist() == [1, 2]
     with pytest.raises(ValueError, match="only shrink"):
         small.positions_in(big)
+
+
+def test_packed_index_is_reused_not_repacked():
+    lay = BlockLayout.from_mask(torch.rand(2, 2) < 0.5, 32)
+    lt = lay.tensors()
+    assert lt.packed() is lay.index("cpu")
+    own = lt._replace(index=None, **{f: getattr(lt, f).clone() for f in lt._fields[:6]})
+    assert torch.equal(own.packed(), lay.index("cpu"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import LayoutTensors, pack_index
+from ..layout import LayoutTensors
 
 NAME = "cpu"
 DTYPES = (torch.float32, torch.bfloat16)
@@ -85,21 +85,6 @@ def isa() -> str:
     return torch.ops.sparsebert_cpu.isa()
 
 
-def _index(lt: LayoutTensors) -> torch.Tensor:
-    """The packed index behind ``lt``: layout.tensors() returns views of it, so reuse it if so."""
-    base = lt.row_ptr._base
-    if (base is not None and base.dtype == torch.int32 and base.dim() == 1 and base.is_contiguous()
-            and base.numel() == lt.row_ptr.numel() + 4 * lt.nnz + lt.col_ptr.numel()):
-        offset, item = 0, base.element_size()
-        for part in lt[:6]:
-            if part._base is not base or part.data_ptr() != base.data_ptr() + offset * item:
-                break
-            offset += part.numel()
-        else:
-            return base
-    return pack_index(*lt[:6])
-
-
 def _require():
     reason = _load()
     if reason is not None:
@@ -108,12 +93,12 @@ def _require():
 
 
 def forward(x, values, bias, lt: LayoutTensors):
-    return _require().forward(x, values, bias, _index(lt), lt.N, lt.K, lt.bn, lt.bk)
+    return _require().forward(x, values, bias, lt.packed(), lt.N, lt.K, lt.bn, lt.bk)
 
 
 def grad_input(dy, values, lt: LayoutTensors):
-    return _require().grad_input(dy, values, _index(lt), lt.N, lt.K, lt.bn, lt.bk)
+    return _require().grad_input(dy, values, lt.packed(), lt.N, lt.K, lt.bn, lt.bk)
 
 
 def grad_weight(x, dy, lt: LayoutTensors):
-    return _require().grad_weight(x, dy, _index(lt), lt.N, lt.K, lt.bn, lt.bk)
+    return _require().grad_weight(x, dy, lt.packed(), lt.N, lt.K, lt.bn, lt.bk)

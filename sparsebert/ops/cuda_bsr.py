@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from ..layout import LayoutTensors, pack_index
+from ..layout import LayoutTensors
 
 NAME = "cuda"
 SUPPORTED_BLOCKS = (32, 64)
@@ -128,24 +128,6 @@ def _ops():
     return torch.ops.sparsebert_cuda
 
 
-def packed_index(lt: LayoutTensors) -> torch.Tensor:
-    """The packed index behind ``lt``: free when ``lt`` are views of one packed tensor (as
-    :func:`sparsebert.layout.unpack_index` makes them), else one concatenation."""
-    parts = lt[:6]
-    base = parts[0]._base
-    if (base is not None and base.dtype == torch.int32 and base.dim() == 1 and base.is_contiguous()
-            and base.numel() == sum(p.numel() for p in parts)):
-        offset = 0
-        item = base.element_size()
-        for p in parts:
-            if p._base is not base or p.data_ptr() != base.data_ptr() + offset * item:
-                break
-            offset += p.numel()
-        else:
-            return base
-    return pack_index(*parts)
-
-
 # ---- packed-index entry points (what the custom op holds) ----------------------------------
 def forward_packed(x, values, bias, index, N: int, K: int, bn: int, bk: int, variant: int | None = None):
     return _ops().forward(x, values, bias, index, N, K, bn, bk, _v(variant))
@@ -169,14 +151,14 @@ def _check_index_device(lt: LayoutTensors, ref: torch.Tensor):
 # ---- backend contract -------------------------------------------------------------------------
 def forward(x, values, bias, lt: LayoutTensors, variant: int | None = None):
     _check_index_device(lt, x)
-    return forward_packed(x, values, bias, packed_index(lt), lt.N, lt.K, lt.bn, lt.bk, variant)
+    return forward_packed(x, values, bias, lt.packed(), lt.N, lt.K, lt.bn, lt.bk, variant)
 
 
 def grad_input(dy, values, lt: LayoutTensors, variant: int | None = None):
     _check_index_device(lt, dy)
-    return grad_input_packed(dy, values, packed_index(lt), lt.N, lt.K, lt.bn, lt.bk, variant)
+    return grad_input_packed(dy, values, lt.packed(), lt.N, lt.K, lt.bn, lt.bk, variant)
 
 
 def grad_weight(x, dy, lt: LayoutTensors, variant: int | None = None):
     _check_index_device(lt, x)
-    return grad_weight_packed(x, dy, packed_index(lt), lt.N, lt.K, lt.bn, lt.bk, variant)
+    return grad_weight_packed(x, dy, lt.packed(), lt.N, lt.K, lt.bn, lt.bk, variant)

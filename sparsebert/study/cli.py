@@ -28,7 +28,7 @@ def _cmd_study(args) -> int:
     from .pretrain import configure_threads
     threads = configure_threads(args.threads)
     from .data import TASKS, DataUnavailable
-    from .runner import CONTROLS, PRESETS, Study
+    from .runner import PRESETS, Study
 
     p = PRESETS[args.preset]
     kw = {}
@@ -61,7 +61,7 @@ def _cmd_study(args) -> int:
 
 def _cmd_pretrain(args) -> int:
     from .pretrain import configure_threads
-    threads = configure_threads(args.threads)
+    configure_threads(args.threads)
     import torch
 
     from .data import DataCache, DataUnavailable, load_mlm_text, mlm_blocks
@@ -96,7 +96,7 @@ def _cmd_pretrain(args) -> int:
 
 def _cmd_finetune(args) -> int:
     from .pretrain import configure_threads
-    threads = configure_threads(args.threads)
+    configure_threads(args.threads)
     import torch
 
     from .data import DataCache, DataUnavailable, load_task

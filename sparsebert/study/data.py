@@ -26,10 +26,8 @@ The readers (``read_*``) take plain file paths so tests can feed them small fixt
 from __future__ import annotations
 
 import csv
-import glob
 import hashlib
 import html
-import io
 import json
 import os
 import random
@@ -38,7 +36,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 

@@ -10,9 +10,8 @@ mask); mode ``block`` drops whole 32×32 blocks (BlockSparseLinear); mode ``dens
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import DataCache, build_vocab_tokenizer, mask_tokens
+from .data import build_vocab_tokenizer, mask_tokens
 
 MODES = ("dense", "unstructured", "block")
 

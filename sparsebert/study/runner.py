@@ -12,20 +12,18 @@ import copy
 import hashlib
 import json
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import finetune as _ft
 from . import pretrain as _pt
-from .data import TASKS, DataCache, TaskData, load_mlm_text, load_task, mlm_blocks
+from .data import DataCache, TaskData, load_mlm_text, load_task, mlm_blocks
 from .finetune import FinetuneConfig, finetune
 from .pretrain import PretrainConfig, load_tokenizer, pick_device, pretrain, special_ids
-from .report import row_label, write_report
+from .report import write_report
 
 CONTROLS = ("random", "deletion", "finetune-prune")
 
@@ -326,15 +324,12 @@ class Study:
         self._bar = tqdm(total=total, desc="study runs", disable=not self.progress, dynamic_ncols=True)
         # rows keyed by (mode, control, level)
         rows: Dict[Tuple[str, str, float], dict] = {}
-        dense_pre = None
         for i, (control, pcfg) in enumerate(plan):
             fl = fplans[i]
             need = any(self.store.get("finetune", self.finetune_key(self.pretrain_key(control, pcfg), f)) is None
                        for _, f in fl)
             pres, enc, pkey = self.run_pretrain(control, pcfg, need_model=need)
             self._bar.update(1)
-            if pcfg.mode == "dense":
-                dense_pre = pres
             cache_enc = {"enc": enc}
 
             def encoder_fn(pkey=pkey, pcfg=pcfg, control=control, cache_enc=cache_enc):
