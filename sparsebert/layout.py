@@ -251,9 +251,14 @@ class BlockLayout:
         return self._cache[key]
 
     def tensors(self, device=None) -> LayoutTensors:
-        N, K = self.shape
-        bn, bk = self.block
-        return unpack_index(self.index(device), N, K, bn, bk, self.nnz)
+        """The index arrays (views of :meth:`index`) on ``device``, cached per device."""
+        device = torch.device(device if device is not None else "cpu")
+        key = ("tensors", str(device))
+        if key not in self._cache:
+            N, K = self.shape
+            bn, bk = self.block
+            self._cache[key] = unpack_index(self.index(device), N, K, bn, bk, self.nnz)
+        return self._cache[key]
 
     # ---- conversions --------------------------------------------------------------------
     def element_mask(self) -> torch.Tensor:

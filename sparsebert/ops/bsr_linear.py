@@ -2,7 +2,9 @@
 
 1. private ``torch.library`` custom ops (``sparsebert::bsr_fwd``, ``bsr_grad_input``,
    ``bsr_grad_weight``) with fake implementations, so ``torch.compile`` traces them whole;
-2. autograd registered on the forward op: dX and dW (kept blocks only) through the same backend;
+2. autograd: registered on the forward op (dX and dW of kept blocks only), and the same
+   backward in a plain ``autograd.Function`` that eager mode uses, because the custom-op
+   dispatch costs ~100 µs of Python per call — more than a sparse kernel at BERT sizes;
 3. the public :func:`bsr_linear`, which validates, flattens leading dims and picks the backend.
 """
 from __future__ import annotations
@@ -37,15 +39,19 @@ def _(x, values, bias, index, N, K, bn, bk, backend):
     return x.new_empty(x.shape[0], N)
 
 
+def _forward_gelu(name: str, x: Tensor, values: Tensor, bias: Optional[Tensor], lt) -> Tensor:
+    mod = backends.get(name)
+    if "gelu" in getattr(mod, "ACTIVATIONS", ()):     # the backend fuses it in its epilogue
+        return mod.forward(x, values, bias, lt, activation="gelu")
+    return torch.nn.functional.gelu(mod.forward(x, values, bias, lt))
+
+
 @torch.library.custom_op("sparsebert::bsr_fwd_gelu", mutates_args=())
 def _bsr_fwd_gelu(x: Tensor, values: Tensor, bias: Optional[Tensor], index: Tensor,
                   N: int, K: int, bn: int, bk: int, backend: str) -> Tensor:
     """Inference only: ``gelu(x Wᵀ + b)``, fused in the kernel's epilogue where the backend can."""
     lt = unpack_index(index, N, K, bn, bk, values.shape[0])
-    mod = backends.get(backends.plan_names(backend)[0])
-    if "gelu" in getattr(mod, "ACTIVATIONS", ()):     # the backend fuses it
-        return mod.forward(x, values, bias, lt, activation="gelu")
-    return torch.nn.functional.gelu(mod.forward(x, values, bias, lt))
+    return _forward_gelu(backends.plan_names(backend)[0], x, values, bias, lt)
 
 
 @_bsr_fwd_gelu.register_fake
@@ -85,23 +91,53 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _grads(ctx, dy, grad_input, grad_weight):
+    """(dx, dvalues, dbias) for the inputs that need them; ``grad_input(dy)``/``grad_weight(dy)``
+    compute the first two (through the custom ops when traced, the backends directly in eager)."""
+    dy = dy.contiguous()
+    dx = grad_input(dy) if ctx.needs_input_grad[0] else None
+    dvalues = grad_weight(dy) if ctx.needs_input_grad[1] else None
+    dbias = None
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
+        dbias = dy.sum(0, dtype=acc).to(dy.dtype)
+    return dx, dvalues, dbias
+
+
 def _backward(ctx, dy):
     x, values, index = ctx.saved_tensors
     N, K, bn, bk, plan = ctx.meta
     _, dx_backend, dw_backend = backends.plan_names(plan)
-    dy = dy.contiguous()
-    dx = dvalues = dbias = None
-    if ctx.needs_input_grad[0]:
-        dx = _bsr_grad_input(dy, values, index, N, K, bn, bk, dx_backend)
-    if ctx.needs_input_grad[1]:
-        dvalues = _bsr_grad_weight(x, dy, index, N, K, bn, bk, dw_backend)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
-        dbias = dy.sum(0, dtype=acc).to(dy.dtype)
+    dx, dvalues, dbias = _grads(
+        ctx, dy,
+        lambda dy: _bsr_grad_input(dy, values, index, N, K, bn, bk, dx_backend),
+        lambda dy: _bsr_grad_weight(x, dy, index, N, K, bn, bk, dw_backend))
     return dx, dvalues, dbias, None, None, None, None, None, None
 
 
 _bsr_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _BsrLinearEager(torch.autograd.Function):
+    """The same forward and backward without the custom-op machinery, whose Python overhead
+    (~100 µs a call) dominated small-kernel layers in eager mode. ``torch.compile`` traces the
+    custom ops instead (see :func:`bsr_linear`)."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, lt, plan):
+        ctx.save_for_backward(x, values)
+        ctx.lt, ctx.plan, ctx.has_bias = lt, plan, bias is not None
+        return backends.get(plan[0]).forward(x, values, bias, lt)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, values = ctx.saved_tensors
+        lt, (_, dx_backend, dw_backend) = ctx.lt, ctx.plan
+        dx, dvalues, dbias = _grads(
+            ctx, dy,
+            lambda dy: backends.get(dx_backend).grad_input(dy, values, lt),
+            lambda dy: backends.get(dw_backend).grad_weight(x, dy, lt))
+        return dx, dvalues, dbias, None, None
 
 
 # ---- 3. public function -----------------------------------------------------------------------
@@ -139,10 +175,16 @@ def resolve_backend(backend: str, x2: Tensor, values: Tensor, layout: BlockLayou
         return backends.choose(x2, values, layout, train=train)
     if torch.compiler.is_compiling():
         return backend
-    reason = backends.unsupported_reason(backend, x2, values, layout.tensors(x2.device))
-    if reason is not None:
-        raise RuntimeError(f"backend {backend!r} cannot run this call: {reason}")
+    key = (backend, x2.device, x2.dtype, layout.shape, layout.block)
+    if key not in _supported:
+        reason = backends.unsupported_reason(backend, x2, values, layout.tensors(x2.device))
+        if reason is not None:
+            raise RuntimeError(f"backend {backend!r} cannot run this call: {reason}")
+        _supported[key] = True
     return backend
+
+
+_supported = {}   # (backend, device, dtype, shape, block) already checked
 
 
 ACTIVATIONS = ("none", "gelu")
@@ -176,13 +218,21 @@ def bsr_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Te
     x2 = x.reshape(-1, K).contiguous()
     values = values.contiguous()
     name = resolve_backend(backend, x2, values, layout)
-    args = (x2, values, bias, layout.index(x.device), N, K, bn, bk, name)
     needs_grad = torch.is_grad_enabled() and (
         x2.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
-    if activation == "gelu" and not needs_grad:
-        y = _bsr_fwd_gelu(*args)
+    fuse_gelu = activation == "gelu" and not needs_grad
+    if torch.compiler.is_compiling():
+        # Traced: the custom ops (with fake implementations) keep the graph whole.
+        args = (x2, values, bias, layout.index(x.device), N, K, bn, bk, name)
+        y = _bsr_fwd_gelu(*args) if fuse_gelu else _bsr_fwd(*args)
     else:
-        y = _bsr_fwd(*args)
-        if activation == "gelu":
-            y = torch.nn.functional.gelu(y)
+        lt, plan = layout.tensors(x.device), backends.plan_names(name)
+        if fuse_gelu:
+            y = _forward_gelu(plan[0], x2, values, bias, lt)
+        elif needs_grad:
+            y = _BsrLinearEager.apply(x2, values, bias, lt, plan)
+        else:
+            y = backends.get(plan[0]).forward(x2, values, bias, lt)
+    if activation == "gelu" and not fuse_gelu:
+        y = torch.nn.functional.gelu(y)
     return y.reshape(*lead, N)
