@@ -238,3 +238,43 @@ def test_meta_tensors_give_shapes():
     assert ops.forward(meta(x), meta(values), None, idx, 64, 96, 32, 32).shape == (5, 64)
     assert ops.grad_input(meta(dy), meta(values), idx, 64, 96, 32, 32).shape == (5, 96)
     assert ops.grad_weight(meta(x), meta(dy), idx, 64, 96, 32, 32).shape == values.shape
+
+
+def test_transposed_weight_cache_sees_in_place_changes(monkeypatch):
+    """The forward caches the transposed weight blocks per values version: every in-place change
+    made through torch (optimizer step, copy_, masking under no_grad, a view of a bigger tensor)
+    must be seen, and a new tensor at a reused address must never hit a stale entry."""
+    N, K, block = 128, 96, (32, 32)
+    lay = _layout(N, K, block, 0.6, seed=3)
+    lt = lay.tensors()
+    x, _, values, bias = _inputs(37, N, K, lay, torch.float32)
+    ref = lambda v: reference.forward(x, v, bias, lt)
+    _close(cpu_bsr.forward(x, values, bias, lt), ref(values), torch.float32, K)
+    _close(cpu_bsr.forward(x, values, bias, lt), ref(values), torch.float32, K)  # cached
+    values.mul_(-2.0)                                    # in place
+    _close(cpu_bsr.forward(x, values, bias, lt), ref(values), torch.float32, K)
+    p = torch.nn.Parameter(values.clone())
+    opt = torch.optim.SGD([p], lr=0.5)
+    for _ in range(3):                                   # optimizer steps update p in place
+        cpu_bsr.forward(x, p.detach(), bias, lt)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        _close(cpu_bsr.forward(x, p.detach(), bias, lt), ref(p.detach()), torch.float32, K)
+    with torch.no_grad():
+        p[0].zero_()
+    _close(cpu_bsr.forward(x, p.detach(), bias, lt), ref(p.detach()), torch.float32, K)
+    big = torch.randn(2, *values.shape)                  # a view: its base changes in place
+    v = big[1]
+    _close(cpu_bsr.forward(x, v, bias, lt), ref(v), torch.float32, K)
+    big.add_(1.0)
+    _close(cpu_bsr.forward(x, v, bias, lt), ref(v), torch.float32, K)
+    for i in range(20):                                  # fresh tensors, addresses reused
+        v = torch.full_like(values, float(i))
+        _close(cpu_bsr.forward(x, v, bias, lt), ref(v), torch.float32, K)
+        del v
+    monkeypatch.setenv("SPARSEBERT_CPU_WCACHE", "0")
+    _close(cpu_bsr.forward(x, values, bias, lt), ref(values), torch.float32, K)
+    monkeypatch.setenv("SPARSEBERT_CPU_WCACHE", "1")
+    monkeypatch.setenv("SPARSEBERT_CPU_WCACHE_MB", "0")  # too big to cache: still right
+    values.add_(1.0)
+    _close(cpu_bsr.forward(x, values, bias, lt), ref(values), torch.float32, K)

@@ -23,9 +23,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <c10/util/intrusive_ptr.h>
+
 #include <cstdlib>
 #include <algorithm>
 #include <cstring>
+#include <list>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -60,7 +64,21 @@ bool cpu_has_avx2() {
 #endif
 }
 
+Kernels select_kernels_isa();
+
+// SPARSEBERT_CPU_PREFETCH=panel|sdd|all|none (experiments): which kernels software-prefetch.
 Kernels select_kernels() {
+  Kernels k = select_kernels_isa();
+  const char* env = std::getenv("SPARSEBERT_CPU_PREFETCH");
+  if (env && env[0] != '\0') {
+    const std::string pf = env;
+    if (pf != "panel" && pf != "all") k.panel = k.panel_nopf;
+    if (pf != "sdd" && pf != "all") k.sdd = k.sdd_nopf;
+  }
+  return k;
+}
+
+Kernels select_kernels_isa() {
   static const bool has512 = cpu_has_avx512();
   static const bool has2 = cpu_has_avx2();
   const char* env = std::getenv("SPARSEBERT_CPU_ISA");
@@ -212,6 +230,81 @@ at::Tensor transpose_blocks(const at::Tensor& v) {
   return t;
 }
 
+// ---- cache of the transposed weight blocks (forward) ----------------------------------------
+// The forward needs W blocks as [bk, bn]; transposing them costs a few % of a forward at 50%
+// sparsity, paid on every call although the weights change only at optimizer steps. Cached per
+// fp32 `values` tensor, keyed on its TensorImpl, data pointer, shape and version counter: any
+// in-place change through torch (optimizer steps, copy_, masking under no_grad, load_state_dict)
+// bumps the version and forces a fresh transpose. A weak reference to the TensorImpl keeps its
+// address from being reused by another tensor while the entry lives, so a freed tensor can never
+// alias a new one. Not detected: writes that bypass the version counter (`values.data.copy_()`,
+// writes through data_ptr / numpy): set SPARSEBERT_CPU_WCACHE=0 if such code runs. Entries whose
+// tensor is gone are dropped; the total is capped (least recently used out) at
+// SPARSEBERT_CPU_WCACHE_MB (default 256).
+struct WtEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
+  const c10::TensorImpl* impl;
+  const void* data;
+  uint32_t version;
+  int64_t nnz, bn, bk;
+  at::Tensor wt;
+};
+
+bool wcache_enabled() {
+  const char* env = std::getenv("SPARSEBERT_CPU_WCACHE");
+  return !(env && env[0] == '0');
+}
+
+int64_t wcache_limit_bytes() {
+  const char* env = std::getenv("SPARSEBERT_CPU_WCACHE_MB");
+  return (env && env[0] != '\0' ? std::atoll(env) : 256) << 20;
+}
+
+std::mutex wcache_mutex;
+std::list<WtEntry> wcache;  // most recently used first
+
+at::Tensor transpose_blocks(const at::Tensor& v);
+
+at::Tensor transposed_weights(const at::Tensor& values) {
+  if (values.scalar_type() != at::kFloat || values.is_inference() || !wcache_enabled() ||
+      values.numel() == 0)
+    return transpose_blocks(values.scalar_type() == at::kFloat ? values : values.to(at::kFloat));
+  const c10::TensorImpl* impl = values.unsafeGetTensorImpl();
+  const uint32_t version = impl->version_counter().current_version();
+  const int64_t nnz = values.size(0), bn = values.size(1), bk = values.size(2);
+  {
+    std::lock_guard<std::mutex> lock(wcache_mutex);
+    for (auto it = wcache.begin(); it != wcache.end();) {
+      if (it->owner.expired()) { it = wcache.erase(it); continue; }
+      if (it->impl == impl) {
+        if (it->data == values.data_ptr() && it->version == version && it->nnz == nnz &&
+            it->bn == bn && it->bk == bk) {
+          wcache.splice(wcache.begin(), wcache, it);
+          return wcache.front().wt;
+        }
+        it = wcache.erase(it);  // stale: the values changed
+        continue;
+      }
+      ++it;
+    }
+  }
+  at::Tensor wt = transpose_blocks(values);
+  const int64_t limit = wcache_limit_bytes();
+  const int64_t bytes = wt.numel() * 4;
+  if (bytes > limit) return wt;
+  std::lock_guard<std::mutex> lock(wcache_mutex);
+  int64_t total = bytes;
+  for (const auto& e : wcache) total += e.wt.numel() * 4;
+  while (total > limit && !wcache.empty()) {
+    total -= wcache.back().wt.numel() * 4;
+    wcache.pop_back();
+  }
+  wcache.push_front(WtEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
+                                values.getIntrusivePtr()),
+                            impl, values.data_ptr(), version, nnz, bn, bk, wt});
+  return wt;
+}
+
 at::Tensor as_f32(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat).contiguous();
 }
@@ -294,7 +387,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const std::opt
 
   const bool pack = pack_enabled(false);
   const at::Tensor xf = pack ? pack_panels(x, K / bk, bk) : as_f32(x);  // [C, M, bk] or [M, K]
-  const at::Tensor wt = transpose_blocks(as_f32(values));  // [nnz, bk, bn]
+  const at::Tensor wt = transposed_weights(values);  // [nnz, bk, bn], cached per values version
   at::Tensor bf;
   if (bias.has_value()) bf = as_f32(*bias);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));

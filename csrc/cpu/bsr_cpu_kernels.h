@@ -25,6 +25,9 @@ struct Kernels {
   void (*sdd)(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M,
               int64_t bn, int64_t bk, float* out, bool accumulate);
   const char* name;
+  // The same kernels without software prefetch (null where a kernel set has no such variant).
+  decltype(panel) panel_nopf;
+  decltype(sdd) sdd_nopf;
 };
 
 // Register-blocked micro-kernels (GCC vector extensions, one TU per ISA).

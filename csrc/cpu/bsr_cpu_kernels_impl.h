@@ -32,7 +32,7 @@ inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 // ---- panel: out[m, :bo] = bias + sum_e in[m, off_e : off_e + bi] @ B_e --------------------
 // Register tile: T tokens x V vectors of accumulators, kept in registers over all entries e
 // and all bi; per k: V loads of B, T broadcasts of `in`, T*V FMAs.
-template <int T, int V>
+template <int T, int V, bool PF>
 void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int64_t* in_off,
                 int64_t ne, int64_t bi, int64_t bo, int64_t col0, const float* bias,
                 float* out, int64_t ld_out, bool accumulate) {
@@ -57,7 +57,7 @@ void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int
 #if SB_PREFETCH
     // The next token tile's slice of `in` for this entry (rows ld_in apart, which the hardware
     // prefetcher does not follow). Prefetching past the end of `in` is harmless.
-    if (col0 == 0)
+    if (PF && col0 == 0)
 #pragma GCC unroll 16
       for (int i = 0; i < T; ++i)
         for (int64_t k = 0; k < bi; k += 16) __builtin_prefetch(a + (T + i) * ld_in + k, 0, 3);
@@ -80,44 +80,45 @@ void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int
     for (int v = 0; v < V; ++v) store(out + i * ld_out + col0 + v * VW, acc[i][v]);
 }
 
-template <int T>
+template <int T, bool PF>
 void panel_rows(const float* in, int64_t ld_in, const float* const* B, const int64_t* in_off,
                 int64_t ne, int64_t bi, int64_t bo, const float* bias, float* out,
                 int64_t ld_out, bool accumulate) {
   int64_t c = 0;
   for (; c + NV * VW <= bo; c += NV * VW)
-    panel_tile<T, NV>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out, accumulate);
+    panel_tile<T, NV, PF>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out, accumulate);
   for (; c < bo; c += VW)  // bo is a multiple of 16, hence of VW
-    panel_tile<T, 1>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out, accumulate);
+    panel_tile<T, 1, PF>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out, accumulate);
 }
 
 // Token tail (fewer than MT rows left): a tile of exactly `rows` tokens.
-template <int T>
+template <int T, bool PF>
 void panel_tail(int64_t rows, const float* in, int64_t ld_in, const float* const* B,
                 const int64_t* in_off, int64_t ne, int64_t bi, int64_t bo, const float* bias,
                 float* out, int64_t ld_out, bool accumulate) {
   if (rows == T) {
-    panel_rows<T>(in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out, accumulate);
+    panel_rows<T, PF>(in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out, accumulate);
   } else if constexpr (T > 1) {
-    panel_tail<T - 1>(rows, in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out, accumulate);
+    panel_tail<T - 1, PF>(rows, in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out, accumulate);
   }
 }
 
+template <bool PF>
 void panel(const float* in, int64_t ld_in, int64_t M, const float* const* B,
            const int64_t* in_off, int64_t ne, int64_t bi, int64_t bo, const float* bias,
            float* out, int64_t ld_out, bool accumulate) {
   int64_t m = 0;
   for (; m + MT <= M; m += MT)
-    panel_rows<MT>(in + m * ld_in, ld_in, B, in_off, ne, bi, bo, bias, out + m * ld_out, ld_out,
+    panel_rows<MT, PF>(in + m * ld_in, ld_in, B, in_off, ne, bi, bo, bias, out + m * ld_out, ld_out,
                    accumulate);
   if (m < M)
-    panel_tail<MT - 1>(M - m, in + m * ld_in, ld_in, B, in_off, ne, bi, bo, bias,
+    panel_tail<MT - 1, PF>(M - m, in + m * ld_in, ld_in, B, in_off, ne, bi, bo, bias,
                        out + m * ld_out, ld_out, accumulate);
 }
 
 // ---- sdd: out[n, k] (+)= sum_m dy[m, n] x[m, k] ------------------------------------------
 // Register tile: NR rows (n) x V vectors (k); per token m: V loads of x, NR broadcasts of dy.
-template <int V>
+template <int V, bool PF>
 void sdd_tile(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M,
               float* out, int64_t ld_out, bool accumulate) {
   vec acc[NR][V];
@@ -129,9 +130,11 @@ void sdd_tile(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int6
 #if SB_PREFETCH
     // Rows are ld_x / ld_dy apart (strided): fetch a few tokens ahead. Past the end: harmless.
     constexpr int64_t ahead = 8;
+    if (PF) {
 #pragma GCC unroll 8
-    for (int v = 0; v < (V * VW + 15) / 16; ++v) __builtin_prefetch(x + (m + ahead) * ld_x + 16 * v, 0, 3);
-    __builtin_prefetch(dy + (m + ahead) * ld_dy, 0, 3);
+      for (int v = 0; v < (V * VW + 15) / 16; ++v) __builtin_prefetch(x + (m + ahead) * ld_x + 16 * v, 0, 3);
+      __builtin_prefetch(dy + (m + ahead) * ld_dy, 0, 3);
+    }
 #endif
     vec w[V];
 #pragma GCC unroll 8
@@ -152,6 +155,7 @@ void sdd_tile(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int6
     }
 }
 
+template <bool PF>
 void sdd(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M, int64_t bn,
          int64_t bk, float* out, bool accumulate) {
   if (M <= 0) {
@@ -169,15 +173,17 @@ void sdd(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M
     for (int64_t n0 = 0; n0 < bn; n0 += NR) {
       int64_t k0 = 0;
       for (; k0 + NV * VW <= bk; k0 += NV * VW)
-        sdd_tile<NV>(dyc + n0, ld_dy, xc + k0, ld_x, mc, out + n0 * bk + k0, bk, acc);
+        sdd_tile<NV, PF>(dyc + n0, ld_dy, xc + k0, ld_x, mc, out + n0 * bk + k0, bk, acc);
       for (; k0 < bk; k0 += VW)
-        sdd_tile<1>(dyc + n0, ld_dy, xc + k0, ld_x, mc, out + n0 * bk + k0, bk, acc);
+        sdd_tile<1, PF>(dyc + n0, ld_dy, xc + k0, ld_x, mc, out + n0 * bk + k0, bk, acc);
     }
   }
 }
 
 }  // namespace
 
-Kernels SB_KERNELS_FN() { return Kernels{&panel, &sdd, SB_NAME}; }
+Kernels SB_KERNELS_FN() {
+  return Kernels{&panel<true>, &sdd<true>, SB_NAME, &panel<false>, &sdd<false>};
+}
 
 }  // namespace sparsebert_cpu
