@@ -50,7 +50,7 @@ void sdd(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M
 
 }  // namespace
 
-Kernels kernels_autovec() { return Kernels{&panel, &sdd, "autovec", &panel, &sdd}; }
+Kernels kernels_autovec() { return Kernels{&panel, &sdd, "autovec", &panel, &sdd, &panel, &panel}; }
 
 }  // namespace sparsebert_cpu
 #endif

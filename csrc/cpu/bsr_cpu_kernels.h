@@ -11,6 +11,8 @@
 namespace sparsebert_cpu {
 
 struct Kernels {
+  using PanelFn = void (*)(const float*, int64_t, int64_t, const float* const*, const int64_t*,
+                           int64_t, int64_t, int64_t, const float*, float*, int64_t, bool);
   // "Panel" product, shared by the forward and the input gradient:
   //   out[m, 0:bo] = bias[0:bo] + sum_e  in[m, in_off[e] : in_off[e] + bi] @ B[e]
   // for m in [0, M); B[e] is a row-major [bi, bo] block; bias may be null (then 0).
@@ -28,6 +30,10 @@ struct Kernels {
   // The same kernels without software prefetch (null where a kernel set has no such variant).
   decltype(panel) panel_nopf;
   decltype(sdd) sdd_nopf;
+  // The panel kernel that also prefetches the next token tile's output lines for writing.
+  decltype(panel) panel_pfw;
+  // The panel kernel that prefetches only the output lines.
+  decltype(panel) panel_pfo;
 };
 
 // Register-blocked micro-kernels (GCC vector extensions, one TU per ISA).

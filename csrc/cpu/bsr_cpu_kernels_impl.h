@@ -32,11 +32,21 @@ inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 // ---- panel: out[m, :bo] = bias + sum_e in[m, off_e : off_e + bi] @ B_e --------------------
 // Register tile: T tokens x V vectors of accumulators, kept in registers over all entries e
 // and all bi; per k: V loads of B, T broadcasts of `in`, T*V FMAs.
-template <int T, int V, bool PF>
+template <int T, int V, int PF>
 void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int64_t* in_off,
                 int64_t ne, int64_t bi, int64_t bo, int64_t col0, const float* bias,
                 float* out, int64_t ld_out, bool accumulate) {
   vec acc[T][V];
+#if SB_PREFETCH
+  // PF & 2: request the next token tile's output lines for writing (rows ld_out apart: the
+  // store misses then overlap this tile's FMAs instead of stalling the store buffer).
+  if (PF & 2)
+#pragma GCC unroll 16
+    for (int i = 0; i < T; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < (V * VW + 15) / 16; ++v)
+        __builtin_prefetch(out + (T + i) * ld_out + col0 + 16 * v, 1, 3);
+#endif
   if (accumulate) {
 #pragma GCC unroll 16
     for (int i = 0; i < T; ++i)
@@ -57,7 +67,7 @@ void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int
 #if SB_PREFETCH
     // The next token tile's slice of `in` for this entry (rows ld_in apart, which the hardware
     // prefetcher does not follow). Prefetching past the end of `in` is harmless.
-    if (PF && col0 == 0)
+    if ((PF & 1) && col0 == 0)
 #pragma GCC unroll 16
       for (int i = 0; i < T; ++i)
         for (int64_t k = 0; k < bi; k += 16) __builtin_prefetch(a + (T + i) * ld_in + k, 0, 3);
@@ -80,7 +90,7 @@ void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int
     for (int v = 0; v < V; ++v) store(out + i * ld_out + col0 + v * VW, acc[i][v]);
 }
 
-template <int T, bool PF>
+template <int T, int PF>
 void panel_rows(const float* in, int64_t ld_in, const float* const* B, const int64_t* in_off,
                 int64_t ne, int64_t bi, int64_t bo, const float* bias, float* out,
                 int64_t ld_out, bool accumulate) {
@@ -92,7 +102,7 @@ void panel_rows(const float* in, int64_t ld_in, const float* const* B, const int
 }
 
 // Token tail (fewer than MT rows left): a tile of exactly `rows` tokens.
-template <int T, bool PF>
+template <int T, int PF>
 void panel_tail(int64_t rows, const float* in, int64_t ld_in, const float* const* B,
                 const int64_t* in_off, int64_t ne, int64_t bi, int64_t bo, const float* bias,
                 float* out, int64_t ld_out, bool accumulate) {
@@ -103,7 +113,7 @@ void panel_tail(int64_t rows, const float* in, int64_t ld_in, const float* const
   }
 }
 
-template <bool PF>
+template <int PF>
 void panel(const float* in, int64_t ld_in, int64_t M, const float* const* B,
            const int64_t* in_off, int64_t ne, int64_t bi, int64_t bo, const float* bias,
            float* out, int64_t ld_out, bool accumulate) {
@@ -183,7 +193,7 @@ void sdd(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M
 }  // namespace
 
 Kernels SB_KERNELS_FN() {
-  return Kernels{&panel<true>, &sdd<true>, SB_NAME, &panel<false>, &sdd<false>};
+  return Kernels{&panel<1>, &sdd<true>, SB_NAME, &panel<0>, &sdd<false>, &panel<3>, &panel<2>};
 }
 
 }  // namespace sparsebert_cpu
