@@ -35,7 +35,8 @@ class CheckpointError(ValueError):
     """A sparse checkpoint is missing, corrupt or does not match the model."""
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -107,7 +108,7 @@ def save_sparse(model: nn.Module, path: str) -> None:
         config.save_pretrained(path)
     meta = {"format": FORMAT, "version": VERSION, "model_class": type(model).__name__,
             "model_module": type(model).__module__, "layers": layers, "aliases": aliases,
-            "sha256": _sha256(tensor_file)}
+            "sha256": sha256_file(tensor_file)}
     with open(os.path.join(path, META), "w") as f:
         json.dump(meta, f, indent=1)
 
@@ -128,7 +129,7 @@ def _read_meta(path: str) -> dict:
     tensor_file = os.path.join(path, TENSORS)
     if not os.path.isfile(tensor_file):
         raise CheckpointError(f"corrupt checkpoint: {tensor_file} is missing")
-    if _sha256(tensor_file) != meta.get("sha256"):
+    if sha256_file(tensor_file) != meta.get("sha256"):
         raise CheckpointError(f"corrupt checkpoint: {tensor_file} does not match its recorded SHA-256 "
                               "(truncated or modified)")
     return meta

@@ -26,7 +26,6 @@ The readers (``read_*``) take plain file paths so tests can feed them small fixt
 from __future__ import annotations
 
 import csv
-import hashlib
 import html
 import json
 import os
@@ -39,6 +38,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from ..checkpoint import sha256_file
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("SPARSEBERT_CACHE", "~/.cache/sparsebert")).expanduser()
 
@@ -90,12 +91,6 @@ SOURCES: Dict[str, Source] = {s.name: s for s in [
 ]}
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class DataCache:
