@@ -6,6 +6,13 @@ index (:func:`sparsebert.layout.pack_index`). Kernels: register-blocked fp32 mic
 AVX2 and a baseline build (``SPARSEBERT_CPU_ISA`` overrides), threaded with ``at::parallel_for``.
 Blocks: both sizes multiples of 16, at most 256. Dtypes: float32; bfloat16 is converted to
 float32 around the kernels (fp32 accumulation). See ``csrc/cpu/bsr_cpu.cpp`` for the design.
+
+The forward caches its transposed copy of ``values`` (fp32) per tensor and version counter, so
+in-place updates made through torch (optimizer steps, ``copy_``, masking under ``no_grad``) are
+seen; writes that bypass the version counter (``values.data.copy_(...)``, numpy views) are not:
+set ``SPARSEBERT_CPU_WCACHE=0`` where such code runs. ``SPARSEBERT_CPU_WCACHE_MB`` caps the cache
+(default 256 MB, least recently used out); ``SPARSEBERT_CPU_PREFETCH`` forces a prefetch variant
+(experiments).
 """
 from __future__ import annotations
 
