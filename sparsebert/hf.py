@@ -151,9 +151,5 @@ def sparse_layers(model: nn.Module):
 
 def kept_table(model: nn.Module) -> List[Tuple[str, str, Tuple[int, int], float]]:
     """``(name, kind, shape, kept fraction)`` per sparse layer."""
-    rows = []
-    for n, m in sparse_layers(model):
-        shape = tuple(m.weight.shape) if hasattr(m, "weight") and not isinstance(m, BlockSparseLinear) \
-            else m.layout.shape
-        rows.append((n, type(m).__name__, shape, float(m.density)))
-    return rows
+    return [(n, type(m).__name__, m.layout.shape if isinstance(m, BlockSparseLinear) else tuple(m.weight.shape),
+             float(m.density)) for n, m in sparse_layers(model)]
