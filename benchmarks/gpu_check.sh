@@ -4,18 +4,9 @@
 # Installs nothing from the network. Target: under 6 minutes on an H100.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (default ./gpu_out; all logs, JSON and plots land there,
 #                                                 and also packed as OUT_DIR/gpu_check.tgz)
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT_DIR=${1:-gpu_out}
-mkdir -p "$OUT_DIR"
-pack() { tar czf /tmp/gpu_check.tgz -C "$OUT_DIR" . 2>/dev/null && mv /tmp/gpu_check.tgz "$OUT_DIR/"; }
-trap pack EXIT
-PY=${PYTHON:-python3}
-unset TRITON_INTERPRET
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+GPU_SCRIPT=gpu_check
+source "$(dirname "$0")/gpu_env.sh" "${1:-gpu_out}"
 status=0
-t0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
 stamp "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader || true

@@ -2,17 +2,8 @@
 # Developer session on a GPU machine (one call): build with the machine's default compiler and with
 # the system g++, check that C++ errors reach Python from each build, GPU tests of both backends,
 # the kernel benchmark (auto included) and the end-to-end BERT-Base step. Logs in OUT_DIR.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT_DIR=${1:-gpu_final}
-mkdir -p "$OUT_DIR"
-PY=${PYTHON:-python3}
-unset TRITON_INTERPRET
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-t0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
-pack() { tar czf /tmp/gpu_final.tgz -C "$OUT_DIR" . 2>/dev/null && mv /tmp/gpu_final.tgz "$OUT_DIR/"; }
-trap pack EXIT
+GPU_SCRIPT=gpu_final
+source "$(dirname "$0")/gpu_env.sh" "${1:-gpu_final}"
 echo "CC=${CC:-} CXX=${CXX:-}; g++: $(command -v g++) $(g++ --version | head -n1); /opt/gcc: $(/opt/gcc/bin/g++ --version 2>/dev/null | head -n1)"
 build() {  # $1 = tag, rest = env assignments
   local tag=$1; shift

@@ -2,17 +2,8 @@
 # Developer tuning session on a GPU machine (one call): build, GPU correctness tests of both GPU
 # backends, per-variant kernel timings (Triton and CUDA), end-to-end BERT-Base training step.
 # Everything lands in OUT_DIR (default ./gpu_tune) and is packed as OUT_DIR/gpu_tune.tgz.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT_DIR=${1:-gpu_tune}
-mkdir -p "$OUT_DIR"
-PY=${PYTHON:-python3}
-unset TRITON_INTERPRET
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-t0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
-pack() { tar czf /tmp/gpu_tune.tgz -C "$OUT_DIR" . 2>/dev/null && mv /tmp/gpu_tune.tgz "$OUT_DIR/"; }
-trap pack EXIT
+GPU_SCRIPT=gpu_tune
+source "$(dirname "$0")/gpu_env.sh" "${1:-gpu_tune}"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
 
 ( SPARSEBERT_SKIP_CPU=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 \
