@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data import TaskData
-from .pretrain import _bar, autocast, linear_schedule, make_adamw, pick_device
+from .pretrain import _bar, autocast, linear_schedule, make_adamw, optimizer_step, pick_device
 
 CONTROLS = ("none", "deletion", "prune")
 
@@ -203,13 +203,7 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
         with autocast(device, amp):
             out = model(ids.to(device), att.to(device)).float()
         loss = F.cross_entropy(out, y) if spec.kind == "classification" else F.mse_loss(out.view(-1), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        # the optimizer's groups, not `params`: the Pruner swaps in smaller block-sparse values
-        torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(loss, opt, sched))
         del loss, out
         if pruner is not None:
             pruner.step(step)          # also clears pruned weights' AdamW state

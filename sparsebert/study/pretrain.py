@@ -205,6 +205,19 @@ def _bar(total, desc, progress):
     return tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched) -> float:
+    """Backward, clip to norm 1, AdamW and LR-schedule step; returns the loss value.
+
+    Clips the optimizer's current param groups, not a list taken earlier: the Pruner swaps in
+    smaller block-sparse ``values`` Parameters as it drops blocks."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, dev_blocks: torch.Tensor,
              ids: dict, device: Optional[torch.device] = None, amp: bool = False, progress: bool = True,
              desc: str = "pretrain") -> dict:
@@ -268,13 +281,7 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
                 loss = F.cross_entropy(model.cls(hidden[sel]).float(), lab[sel])
             else:
                 loss = mlm_loss(model, inputs.to(device), labels.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        # the optimizer's groups, not `params`: the Pruner swaps in smaller block-sparse values
-        torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(loss, opt, sched))
         del loss
         if cfg.head_only:
             del hidden
