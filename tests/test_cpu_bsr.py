@@ -278,3 +278,37 @@ def test_transposed_weight_cache_sees_in_place_changes(monkeypatch):
     monkeypatch.setenv("SPARSEBERT_CPU_WCACHE_MB", "0")  # too big to cache: still right
     values.add_(1.0)
     _close(cpu_bsr.forward(x, values, bias, lt), ref(values), torch.float32, K)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pooled_outputs_never_show_stale_values(dtype):
+    """Outputs of 1 MiB or more come from a pool of freed blocks: poisoning a freed output with
+    NaN must not leak into the next result, even where the layout keeps nothing (empty row and
+    column blocks are written, not skipped)."""
+    N, K, block, M = 768, 768, (32, 32), 700              # y, dx: 2.1 MB; dvalues > 1 MB
+    mask = torch.rand(N // 32, K // 32, generator=torch.Generator().manual_seed(5)) < 0.6
+    mask[3] = False                                      # an empty row block (y = bias there)
+    mask[:, 7] = False                                   # an empty column block (dx = 0 there)
+    lay = BlockLayout.from_mask(mask, block)
+    lt = lay.tensors()
+    x, dy, values, bias = _inputs(M, N, K, lay, dtype)
+    f = lambda t: t.float()
+    refs = {"y": reference.forward(f(x), f(values), f(bias), lt).to(dtype),
+            "dx": reference.grad_input(f(dy), f(values), lt).to(dtype),
+            "dw": reference.grad_weight(f(x), f(dy), lt).to(dtype)}
+    run = {"y": lambda: cpu_bsr.forward(x, values, bias, lt),
+           "dx": lambda: cpu_bsr.grad_input(dy, values, lt),
+           "dw": lambda: cpu_bsr.grad_weight(x, dy, lt)}
+    before = cpu_bsr.pool_stats()
+    for _ in range(3):
+        for name, fn in run.items():
+            out = fn()
+            _close(out, refs[name], dtype, max(N, K, M))
+            out.fill_(float("nan"))                      # poison the block it goes back to
+            del out
+    after = cpu_bsr.pool_stats()
+    assert after["hits"] > before["hits"], "freed outputs were not reused"
+    assert after["idle_bytes"] > 0
+    cpu_bsr.empty_cache()
+    assert cpu_bsr.pool_stats()["idle_bytes"] == 0
+    _close(run["y"](), refs["y"], dtype, K)

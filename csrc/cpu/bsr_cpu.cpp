@@ -22,6 +22,8 @@
 //   grad_weight  items (kept block, token split); the token range is split only when there are
 //                too few blocks to keep every thread busy, partial sums then added.
 // fp32 runs natively; bf16 is converted to fp32 around the fp32 kernels (fp32 accumulation).
+// Outputs and fp32 copies of bf16 inputs come from output_pool (freed blocks are reused instead
+// of being faulted in afresh: up to a quarter of a forward at 90% sparsity).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -38,6 +40,7 @@
 #include <vector>
 
 #include "bsr_cpu_kernels.h"
+#include "output_pool.h"
 
 namespace sparsebert_cpu {
 namespace {
@@ -311,7 +314,7 @@ at::Tensor transposed_weights(const at::Tensor& values) {
 }
 
 at::Tensor as_f32(const at::Tensor& t) {
-  return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat).contiguous();
+  return pooled_to(t, at::kFloat);
 }
 
 // out[:, j*bo : (j+1)*bo] = bias_j + sum over the entries [ptr[j], ptr[j+1]) of output block j;
@@ -407,7 +410,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const std::opt
   const at::Tensor wt = transposed_weights(values);  // [nnz, bk, bn], cached per values version
   at::Tensor bf;
   if (bias.has_value()) bf = as_f32(*bias);
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  at::Tensor y = pooled_empty({M, N});
 
   std::vector<const float*> B(nnz);
   std::vector<int64_t> off(nnz);
@@ -418,7 +421,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const std::opt
   }
   run_panels(kern, xf.data_ptr<float>(), pack ? bk : K, M, B, off, ix.col_idx, ix.C, ix.row_ptr, ix.R, bk, bn,
              bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return pooled_to(y, x.scalar_type());
 }
 
 at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& index,
@@ -433,7 +436,7 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   const bool pack = pack_enabled(false);
   const at::Tensor dyf = pack ? pack_panels(dy, N / bn, bn) : as_f32(dy);  // [R, M, bn] or [M, N]
   const at::Tensor vf = as_f32(values);
-  at::Tensor dx = at::empty({M, K}, dy.options().dtype(at::kFloat));
+  at::Tensor dx = pooled_empty({M, K});
 
   std::vector<const float*> B(nnz);
   std::vector<int64_t> off(nnz);
@@ -444,7 +447,7 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   }
   run_panels(kern, dyf.data_ptr<float>(), pack ? bn : N, M, B, off, ix.t_row_idx, ix.R, ix.col_ptr, ix.C, bn, bk, nullptr,
              dx.data_ptr<float>(), K);
-  return dy.scalar_type() == at::kFloat ? dx : dx.to(dy.scalar_type());
+  return pooled_to(dx, dy.scalar_type());
 }
 
 at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& index,
@@ -471,7 +474,7 @@ at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tens
   const at::Tensor dyf = pack ? pack_panels(dy, R, bn) : as_f32(dy);  // [R, M, bn] or [M, N]
   const int64_t ldx = pack ? bk : K, ldy = pack ? bn : N;
   const int64_t xcol = pack ? M * bk : bk, ycol = pack ? M * bn : bn;
-  at::Tensor dw = at::empty({nnz, bn, bk}, x.options().dtype(at::kFloat));
+  at::Tensor dw = pooled_empty({nnz, bn, bk});
 
   const int64_t threads = at::get_num_threads();
   const float* xp = xf.data_ptr<float>();
@@ -502,12 +505,12 @@ at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tens
         if (M == 0) break;
       }
     });
-    return x.scalar_type() == at::kFloat ? dw : dw.to(x.scalar_type());
+    return pooled_to(dw, x.scalar_type());
   }
   // Few blocks: split the tokens too (>= 4 items per thread) and add the partial sums.
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>((4 * threads + nnz - 1) / nnz, M / 256));
   const int64_t chunk = (M + splits - 1) / splits;
-  at::Tensor part = splits == 1 ? dw : at::empty({splits, nnz, bn, bk}, dw.options());
+  at::Tensor part = splits == 1 ? dw : pooled_empty({splits, nnz, bn, bk});
   float* pp = part.data_ptr<float>();
   at::parallel_for(0, nnz * splits, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -518,7 +521,7 @@ at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tens
     }
   });
   if (splits > 1) dw = part.sum(0);
-  return x.scalar_type() == at::kFloat ? dw : dw.to(x.scalar_type());
+  return pooled_to(dw, x.scalar_type());
 }
 
 std::string isa() { return select_kernels().name; }
@@ -531,6 +534,8 @@ TORCH_LIBRARY(sparsebert_cpu, m) {
   m.def("grad_input(Tensor dy, Tensor values, Tensor index, int N, int K, int bn, int bk) -> Tensor");
   m.def("grad_weight(Tensor x, Tensor dy, Tensor index, int N, int K, int bn, int bk) -> Tensor");
   m.def("isa() -> str", &sparsebert_cpu::isa);
+  m.def("empty_cache() -> ()", &sparsebert_cpu::pool_empty_cache);
+  m.def("pool_stats() -> (int, int, int)", &sparsebert_cpu::pool_stats);
 }
 
 TORCH_LIBRARY_IMPL(sparsebert_cpu, CPU, m) {

@@ -13,6 +13,12 @@ seen; writes that bypass the version counter (``values.data.copy_(...)``, numpy 
 set ``SPARSEBERT_CPU_WCACHE=0`` where such code runs. ``SPARSEBERT_CPU_WCACHE_MB`` caps the cache
 (default 256 MB, least recently used out); ``SPARSEBERT_CPU_PREFETCH`` forces a prefetch variant
 (experiments).
+
+Outputs come from a small caching allocator in ``csrc/cpu/output_pool.cpp``: a fresh
+multi-megabyte tensor costs a page fault per few pages on first touch, up to a quarter of a
+forward at 90% sparsity, so freed outputs of 1 MiB or more are kept and reused. The memory kept
+while unused is capped by ``SPARSEBERT_CPU_POOL_MB`` (default 256, 0 = off, read once);
+:func:`empty_cache` releases it.
 """
 from __future__ import annotations
 
@@ -90,6 +96,17 @@ def isa() -> str:
     if reason is not None:
         raise RuntimeError(reason)
     return torch.ops.sparsebert_cpu.isa()
+
+
+def empty_cache() -> None:
+    """Release the memory the CPU kernels' output pool keeps for reuse."""
+    _require().empty_cache()
+
+
+def pool_stats() -> dict:
+    """The output pool's idle bytes and its hits and misses so far."""
+    idle, hits, misses = _require().pool_stats()
+    return {"idle_bytes": idle, "hits": hits, "misses": misses}
 
 
 def _require():
