@@ -312,3 +312,43 @@ def test_pooled_outputs_never_show_stale_values(dtype):
     cpu_bsr.empty_cache()
     assert cpu_bsr.pool_stats()["idle_bytes"] == 0
     _close(run["y"](), refs["y"], dtype, K)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N, K, block, M, density", [
+    (96, 128, (32, 32), 37, 0.5),     # few blocks: the token-split path, bias summed apart
+    (512, 256, (32, 16), 300, 0.4),   # CSR order, some empty row blocks
+    (128, 1024, (16, 64), 130, 0.3),  # K > N: CSC order
+    (128, 96, (32, 32), 37, 0.0),     # nothing kept
+    (256, 256, (32, 32), 0, 0.5),     # no tokens
+])
+def test_grad_weight_bias_fuses_the_bias_gradient(N, K, block, M, density, dtype):
+    g = torch.Generator().manual_seed(N + K)
+    mask = torch.rand(N // block[0], K // block[1], generator=g) < density
+    mask[1] = False                   # a row block without kept blocks: its bias sum runs apart
+    lay = BlockLayout.from_mask(mask, block)
+    lt = lay.tensors()
+    x, dy, _, _ = _inputs(M, N, K, lay, dtype)
+    dw, db = cpu_bsr.grad_weight_bias(x, dy, lt)
+    _close(dw, reference.grad_weight(x.float(), dy.float(), lt).to(dtype), dtype, M)
+    _close(db, dy.float().sum(0).to(dtype), dtype, M)
+
+
+def test_op_backward_uses_the_fused_bias_gradient(monkeypatch):
+    """Through bsr_linear's autograd on the cpu backend, dvalues and dbias come from
+    grad_weight_bias (one pass over dy) and equal the reference backend's gradients."""
+    from sparsebert.ops import bsr_linear
+    N, K, block = 256, 192, (32, 32)
+    lay = _layout(N, K, block, 0.5, seed=9)
+    x, dy, values, bias = _inputs(45, N, K, lay, torch.float32)
+    calls = []
+    real = cpu_bsr.grad_weight_bias
+    monkeypatch.setattr(cpu_bsr, "grad_weight_bias", lambda *a: calls.append(1) or real(*a))
+    grads = {}
+    for backend in ("cpu", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (x, values, bias)]
+        bsr_linear(leaves[0], leaves[1], lay, leaves[2], backend=backend).backward(dy)
+        grads[backend] = [t.grad for t in leaves]
+    assert calls == [1]
+    for got, want in zip(grads["cpu"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)

@@ -3,6 +3,7 @@
 //   forward(x, values, bias, index, N, K, bn, bk)   y  = x W^T + bias          [M, N]
 //   grad_input(dy, values, index, N, K, bn, bk)     dx = dy W                  [M, K]
 //   grad_weight(x, dy, index, N, K, bn, bk)         dvalues = (dy^T x) on kept blocks [nnz, bn, bk]
+//   grad_weight_bias(x, dy, index, N, K, bn, bk)    (dvalues, dy.sum(0)): the bias gradient fused
 //   isa() -> str                                    the kernel set in use
 //
 // `index` is the packed int32 layout index of sparsebert.layout.pack_index:
@@ -36,6 +37,7 @@
 #include <list>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -450,8 +452,12 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   return pooled_to(dx, dy.scalar_type());
 }
 
-at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& index,
-                       int64_t N, int64_t K, int64_t bn, int64_t bk) {
+// dvalues, and with want_bias the bias gradient dy.sum(0) too: the first kept block of each row
+// block (CSR order) adds its dy columns up in the SDD kernel while they are in L1, so the bias
+// gradient costs no extra pass over dy; row blocks that keep nothing are summed separately.
+std::tuple<at::Tensor, at::Tensor> grad_weight_impl(const at::Tensor& x, const at::Tensor& dy,
+                                                    const at::Tensor& index, int64_t N, int64_t K,
+                                                    int64_t bn, int64_t bk, bool want_bias) {
   check_geometry(N, K, bn, bk);
   check_matrix(x, "x", K);
   check_matrix(dy, "dy", N);
@@ -468,7 +474,9 @@ at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tens
   const Index ix = parse_index(index, nnz, N, K, bn, bk, /*csr=*/true, /*csc=*/true);
   const Kernels kern = select_kernels();
 
-  if (nnz == 0) return at::empty({0, bn, bk}, x.options());
+  // Bias gradient for the paths below that do not fuse it.
+  auto plain_bias = [&] { return want_bias ? pooled_to(at::sum(as_f32(dy), 0), dy.scalar_type()) : at::Tensor(); };
+  if (nnz == 0) return {at::empty({0, bn, bk}, x.options()), plain_bias()};
   const bool pack = pack_enabled(false);
   const at::Tensor xf = pack ? pack_panels(x, C, bk) : as_f32(x);     // [C, M, bk] or [M, K]
   const at::Tensor dyf = pack ? pack_panels(dy, R, bn) : as_f32(dy);  // [R, M, bn] or [M, N]
@@ -494,18 +502,38 @@ at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tens
     // One parallel region (each thread owns a contiguous range of blocks for all chunks):
     // a region per chunk costs a barrier each, which hurts on a busy 2-core machine.
     float* dwp = dw.data_ptr<float>();
+    at::Tensor db = want_bias ? at::zeros({N}, x.options().dtype(at::kFloat)) : at::Tensor();
+    float* dbp = want_bias ? db.data_ptr<float>() : nullptr;
     at::parallel_for(0, nnz, 1, [&](int64_t begin, int64_t end) {
       for (int64_t m0 = 0; m0 < M || m0 == 0; m0 += mc) {
         const int64_t rows = std::min(mc, M - m0);
         for (int64_t j = begin; j < end; ++j) {
           const int64_t i = csr_order ? j : int64_t(ix.t_perm[j]);
+          const int64_t r = ix.row_idx[i];
           const auto [dyb, xb] = block_args(i, m0);
-          kern.sdd(dyb, ldy, xb, ldx, rows, bn, bk, dwp + i * bn * bk, /*accumulate=*/m0 > 0);
+          kern.sdd(dyb, ldy, xb, ldx, rows, bn, bk, dwp + i * bn * bk, /*accumulate=*/m0 > 0,
+                   dbp && i == ix.row_ptr[r] ? dbp + r * bn : nullptr);
         }
         if (M == 0) break;
       }
     });
-    return pooled_to(dw, x.scalar_type());
+    if (want_bias) {  // row blocks without a kept block
+      std::vector<int64_t> empty_rows;
+      for (int64_t r = 0; r < R; ++r)
+        if (ix.row_ptr[r] == ix.row_ptr[r + 1]) empty_rows.push_back(r);
+      at::parallel_for(0, int64_t(empty_rows.size()), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t e = begin; e < end; ++e) {
+          const int64_t r = empty_rows[e];
+          float* d = dbp + r * bn;
+          for (int64_t m = 0; m < M; ++m) {
+            const float* src = dyp + m * ldy + r * ycol;
+            for (int64_t n = 0; n < bn; ++n) d[n] += src[n];
+          }
+        }
+      });
+      db = pooled_to(db, dy.scalar_type());
+    }
+    return {pooled_to(dw, x.scalar_type()), db};
   }
   // Few blocks: split the tokens too (>= 4 items per thread) and add the partial sums.
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>((4 * threads + nnz - 1) / nnz, M / 256));
@@ -517,11 +545,23 @@ at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tens
       const int64_t i = item / splits, s = item % splits;
       const int64_t m0 = std::min(M, s * chunk), m1 = std::min(M, m0 + chunk);
       const auto [dyb, xb] = block_args(i, m0);
-      kern.sdd(dyb, ldy, xb, ldx, m1 - m0, bn, bk, pp + (s * nnz + i) * bn * bk, /*accumulate=*/false);
+      kern.sdd(dyb, ldy, xb, ldx, m1 - m0, bn, bk, pp + (s * nnz + i) * bn * bk, /*accumulate=*/false,
+               nullptr);
     }
   });
   if (splits > 1) dw = part.sum(0);
-  return pooled_to(dw, x.scalar_type());
+  return {pooled_to(dw, x.scalar_type()), plain_bias()};
+}
+
+at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& index,
+                       int64_t N, int64_t K, int64_t bn, int64_t bk) {
+  return std::get<0>(grad_weight_impl(x, dy, index, N, K, bn, bk, /*want_bias=*/false));
+}
+
+std::tuple<at::Tensor, at::Tensor> grad_weight_bias(const at::Tensor& x, const at::Tensor& dy,
+                                                    const at::Tensor& index, int64_t N, int64_t K,
+                                                    int64_t bn, int64_t bk) {
+  return grad_weight_impl(x, dy, index, N, K, bn, bk, /*want_bias=*/true);
 }
 
 std::string isa() { return select_kernels().name; }
@@ -533,6 +573,7 @@ TORCH_LIBRARY(sparsebert_cpu, m) {
   m.def("forward(Tensor x, Tensor values, Tensor? bias, Tensor index, int N, int K, int bn, int bk) -> Tensor");
   m.def("grad_input(Tensor dy, Tensor values, Tensor index, int N, int K, int bn, int bk) -> Tensor");
   m.def("grad_weight(Tensor x, Tensor dy, Tensor index, int N, int K, int bn, int bk) -> Tensor");
+  m.def("grad_weight_bias(Tensor x, Tensor dy, Tensor index, int N, int K, int bn, int bk) -> (Tensor, Tensor)");
   m.def("isa() -> str", &sparsebert_cpu::isa);
   m.def("empty_cache() -> ()", &sparsebert_cpu::pool_empty_cache);
   m.def("pool_stats() -> (int, int, int)", &sparsebert_cpu::pool_stats);
@@ -542,4 +583,5 @@ TORCH_LIBRARY_IMPL(sparsebert_cpu, CPU, m) {
   m.impl("forward", &sparsebert_cpu::forward);
   m.impl("grad_input", &sparsebert_cpu::grad_input);
   m.impl("grad_weight", &sparsebert_cpu::grad_weight);
+  m.impl("grad_weight_bias", &sparsebert_cpu::grad_weight_bias);
 }

@@ -35,12 +35,13 @@ void panel(const float* in, int64_t ld_in, int64_t M, const float* const* B,
 }
 
 void sdd(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M, int64_t bn,
-         int64_t bk, float* out, bool accumulate) {
+         int64_t bk, float* out, bool accumulate, float* dbias) {
   if (!accumulate) std::memset(out, 0, sizeof(float) * bn * bk);
   for (int64_t m = 0; m < M; ++m) {
     const float* __restrict xr = x + m * ld_x;
     for (int64_t n = 0; n < bn; ++n) {
       const float s = dy[m * ld_dy + n];
+      if (dbias) dbias[n] += s;
       float* __restrict o = out + n * bk;
 #pragma omp simd
       for (int64_t k = 0; k < bk; ++k) o[k] += s * xr[k];

@@ -23,9 +23,10 @@ struct Kernels {
                 const int64_t* in_off, int64_t n_entries, int64_t bi, int64_t bo,
                 const float* bias, float* out, int64_t ld_out, bool accumulate);
   // Weight-gradient block (SDD): out[n, k] (+)= sum_{m < M} dy[m, n] * x[m, k],
-  // n < bn, k < bk (out row-major [bn, bk]); bn multiple of 8, bk multiple of 16.
+  // n < bn, k < bk (out row-major [bn, bk]); bn and bk multiples of 16. dbias, unless null:
+  // dbias[n] += sum_{m < M} dy[m, n] (the bias gradient, fused: dy is read once).
   void (*sdd)(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M,
-              int64_t bn, int64_t bk, float* out, bool accumulate);
+              int64_t bn, int64_t bk, float* out, bool accumulate, float* dbias);
   const char* name;
   // The same kernels without software prefetch (null where a kernel set has no such variant).
   decltype(panel) panel_nopf;

@@ -165,9 +165,11 @@ void sdd_tile(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int6
     }
 }
 
+// dbias (may be null): dbias[0:bn] += sum_m dy[m, 0:bn], the bias gradient of these rows, summed
+// per token chunk while the chunk's dy rows are still in L1 (saves the op layer a pass over dy).
 template <bool PF>
 void sdd(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M, int64_t bn,
-         int64_t bk, float* out, bool accumulate) {
+         int64_t bk, float* out, bool accumulate, float* dbias) {
   if (M <= 0) {
     if (!accumulate) std::memset(out, 0, sizeof(float) * bn * bk);
     return;
@@ -186,6 +188,13 @@ void sdd(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M
         sdd_tile<NV, PF>(dyc + n0, ld_dy, xc + k0, ld_x, mc, out + n0 * bk + k0, bk, acc);
       for (; k0 < bk; k0 += VW)
         sdd_tile<1, PF>(dyc + n0, ld_dy, xc + k0, ld_x, mc, out + n0 * bk + k0, bk, acc);
+    }
+    if (dbias) {
+      for (int64_t n0 = 0; n0 < bn; n0 += VW) {  // bn is a multiple of 16, hence of VW
+        vec sum = load(dbias + n0);
+        for (int64_t m = 0; m < mc; ++m) sum += load(dyc + m * ld_dy + n0);
+        store(dbias + n0, sum);
+      }
     }
   }
 }

@@ -91,14 +91,20 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _grads(ctx, dy, grad_input, grad_weight):
+def _grads(ctx, dy, grad_input, grad_weight, grad_weight_bias=None):
     """(dx, dvalues, dbias) for the inputs that need them; ``grad_input(dy)``/``grad_weight(dy)``
-    compute the first two (through the custom ops when traced, the backends directly in eager)."""
+    compute the first two (through the custom ops when traced, the backends directly in eager).
+    ``grad_weight_bias(dy)``, where the weight-gradient backend has one, returns dvalues and
+    dbias together (the bias gradient fused into the weight-gradient kernel)."""
     dy = dy.contiguous()
     dx = grad_input(dy) if ctx.needs_input_grad[0] else None
+    want_bias = ctx.has_bias and ctx.needs_input_grad[2]
+    if want_bias and ctx.needs_input_grad[1] and grad_weight_bias is not None:
+        dvalues, dbias = grad_weight_bias(dy)
+        return dx, dvalues, dbias
     dvalues = grad_weight(dy) if ctx.needs_input_grad[1] else None
     dbias = None
-    if ctx.has_bias and ctx.needs_input_grad[2]:
+    if want_bias:
         acc = torch.float64 if dy.dtype == torch.float64 else torch.float32
         dbias = dy.sum(0, dtype=acc).to(dy.dtype)
     return dx, dvalues, dbias
@@ -133,10 +139,13 @@ class _BsrLinearEager(torch.autograd.Function):
     def backward(ctx, dy):
         x, values = ctx.saved_tensors
         lt, (_, dx_backend, dw_backend) = ctx.lt, ctx.plan
+        dw_mod = backends.get(dw_backend)
+        fused = getattr(dw_mod, "grad_weight_bias", None)
         dx, dvalues, dbias = _grads(
             ctx, dy,
             lambda dy: backends.get(dx_backend).grad_input(dy, values, lt),
-            lambda dy: backends.get(dw_backend).grad_weight(x, dy, lt))
+            lambda dy: dw_mod.grad_weight(x, dy, lt),
+            None if fused is None else (lambda dy: fused(x, dy, lt)))
         return dx, dvalues, dbias, None, None
 
 

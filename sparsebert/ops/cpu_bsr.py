@@ -65,8 +65,11 @@ def _register_fakes():
         nnz = (index.shape[0] - N // bn - K // bk - 2) // 4
         return x.new_empty(nnz, bn, bk)
 
+    def fake_grad_weight_bias(x, dy, index, N, K, bn, bk):
+        return fake_grad_weight(x, dy, index, N, K, bn, bk), dy.new_empty(N)
+
     for name, fn in (("forward", fake_forward), ("grad_input", fake_grad_input),
-                     ("grad_weight", fake_grad_weight)):
+                     ("grad_weight", fake_grad_weight), ("grad_weight_bias", fake_grad_weight_bias)):
         try:
             torch.library.register_fake(f"sparsebert_cpu::{name}")(fn)
         except RuntimeError:  # already registered (module reloaded, or by the op layer)
@@ -126,3 +129,9 @@ def grad_input(dy, values, lt: LayoutTensors):
 
 def grad_weight(x, dy, lt: LayoutTensors):
     return _require().grad_weight(x, dy, lt.packed(), lt.N, lt.K, lt.bn, lt.bk)
+
+
+def grad_weight_bias(x, dy, lt: LayoutTensors):
+    """``(grad_weight(x, dy, lt), dy.sum(0))`` with the bias gradient summed inside the weight
+    gradient kernel, while the dy rows are in L1, instead of in another pass over dy."""
+    return _require().grad_weight_bias(x, dy, lt.packed(), lt.N, lt.K, lt.bn, lt.bk)
