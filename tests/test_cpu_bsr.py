@@ -352,3 +352,43 @@ def test_op_backward_uses_the_fused_bias_gradient(monkeypatch):
     assert calls == [1]
     for got, want in zip(grads["cpu"], grads["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic", "autovec"])
+def test_forward_gelu_epilogue_matches_nn_gelu(isa, monkeypatch):
+    """activation="gelu" applies the exact GELU in the register tile: with an identity weight
+    it is GELU itself, checked against nn.GELU() over the whole finite range (tails, zero, huge
+    values; inf/nan cannot pass through the product unchanged: inf * 0 is nan)."""
+    import sparsebert.ops.cpu_bsr as cb
+    if isa in ("avx512", "autovec") and cb.isa() != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setenv("SPARSEBERT_CPU_ISA", isa)
+    lay = BlockLayout.from_mask(torch.ones(1, 1, dtype=torch.bool), (16, 16))
+    eye = torch.eye(16).unsqueeze(0)
+    z = torch.cat([torch.linspace(-12, 12, 16 * 997),
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, 1e30, -1e30,
+                                 1e-3, -1e-3, 3.0, -3.0, 0.5, -0.5, 7.0, -7.0])])
+    x = z.view(-1, 16)
+    y = cpu_bsr.forward(x, eye, None, lay.tensors(), activation="gelu")
+    want = torch.nn.functional.gelu(x.double())   # exact; torch's own fp32 GELU is off by 1.2e-6
+    torch.testing.assert_close(y.double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_gelu_with_input_groups(dtype):
+    """A wide input is split into groups, the output tile accumulated across them; GELU must be
+    applied once, after the last group that writes each output block (rows whose blocks all lie
+    in the first group, rows in the last group only, both, none)."""
+    N, K, block, M = 64, 1024, (16, 16), 300      # 64 column blocks, two groups of 48 and 16
+    mask = torch.zeros(4, 64, dtype=torch.bool)
+    mask[0, [0, 5, 40]] = True                    # first group only
+    mask[1, [50, 63]] = True                      # second group only
+    mask[2, [1, 47, 48, 60]] = True               # both
+    lay = BlockLayout.from_mask(mask, block)      # row 3 keeps nothing: gelu(bias)
+    lt = lay.tensors()
+    x, _, values, bias = _inputs(M, N, K, lay, dtype)
+    y = cpu_bsr.forward(x, values, bias, lt, activation="gelu")
+    want = torch.nn.functional.gelu(reference.forward(x.float(), values.float(), bias.float(), lt))
+    _close(y, want.to(dtype), dtype, K)
+    with pytest.raises(ValueError, match="activation"):
+        cpu_bsr.forward(x, values, bias, lt, activation="relu")

@@ -1,6 +1,8 @@
 // CPU backend of sparsebert: block-sparse linear ops in the `sparsebert_cpu` namespace.
 //
-//   forward(x, values, bias, index, N, K, bn, bk)   y  = x W^T + bias          [M, N]
+//   forward(x, values, bias, index, N, K, bn, bk, activation="none")
+//                                                   y  = x W^T + bias [M, N]; "gelu": gelu(y),
+//                                                   applied in the register tile before the store
 //   grad_input(dy, values, index, N, K, bn, bk)     dx = dy W                  [M, K]
 //   grad_weight(x, dy, index, N, K, bn, bk)         dvalues = (dy^T x) on kept blocks [nnz, bn, bk]
 //   grad_weight_bias(x, dy, index, N, K, bn, bk)    (dvalues, dy.sum(0)): the bias gradient fused
@@ -335,7 +337,7 @@ void run_panels(const Kernels& kern, const float* in, int64_t ld_in, int64_t M,
                 const std::vector<const float*>& B, const std::vector<int64_t>& off,
                 const int32_t* in_blk, int64_t n_in_blocks, const int32_t* ptr,
                 int64_t n_out_blocks, int64_t bi, int64_t bo, const float* bias, float* out,
-                int64_t ld_out) {
+                int64_t ld_out, bool gelu = false) {
   if (M == 0) return;
   const int64_t threads = at::get_num_threads();
   const int64_t tm = std::min<int64_t>(256, M);
@@ -360,6 +362,12 @@ void run_panels(const Kernels& kern, const float* in, int64_t ld_in, int64_t M,
     gptr[j * (G + 1) + G] = ptr[j + 1];
   }
 
+  // With the GELU epilogue, each output block applies it in the last group that writes it.
+  std::vector<int64_t> glast(gelu ? n_out_blocks : 0, 0);
+  for (int64_t j = 0; j < int64_t(glast.size()); ++j)
+    for (int64_t g = 1; g < G; ++g)
+      if (gptr[j * (G + 1) + g] < gptr[j * (G + 1) + g + 1]) glast[j] = g;
+
   // Software prefetch (measured, 2 threads, interleaved A/B): requesting the next token tile's
   // output lines for writing helps at every density (the output rows are ld_out apart, and the
   // store misses otherwise stall the store buffer: 4-13% at 90% sparsity, 1-6% at 50%);
@@ -382,7 +390,8 @@ void run_panels(const Kernels& kern, const float* in, int64_t ld_in, int64_t M,
           const int64_t e0 = gptr[j * (G + 1) + g], e1 = gptr[j * (G + 1) + g + 1];
           if (g > 0 && e0 == e1) continue;  // nothing to add; g == 0 always writes (bias or 0)
           panel(in + t0 * ld_in, ld_in, rows, B.data() + e0, off.data() + e0, e1 - e0, bi, bo,
-                     bias ? bias + j * bo : nullptr, out + t0 * ld_out + j * bo, ld_out, g > 0);
+                bias ? bias + j * bo : nullptr, out + t0 * ld_out + j * bo, ld_out, g > 0,
+                gelu && g == glast[j]);
         }
       }
     }
@@ -391,7 +400,10 @@ void run_panels(const Kernels& kern, const float* in, int64_t ld_in, int64_t M,
 
 // ---- ops -------------------------------------------------------------------------------------
 at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias,
-                   const at::Tensor& index, int64_t N, int64_t K, int64_t bn, int64_t bk) {
+                   const at::Tensor& index, int64_t N, int64_t K, int64_t bn, int64_t bk,
+                   c10::string_view activation) {
+  TORCH_CHECK(activation == "none" || activation == "gelu",
+              "sparsebert_cpu: activation must be 'none' or 'gelu', got '", std::string(activation), "'");
   check_geometry(N, K, bn, bk);
   check_matrix(x, "x", K);
   check_values(values, x, bn, bk);
@@ -422,7 +434,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const std::opt
     off[i] = int64_t(ix.col_idx[i]) * (pack ? M * bk : bk);
   }
   run_panels(kern, xf.data_ptr<float>(), pack ? bk : K, M, B, off, ix.col_idx, ix.C, ix.row_ptr, ix.R, bk, bn,
-             bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>(), N);
+             bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>(), N, activation == "gelu");
   return pooled_to(y, x.scalar_type());
 }
 
@@ -570,7 +582,7 @@ std::string isa() { return select_kernels().name; }
 }  // namespace sparsebert_cpu
 
 TORCH_LIBRARY(sparsebert_cpu, m) {
-  m.def("forward(Tensor x, Tensor values, Tensor? bias, Tensor index, int N, int K, int bn, int bk) -> Tensor");
+  m.def("forward(Tensor x, Tensor values, Tensor? bias, Tensor index, int N, int K, int bn, int bk, str activation=\"none\") -> Tensor");
   m.def("grad_input(Tensor dy, Tensor values, Tensor index, int N, int K, int bn, int bk) -> Tensor");
   m.def("grad_weight(Tensor x, Tensor dy, Tensor index, int N, int K, int bn, int bk) -> Tensor");
   m.def("grad_weight_bias(Tensor x, Tensor dy, Tensor index, int N, int K, int bn, int bk) -> (Tensor, Tensor)");

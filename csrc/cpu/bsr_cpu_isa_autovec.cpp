@@ -4,6 +4,7 @@
 // so the benchmark can show what the register-blocked micro-kernel buys (see RESULTS_CPU.md).
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -16,7 +17,7 @@ constexpr int64_t kMaxBo = 1024;  // the binding limits blocks to 256
 
 void panel(const float* in, int64_t ld_in, int64_t M, const float* const* B,
            const int64_t* in_off, int64_t ne, int64_t bi, int64_t bo, const float* bias,
-           float* out, int64_t ld_out, bool accumulate) {
+           float* out, int64_t ld_out, bool accumulate, bool gelu) {
   alignas(64) float acc[kMaxBo];
   for (int64_t m = 0; m < M; ++m) {
 #pragma omp simd
@@ -30,6 +31,8 @@ void panel(const float* in, int64_t ld_in, int64_t M, const float* const* B,
         for (int64_t o = 0; o < bo; ++o) acc[o] += s * b[k * bo + o];
       }
     }
+    if (gelu)
+      for (int64_t o = 0; o < bo; ++o) acc[o] = 0.5f * acc[o] * (1.0f + std::erf(acc[o] * 0.70710678118654752f));
     std::memcpy(out + m * ld_out, acc, sizeof(float) * bo);
   }
 }

@@ -29,13 +29,48 @@ typedef float vec __attribute__((vector_size(SB_VW * sizeof(float))));
 inline vec load(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }   // vmovups
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
+// ---- GELU epilogue (exact form, 0.5 x (1 + erf(x / sqrt 2))) ------------------------------
+// erf as PyTorch's own CPU kernel computes it (at::vec::Vectorized<float>::erf, Abramowitz &
+// Stegun 7.1.26, |error| < 1.5e-7), with a Cephes-style exp, so the fused forward agrees with
+// nn.GELU() on CPU to fp32 rounding.
+typedef int32_t ivec __attribute__((vector_size(SB_VW * sizeof(int32_t))));
+
+inline vec vexp(vec x) {  // for x <= 0 (here -z^2): clamped at -87.3, so 2^n stays normal
+  x = x < -87.3f ? vec{} - 87.3f : x;
+  const vec fx = x * 1.44269504088896341f + 0.5f;
+  vec n = __builtin_convertvector(__builtin_convertvector(fx, ivec), vec);
+  n = n > fx ? n - 1.0f : n;  // floor (the conversion truncates toward zero)
+  const vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vec p = vec{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vec y = p * r * r + r + 1.0f;
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;  // 2^n
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+inline vec vgelu(vec x) {
+  const vec z = x * 0.70710678118654752f;
+  const vec az = z < 0.0f ? -z : z;
+  const vec t = 1.0f / (az * 0.3275911f + 1.0f);
+  const vec r = ((((t * 1.061405429f - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t +
+                 0.254829592f) * t;
+  const vec e = 1.0f - r * vexp(-az * az);
+  return 0.5f * x * (1.0f + (z < 0.0f ? -e : e));
+}
+
 // ---- panel: out[m, :bo] = bias + sum_e in[m, off_e : off_e + bi] @ B_e --------------------
 // Register tile: T tokens x V vectors of accumulators, kept in registers over all entries e
 // and all bi; per k: V loads of B, T broadcasts of `in`, T*V FMAs.
 template <int T, int V, int PF>
 void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int64_t* in_off,
                 int64_t ne, int64_t bi, int64_t bo, int64_t col0, const float* bias,
-                float* out, int64_t ld_out, bool accumulate) {
+                float* out, int64_t ld_out, bool accumulate, bool gelu) {
   vec acc[T][V];
 #if SB_PREFETCH
   // PF & 2: request the next token tile's output lines for writing (rows ld_out apart: the
@@ -84,6 +119,12 @@ void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int
       }
     }
   }
+  if (gelu) {
+#pragma GCC unroll 16
+    for (int i = 0; i < T; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[i][v] = vgelu(acc[i][v]);
+  }
 #pragma GCC unroll 16
   for (int i = 0; i < T; ++i)
 #pragma GCC unroll 8
@@ -93,37 +134,37 @@ void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int
 template <int T, int PF>
 void panel_rows(const float* in, int64_t ld_in, const float* const* B, const int64_t* in_off,
                 int64_t ne, int64_t bi, int64_t bo, const float* bias, float* out,
-                int64_t ld_out, bool accumulate) {
+                int64_t ld_out, bool accumulate, bool gelu) {
   int64_t c = 0;
   for (; c + NV * VW <= bo; c += NV * VW)
-    panel_tile<T, NV, PF>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out, accumulate);
+    panel_tile<T, NV, PF>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out, accumulate, gelu);
   for (; c < bo; c += VW)  // bo is a multiple of 16, hence of VW
-    panel_tile<T, 1, PF>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out, accumulate);
+    panel_tile<T, 1, PF>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out, accumulate, gelu);
 }
 
 // Token tail (fewer than MT rows left): a tile of exactly `rows` tokens.
 template <int T, int PF>
 void panel_tail(int64_t rows, const float* in, int64_t ld_in, const float* const* B,
                 const int64_t* in_off, int64_t ne, int64_t bi, int64_t bo, const float* bias,
-                float* out, int64_t ld_out, bool accumulate) {
+                float* out, int64_t ld_out, bool accumulate, bool gelu) {
   if (rows == T) {
-    panel_rows<T, PF>(in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out, accumulate);
+    panel_rows<T, PF>(in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out, accumulate, gelu);
   } else if constexpr (T > 1) {
-    panel_tail<T - 1, PF>(rows, in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out, accumulate);
+    panel_tail<T - 1, PF>(rows, in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out, accumulate, gelu);
   }
 }
 
 template <int PF>
 void panel(const float* in, int64_t ld_in, int64_t M, const float* const* B,
            const int64_t* in_off, int64_t ne, int64_t bi, int64_t bo, const float* bias,
-           float* out, int64_t ld_out, bool accumulate) {
+           float* out, int64_t ld_out, bool accumulate, bool gelu) {
   int64_t m = 0;
   for (; m + MT <= M; m += MT)
     panel_rows<MT, PF>(in + m * ld_in, ld_in, B, in_off, ne, bi, bo, bias, out + m * ld_out, ld_out,
-                   accumulate);
+                       accumulate, gelu);
   if (m < M)
     panel_tail<MT - 1, PF>(M - m, in + m * ld_in, ld_in, B, in_off, ne, bi, bo, bias,
-                       out + m * ld_out, ld_out, accumulate);
+                           out + m * ld_out, ld_out, accumulate, gelu);
 }
 
 // ---- sdd: out[n, k] (+)= sum_m dy[m, n] x[m, k] ------------------------------------------

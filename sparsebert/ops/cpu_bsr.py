@@ -28,6 +28,7 @@ from ..layout import LayoutTensors
 
 NAME = "cpu"
 DTYPES = (torch.float32, torch.bfloat16)
+ACTIVATIONS = ("none", "gelu")  # "gelu" is applied in the forward's register tile, before the store
 MAX_BLOCK = 256
 
 _load_error: str | None = None
@@ -53,7 +54,7 @@ def _load() -> str | None:
 
 def _register_fakes():
     """Shape-only implementations, so meta tensors and torch.compile can trace the ops."""
-    def fake_forward(x, values, bias, index, N, K, bn, bk):
+    def fake_forward(x, values, bias, index, N, K, bn, bk, activation="none"):
         torch._check(x.dim() == 2 and x.shape[1] == K, lambda: f"sparsebert_cpu: x must be [M, {K}]")
         return x.new_empty(x.shape[0], N)
 
@@ -119,8 +120,10 @@ def _require():
     return torch.ops.sparsebert_cpu
 
 
-def forward(x, values, bias, lt: LayoutTensors):
-    return _require().forward(x, values, bias, lt.packed(), lt.N, lt.K, lt.bn, lt.bk)
+def forward(x, values, bias, lt: LayoutTensors, activation: str = "none"):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"forward: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return _require().forward(x, values, bias, lt.packed(), lt.N, lt.K, lt.bn, lt.bk, activation)
 
 
 def grad_input(dy, values, lt: LayoutTensors):
