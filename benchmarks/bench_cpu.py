@@ -144,8 +144,9 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 7, warm
 E2E = dict(hidden=384, layers=6, heads=12, intermediate=1536, seq=128, batch=16)
 
 
-def build_bert(sparsity: Optional[float], block=(32, 32), backend="cpu"):
-    """Random-weight BertModel (eval); ``sparsity`` None = dense, else block-pruned linears."""
+def build_bert(sparsity: Optional[float], block=(32, 32), backend="cpu", fuse_activation=True):
+    """Random-weight BertModel (eval); ``sparsity`` None = dense, else block-pruned linears (with
+    the intermediate GELU fused into the sparse layer unless ``fuse_activation`` is False)."""
     from transformers import BertConfig, BertModel
     cfg = BertConfig(hidden_size=E2E["hidden"], num_hidden_layers=E2E["layers"],
                      num_attention_heads=E2E["heads"], intermediate_size=E2E["intermediate"],
@@ -154,7 +155,8 @@ def build_bert(sparsity: Optional[float], block=(32, 32), backend="cpu"):
     model = BertModel(cfg).eval()
     if sparsity is not None:
         import sparsebert
-        sparsebert.sparsify(model, sparsity, block=block, backend=backend)
+        sparsebert.sparsify(model, sparsity, block=block, backend=backend,
+                            fuse_activation=fuse_activation)
     return model
 
 

@@ -1,6 +1,6 @@
 """The CPU benchmark grid of ``bench_cpu.py`` as a Markdown table (paste into RESULTS).
 
-    .venv/bin/python benchmarks/cpu_table.py [--rounds 7] [--quick] [--no-e2e] [--providers dense,cpu]
+    .venv/bin/python benchmarks/cpu_table.py [--rounds 7] [--quick] [--no-e2e | --e2e-only] [--providers dense,cpu]
 
 Per (shape, block, sparsity, mode) the providers are timed interleaved, round by round, and the
 median is reported: time, speedup over dense F.linear and fraction of the ideal, where
@@ -61,7 +61,8 @@ def kernel_table(rounds: int, providers, shapes, blocks, sparsities, modes):
 
 def e2e_table(rounds: int):
     ids = bc.bert_inputs()
-    models = {"dense": bc.build_bert(None), "cpu, 90% 32×32": bc.build_bert(0.9)}
+    models = {"dense": bc.build_bert(None), "cpu, 90% 32×32": bc.build_bert(0.9),
+              "cpu, 90% 32×32, GELU not fused": bc.build_bert(0.9, fuse_activation=False)}
 
     def runner(m):
         def run():
@@ -84,6 +85,7 @@ def main():
     ap.add_argument("--providers", default=",".join(bc.PROVIDERS))
     ap.add_argument("--quick", action="store_true", help="block 32 only, sparsity 50/90%%, no reference")
     ap.add_argument("--no-e2e", action="store_true")
+    ap.add_argument("--e2e-only", action="store_true")
     args = ap.parse_args()
     providers = args.providers.split(",")
     blocks, sparsities = bc.BLOCKS, bc.SPARSITIES
@@ -100,7 +102,8 @@ def main():
           f"{datetime.datetime.now():%Y-%m-%d %H:%M}, M = {bc.M_TOKENS}, fp32, "
           f"median of {args.rounds} interleaved rounds\n")
     t0 = time.time()
-    kernel_table(args.rounds, providers, bc.SHAPES, blocks, sparsities, bc.MODES)
+    if not args.e2e_only:
+        kernel_table(args.rounds, providers, bc.SHAPES, blocks, sparsities, bc.MODES)
     if not args.no_e2e:
         e2e_table(args.rounds)
     print(f"\n({time.time() - t0:.0f} s)")

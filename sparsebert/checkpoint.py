@@ -23,7 +23,7 @@ from torch import nn
 
 from .layout import BlockLayout
 from .nn import BlockSparseLinear, MaskedEmbedding, MaskedLinear
-from .hf import _set_module, sparse_layers
+from .hf import _set_module, fuse_activations, sparse_layers, unfuse_activations
 
 FORMAT = "sparsebert-checkpoint"
 VERSION = 1
@@ -72,7 +72,8 @@ def save_sparse(model: nn.Module, path: str) -> None:
             tensors[p + "block_mask"] = m.layout.block_mask.to(torch.uint8)
             layers.append({"name": name, "kind": "block", "shape": list(m.layout.shape),
                            "block": list(m.layout.block), "nnz": m.layout.nnz,
-                           "bias": m.bias is not None, "backend": m.backend})
+                           "bias": m.bias is not None, "backend": m.backend,
+                           "activation": m.activation})
             covered.update({p + "values", p + "_extra_state"})
         else:
             entry = {"name": name, "kind": "masked_embedding" if isinstance(m, MaskedEmbedding) else "masked_linear",
@@ -199,6 +200,7 @@ def load_sparse(path: str, model: Optional[nn.Module] = None) -> nn.Module:
 
 def _convert(model: nn.Module, meta: dict, tensors: Dict[str, torch.Tensor]) -> nn.Module:
     """Swap ``model``'s layers for the checkpoint's sparse ones (shapes checked)."""
+    unfuse_activations(model)   # a model that was sparsified before: back to its plain modules
     replacements = []
     for entry in meta["layers"]:
         name = entry["name"]
@@ -239,4 +241,12 @@ def _convert(model: nn.Module, meta: dict, tensors: Dict[str, torch.Tensor]) -> 
     for entry in meta["layers"]:
         if "tied_to" in entry:
             model.get_submodule(entry["name"]).mask = model.get_submodule(entry["tied_to"]).mask
+    fused = [e["name"] for e in meta["layers"] if e.get("activation", "none") != "none"]
+    if any(e.get("activation", "none") not in ("none", "gelu") for e in meta["layers"]):
+        raise CheckpointError(f"unknown activation in {sorted({e.get('activation') for e in meta['layers']})}")
+    if fused:
+        try:
+            fuse_activations(model, names=fused)
+        except ValueError as e:
+            raise CheckpointError(f"the checkpoint's fused GELU does not fit the model: {e}") from None
     return model

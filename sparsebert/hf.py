@@ -63,9 +63,79 @@ def _tied_decoders(model: nn.Module, emb: nn.Module) -> List[Tuple[str, nn.Linea
             if isinstance(m, nn.Linear) and m.weight is emb.weight]
 
 
+# ---- activation fusion ------------------------------------------------------------------------
+# Hugging Face's BERT-style intermediate block is `act(dense(x))`: with `dense` block-sparse, the
+# GELU can run in the kernel's epilogue (one pass over the [tokens, 4 x hidden] output saved).
+class FusedActivation(nn.Module):
+    """Identity, standing where an activation now runs inside the preceding sparse layer
+    (``into``); keeps the original module so :func:`unfuse_activations` can put it back."""
+
+    def __init__(self, original: nn.Module, into: str):
+        super().__init__()
+        self.original = original
+        self.into = into
+
+    def forward(self, x):
+        return x
+
+    def extra_repr(self):
+        return f"fused into {self.into!r}"
+
+
+def _is_exact_gelu(act) -> bool:
+    """nn.GELU() or transformers' GELUActivation ("gelu"): the erf form, which the kernels compute.
+    The tanh approximations ("gelu_new", GELU(approximate="tanh")) are left alone."""
+    if isinstance(act, nn.GELU):
+        return act.approximate == "none"
+    if type(act).__name__ == "GELUActivation":
+        fn = getattr(act, "act", None)
+        return fn is nn.functional.gelu or getattr(fn, "__name__", "") == "_gelu_python"
+    return False
+
+
+def fuse_activations(model: nn.Module, names: Optional[Sequence[str]] = None) -> List[str]:
+    """Fuse the exact GELU of every BERT-style intermediate block (a module with a ``dense``
+    :class:`BlockSparseLinear` and an ``intermediate_act_fn``) into that layer, in place.
+
+    Returns the names of the sparse layers that now apply the GELU. ``names`` restricts it to those
+    layers (and then each must be fusable). Outputs are unchanged: under autograd the layer applies
+    the GELU as a separate op, without autograd inside its kernel where the backend can.
+    """
+    fused = []
+    want = None if names is None else set(names)
+    for parent_name, parent in model.named_modules():
+        dense, act = getattr(parent, "dense", None), getattr(parent, "intermediate_act_fn", None)
+        name = f"{parent_name}.dense" if parent_name else "dense"
+        if want is not None and name not in want:
+            continue
+        if not isinstance(dense, BlockSparseLinear) or not _is_exact_gelu(act):
+            if want is not None:
+                raise ValueError(f"{name}: not a block-sparse layer followed by an exact GELU "
+                                 f"(intermediate_act_fn={act!r})")
+            continue
+        dense.activation = "gelu"
+        parent.intermediate_act_fn = FusedActivation(act, into="dense")
+        fused.append(name)
+    if want is not None and set(fused) != want:
+        raise ValueError(f"no BERT-style intermediate block holds {sorted(want - set(fused))}")
+    return fused
+
+
+def unfuse_activations(model: nn.Module) -> None:
+    """Undo :func:`fuse_activations`: the activation modules go back in place, in place."""
+    for parent_name, parent in model.named_modules():
+        act = getattr(parent, "intermediate_act_fn", None)
+        if isinstance(act, FusedActivation):
+            layer = getattr(parent, act.into)
+            if isinstance(layer, BlockSparseLinear):
+                layer.activation = "none"
+            parent.intermediate_act_fn = act.original
+
+
 def sparsify(model: nn.Module, sparsity: float, block=(32, 32), mode: str = "block",
              scope: str = "layer", targets: Targets = None, score: str = "magnitude",
-             seed: int = 0, backend: str = "auto", embeddings: Optional[bool] = None) -> nn.Module:
+             seed: int = 0, backend: str = "auto", embeddings: Optional[bool] = None,
+             fuse_activation: bool = True) -> nn.Module:
     """Prune ``model`` by magnitude and swap its target linears for sparse layers, in place.
 
     Args:
@@ -80,6 +150,8 @@ def sparsify(model: nn.Module, sparsity: float, block=(32, 32), mode: str = "blo
         targets: which linears (see :func:`find_targets`).
         score: ``"magnitude"`` or ``"random"`` (the paper's control).
         embeddings: prune the word embeddings too (default: True in unstructured mode).
+        fuse_activation: in block mode, run BERT's intermediate GELU inside the sparse layer's
+            kernel (:func:`fuse_activations`; same outputs, one pass over the activations saved).
     Returns:
         the same ``model``.
     """
@@ -128,6 +200,8 @@ def sparsify(model: nn.Module, sparsity: float, block=(32, 32), mode: str = "blo
         else:
             new = MaskedLinear.from_dense(m, mask=mask)
         _set_module(model, name, new)
+    if mode == "block" and fuse_activation:
+        fuse_activations(model)
     return model
 
 
@@ -135,8 +209,9 @@ def densify(model: nn.Module) -> nn.Module:
     """Turn every sparse layer back into ``nn.Linear``/``nn.Embedding``, in place.
 
     Pruned weights are exactly zero and, from here on, free to change (the paper's
-    "information deletion" control). Weight ties are kept.
+    "information deletion" control). Weight ties are kept; fused activations are unfused.
     """
+    unfuse_activations(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, (MaskedLinear, MaskedEmbedding, BlockSparseLinear)):
             _set_module(model, name, m.to_dense())

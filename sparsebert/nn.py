@@ -15,6 +15,7 @@ from torch import nn
 
 from .layout import BlockLayout, _as_block
 from .ops import bsr_linear
+from .ops.bsr_linear import ACTIVATIONS
 from .pruning.scores import block_scores, element_scores, keep_count, topk_mask
 
 
@@ -137,16 +138,22 @@ class BlockSparseLinear(nn.Module):
     ``values`` (the only weight parameter) is ``[nnz, bn, bk]`` in the layout's row-major block
     order, so gradients and optimizer state scale with the kept fraction. The forward calls
     :func:`sparsebert.ops.bsr_linear` with ``backend`` ("auto" picks the fastest, dense included).
+    ``activation="gelu"`` makes the layer compute ``gelu(x Wᵀ + b)``, fused into the kernel's
+    epilogue where the backend can (inference); :func:`sparsebert.sparsify` sets it on BERT's
+    intermediate layers (see :func:`sparsebert.hf.fuse_activations`).
     """
 
     def __init__(self, layout: BlockLayout, bias: bool = True, backend: str = "auto",
-                 device=None, dtype=None):
+                 device=None, dtype=None, activation: str = "none"):
         super().__init__()
         if not isinstance(layout, BlockLayout):
             raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.out_features, self.in_features = layout.shape
         self.layout = layout
         self.backend = backend
+        self.activation = activation
         bn, bk = layout.block
         self.values = nn.Parameter(torch.empty(layout.nnz, bn, bk, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype)) if bias else None
@@ -201,9 +208,12 @@ class BlockSparseLinear(nn.Module):
         return self.layout.scatter(self.values)
 
     def forward(self, x):
-        return bsr_linear(x, self.values, self.layout, self.bias, backend=self.backend)
+        return bsr_linear(x, self.values, self.layout, self.bias, backend=self.backend,
+                          activation=self.activation)
 
     def to_dense(self) -> nn.Linear:
+        """The equivalent ``nn.Linear`` (zeros in pruned blocks). A fused activation is not part of
+        it: :func:`sparsebert.densify` puts the model's activation module back first."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.values.device, dtype=self.values.dtype)
         with torch.no_grad():
@@ -245,7 +255,8 @@ class BlockSparseLinear(nn.Module):
         bn, bk = self.layout.block
         return (f"in_features={self.in_features}, out_features={self.out_features}, block=({bn}, {bk}), "
                 f"kept={self.layout.nnz}/{self.layout.grid[0] * self.layout.grid[1]} "
-                f"({self.density:.3f}), bias={self.bias is not None}, backend={self.backend!r}")
+                f"({self.density:.3f}), bias={self.bias is not None}, backend={self.backend!r}"
+                + (f", activation={self.activation!r}" if self.activation != "none" else ""))
 
     # The layout is part of the state: saved as a block mask next to the values.
     def get_extra_state(self):

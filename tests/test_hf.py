@@ -176,3 +176,58 @@ def test_cli_prune_writes_checkpoint_and_table(tmp_path, tiny_bert_config):
     assert isinstance(loaded.bert.pooler.dense, BlockSparseLinear)
     r = _cli("prune", str(tmp_path / "nothing"), "--sparsity", "0.5", "--out", str(tmp_path / "x"))
     assert r.returncode != 0 and "cannot load" in r.stderr
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_intermediate_gelu_is_fused_and_unfused(tmp_path, tiny_bert_config, backend):
+    """sparsify runs BERT's intermediate GELU inside the sparse layer (same outputs and gradients
+    as the unfused model); densify and save/load keep the model equivalent."""
+    from sparsebert.hf import FusedActivation
+    from sparsebert.ops import backends
+    if backends.unavailable_reason(backend, "cpu") is not None:
+        pytest.skip(backends.unavailable_reason(backend, "cpu"))
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config).eval()
+    plain = sparsebert.sparsify(copy.deepcopy(model), 0.5, block=(16, 16), backend=backend,
+                                fuse_activation=False)
+    fused = sparsebert.sparsify(copy.deepcopy(model), 0.5, block=(16, 16), backend=backend)
+    inter = fused.bert.encoder.layer[1].intermediate
+    assert inter.dense.activation == "gelu" and isinstance(inter.intermediate_act_fn, FusedActivation)
+    assert plain.bert.encoder.layer[1].intermediate.dense.activation == "none"
+    assert all(m.activation == "none" for n, m in fused.named_modules()
+               if isinstance(m, BlockSparseLinear) and not n.endswith("intermediate.dense"))
+    ids = _ids()
+    with torch.no_grad():                                   # inference: the fused kernel path
+        torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    fused(input_ids=ids).logits.square().sum().backward()  # training: gelu as its own op
+    plain(input_ids=ids).logits.square().sum().backward()
+    g = lambda m: m.bert.encoder.layer[0].intermediate.dense.values.grad
+    torch.testing.assert_close(g(fused), g(plain), rtol=1e-5, atol=1e-5)
+
+    sparsebert.save_sparse(fused, str(tmp_path / "ck"))
+    loaded = sparsebert.load_sparse(str(tmp_path / "ck"))
+    assert isinstance(loaded.bert.encoder.layer[0].intermediate.intermediate_act_fn, FusedActivation)
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, plain(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    dense = sparsebert.densify(copy.deepcopy(fused))
+    act = dense.bert.encoder.layer[0].intermediate.intermediate_act_fn
+    assert type(act).__name__ == "GELUActivation"
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=ids).logits, plain(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_tanh_gelu_is_not_fused_and_a_fused_checkpoint_needs_an_exact_gelu(tmp_path, tiny_bert_config):
+    torch.manual_seed(0)
+    exact = sparsebert.sparsify(BertModel(tiny_bert_config), 0.5, block=(16, 16))
+    sparsebert.save_sparse(exact, str(tmp_path / "ck"))
+    cfg = copy.deepcopy(tiny_bert_config)
+    cfg.hidden_act = "gelu_new"                          # the tanh approximation: not the kernels' GELU
+    tanh_model = BertModel(cfg)
+    sparsebert.sparsify(tanh_model, 0.5, block=(16, 16))
+    assert tanh_model.encoder.layer[0].intermediate.dense.activation == "none"
+    with pytest.raises(CheckpointError, match="fused GELU"):
+        sparsebert.load_sparse(str(tmp_path / "ck"), model=BertModel(cfg))
