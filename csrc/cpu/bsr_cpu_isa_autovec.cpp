@@ -17,7 +17,7 @@ constexpr int64_t kMaxBo = 1024;  // the binding limits blocks to 256
 
 void panel(const float* in, int64_t ld_in, int64_t M, const float* const* B,
            const int64_t* in_off, int64_t ne, int64_t bi, int64_t bo, const float* bias,
-           float* out, int64_t ld_out, bool accumulate, bool gelu) {
+           float* out, int64_t ld_out, bool accumulate, bool gelu, bool /*nt: plain stores*/) {
   alignas(64) float acc[kMaxBo];
   for (int64_t m = 0; m < M; ++m) {
 #pragma omp simd

@@ -12,17 +12,19 @@ namespace sparsebert_cpu {
 
 struct Kernels {
   using PanelFn = void (*)(const float*, int64_t, int64_t, const float* const*, const int64_t*,
-                           int64_t, int64_t, int64_t, const float*, float*, int64_t, bool, bool);
+                           int64_t, int64_t, int64_t, const float*, float*, int64_t, bool, bool, bool);
   // "Panel" product, shared by the forward and the input gradient:
   //   out[m, 0:bo] = bias[0:bo] + sum_e  in[m, in_off[e] : in_off[e] + bi] @ B[e]
   // for m in [0, M); B[e] is a row-major [bi, bo] block; bias may be null (then 0).
   // accumulate: start from the current `out` instead of the bias (K split into groups).
   // gelu: apply the exact GELU to the finished tile before storing it (forward epilogue; only
-  // on the last accumulation pass). bo must be a multiple of 16. Forward: in = x, B = W block
+  // on the last accumulation pass). nt: store the finished tile with non-temporal stores (out
+  // and ld_out aligned to the vector size; only on the last pass). bo must be a multiple of 16. Forward: in = x, B = W block
   // transposed; grad_input: in = dy, B = W block as stored.
   void (*panel)(const float* in, int64_t ld_in, int64_t M, const float* const* B,
                 const int64_t* in_off, int64_t n_entries, int64_t bi, int64_t bo,
-                const float* bias, float* out, int64_t ld_out, bool accumulate, bool gelu);
+                const float* bias, float* out, int64_t ld_out, bool accumulate, bool gelu,
+                bool nt);
   // Weight-gradient block (SDD): out[n, k] (+)= sum_{m < M} dy[m, n] * x[m, k],
   // n < bn, k < bk (out row-major [bn, bk]); bn and bk multiples of 16. dbias, unless null:
   // dbias[n] += sum_{m < M} dy[m, n] (the bias gradient, fused: dy is read once).

@@ -9,6 +9,9 @@
 // No torch or standard-library template is used here (see the ODR note in bsr_cpu_kernels.h).
 #include <cstdint>
 #include <cstring>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "bsr_cpu_kernels.h"
 
@@ -28,6 +31,26 @@ typedef float vec __attribute__((vector_size(SB_VW * sizeof(float))));
 
 inline vec load(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }   // vmovups
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+
+// Non-temporal store (p aligned to the vector size): the line goes to memory without being read
+// first (no read-for-ownership) and without evicting the inputs from the caches.
+inline void stream(float* p, vec v) {
+#if (defined(__x86_64__) || defined(__i386__)) && SB_VW == 16
+  __m512 q; std::memcpy(&q, &v, sizeof q); _mm512_stream_ps(p, q);
+#elif (defined(__x86_64__) || defined(__i386__)) && SB_VW == 8
+  __m256 q; std::memcpy(&q, &v, sizeof q); _mm256_stream_ps(p, q);
+#elif (defined(__x86_64__) || defined(__i386__)) && SB_VW == 4
+  __m128 q; std::memcpy(&q, &v, sizeof q); _mm_stream_ps(p, q);
+#else
+  store(p, v);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_sfence();
+#endif
+}
 
 // ---- GELU epilogue (exact form, 0.5 x (1 + erf(x / sqrt 2))) ------------------------------
 // erf as PyTorch's own CPU kernel computes it (at::vec::Vectorized<float>::erf, Abramowitz &
@@ -70,7 +93,7 @@ inline vec vgelu(vec x) {
 template <int T, int V, int PF>
 void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int64_t* in_off,
                 int64_t ne, int64_t bi, int64_t bo, int64_t col0, const float* bias,
-                float* out, int64_t ld_out, bool accumulate, bool gelu) {
+                float* out, int64_t ld_out, bool accumulate, bool gelu, bool nt) {
   vec acc[T][V];
 #if SB_PREFETCH
   // PF & 2: request the next token tile's output lines for writing (rows ld_out apart: the
@@ -125,6 +148,13 @@ void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int
 #pragma GCC unroll 8
       for (int v = 0; v < V; ++v) acc[i][v] = vgelu(acc[i][v]);
   }
+  if (nt) {
+#pragma GCC unroll 16
+    for (int i = 0; i < T; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) stream(out + i * ld_out + col0 + v * VW, acc[i][v]);
+    return;
+  }
 #pragma GCC unroll 16
   for (int i = 0; i < T; ++i)
 #pragma GCC unroll 8
@@ -134,37 +164,38 @@ void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int
 template <int T, int PF>
 void panel_rows(const float* in, int64_t ld_in, const float* const* B, const int64_t* in_off,
                 int64_t ne, int64_t bi, int64_t bo, const float* bias, float* out,
-                int64_t ld_out, bool accumulate, bool gelu) {
+                int64_t ld_out, bool accumulate, bool gelu, bool nt) {
   int64_t c = 0;
   for (; c + NV * VW <= bo; c += NV * VW)
-    panel_tile<T, NV, PF>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out, accumulate, gelu);
+    panel_tile<T, NV, PF>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out, accumulate, gelu, nt);
   for (; c < bo; c += VW)  // bo is a multiple of 16, hence of VW
-    panel_tile<T, 1, PF>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out, accumulate, gelu);
+    panel_tile<T, 1, PF>(in, ld_in, B, in_off, ne, bi, bo, c, bias, out, ld_out, accumulate, gelu, nt);
 }
 
 // Token tail (fewer than MT rows left): a tile of exactly `rows` tokens.
 template <int T, int PF>
 void panel_tail(int64_t rows, const float* in, int64_t ld_in, const float* const* B,
                 const int64_t* in_off, int64_t ne, int64_t bi, int64_t bo, const float* bias,
-                float* out, int64_t ld_out, bool accumulate, bool gelu) {
+                float* out, int64_t ld_out, bool accumulate, bool gelu, bool nt) {
   if (rows == T) {
-    panel_rows<T, PF>(in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out, accumulate, gelu);
+    panel_rows<T, PF>(in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out, accumulate, gelu, nt);
   } else if constexpr (T > 1) {
-    panel_tail<T - 1, PF>(rows, in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out, accumulate, gelu);
+    panel_tail<T - 1, PF>(rows, in, ld_in, B, in_off, ne, bi, bo, bias, out, ld_out, accumulate, gelu, nt);
   }
 }
 
 template <int PF>
 void panel(const float* in, int64_t ld_in, int64_t M, const float* const* B,
            const int64_t* in_off, int64_t ne, int64_t bi, int64_t bo, const float* bias,
-           float* out, int64_t ld_out, bool accumulate, bool gelu) {
+           float* out, int64_t ld_out, bool accumulate, bool gelu, bool nt) {
   int64_t m = 0;
   for (; m + MT <= M; m += MT)
     panel_rows<MT, PF>(in + m * ld_in, ld_in, B, in_off, ne, bi, bo, bias, out + m * ld_out, ld_out,
-                       accumulate, gelu);
+                       accumulate, gelu, nt);
   if (m < M)
     panel_tail<MT - 1, PF>(M - m, in + m * ld_in, ld_in, B, in_off, ne, bi, bo, bias,
-                           out + m * ld_out, ld_out, accumulate, gelu);
+                           out + m * ld_out, ld_out, accumulate, gelu, nt);
+  if (nt) stream_fence();  // order the streamed lines before anything that reads them
 }
 
 // ---- sdd: out[n, k] (+)= sum_m dy[m, n] x[m, k] ------------------------------------------
