@@ -414,3 +414,26 @@ def test_streamed_output_stores(isa, stream, monkeypatch):
     _close(cpu_bsr.forward(x, values, bias, lt, activation="gelu"), torch.nn.functional.gelu(ref),
            torch.float32, K)
     _close(cpu_bsr.grad_input(dy, values, lt), reference.grad_input(dy, values, lt), torch.float32, N)
+
+
+def test_first_use_from_several_threads_at_once():
+    """The extension is loaded lazily: threads that reach it together must all wait for the load
+    (a thread once saw "loaded" before the ops were registered and failed)."""
+    import subprocess
+    import sys
+    code = (
+        "import threading\n"
+        "from sparsebert.ops import cpu_bsr\n"
+        "barrier = threading.Barrier(8); errors = []\n"
+        "def use():\n"
+        "    barrier.wait()\n"
+        "    try:\n"
+        "        cpu_bsr.pool_stats()\n"
+        "    except Exception as e:\n"
+        "        errors.append(repr(e))\n"
+        "threads = [threading.Thread(target=use) for _ in range(8)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "assert not errors, errors\n")
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]

@@ -35,6 +35,9 @@
 
 #include <cstdint>
 #include <cstdlib>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 #include <algorithm>
 #include <cstring>
 #include <list>
@@ -276,9 +279,22 @@ int64_t wcache_limit_bytes() {
 std::mutex wcache_mutex;
 std::list<WtEntry> wcache;  // most recently used first
 
+// Held across fork() (see output_pool.cpp): a child must not inherit it locked.
+void wcache_fork_guard() {
+#if defined(__unix__) || defined(__APPLE__)
+  static const bool registered = [] {
+    pthread_atfork([] { wcache_mutex.lock(); }, [] { wcache_mutex.unlock(); },
+                   [] { wcache_mutex.unlock(); });
+    return true;
+  }();
+  (void)registered;
+#endif
+}
+
 at::Tensor transpose_blocks(const at::Tensor& v);
 
 at::Tensor transposed_weights(const at::Tensor& values) {
+  wcache_fork_guard();
   if (values.scalar_type() != at::kFloat || values.is_inference() || !wcache_enabled() ||
       values.numel() == 0)
     return transpose_blocks(values.scalar_type() == at::kFloat ? values : values.to(at::kFloat));

@@ -6,6 +6,9 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <cstdlib>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
 #include <list>
 #include <mutex>
 #include <unordered_map>
@@ -36,9 +39,22 @@ struct Pool {
   int64_t hits = 0, misses = 0;
 };
 
+Pool& pool();
+
+// fork() while another thread holds the lock would leave it locked forever in the child (a
+// DataLoader worker freeing a pooled tensor would hang): hold it across fork, as malloc does.
+void lock_for_fork() { pool().mu.lock(); }
+void unlock_after_fork() { pool().mu.unlock(); }
+
 // Never destroyed: tensors holding pool blocks may be freed during static destruction.
 Pool& pool() {
-  static Pool* p = new Pool();
+  static Pool* p = [] {
+    Pool* q = new Pool();
+#if defined(__unix__) || defined(__APPLE__)
+    pthread_atfork(&lock_for_fork, &unlock_after_fork, &unlock_after_fork);
+#endif
+    return q;
+  }();
   return *p;
 }
 

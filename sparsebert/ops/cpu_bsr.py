@@ -22,6 +22,8 @@ while unused is capped by ``SPARSEBERT_CPU_POOL_MB`` (default 256, 0 = off, read
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from ..layout import LayoutTensors
@@ -33,22 +35,28 @@ MAX_BLOCK = 256
 
 _load_error: str | None = None
 _loaded = False
+_load_lock = threading.Lock()
 
 
 def _load() -> str | None:
-    """Import ``sparsebert._C`` once (it registers the ops); return why it failed, or None."""
+    """Import ``sparsebert._C`` once (it registers the ops); return why it failed, or None.
+    Thread-safe: a second thread waits until the first has finished loading (it must not see
+    "loaded" before the ops are registered)."""
     global _loaded, _load_error
-    if not _loaded:
-        _loaded = True
-        try:
-            from .. import _C  # noqa: F401  (import registers torch.ops.sparsebert_cpu)
-            torch.ops.sparsebert_cpu.forward  # noqa: B018  (raises if the CPU ops are missing)
-            _register_fakes()
-        except Exception as e:  # ImportError, undefined symbol from a torch ABI mismatch, ...
-            _load_error = (
-                f"sparsebert._C is not built or does not load ({type(e).__name__}: {e}); build it "
-                "with `pip install --no-build-isolation -e .` against the torch that runs it"
-            )
+    if _loaded:
+        return _load_error
+    with _load_lock:
+        if not _loaded:
+            try:
+                from .. import _C  # noqa: F401  (import registers torch.ops.sparsebert_cpu)
+                torch.ops.sparsebert_cpu.forward  # noqa: B018  (raises if the CPU ops are missing)
+                _register_fakes()
+            except Exception as e:  # ImportError, undefined symbol from a torch ABI mismatch, ...
+                _load_error = (
+                    f"sparsebert._C is not built or does not load ({type(e).__name__}: {e}); build "
+                    "it with `pip install --no-build-isolation -e .` against the torch that runs it"
+                )
+            _loaded = True
     return _load_error
 
 
