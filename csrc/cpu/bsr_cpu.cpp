@@ -12,18 +12,20 @@
 //   [row_ptr R+1 | col_idx nnz | row_idx nnz | col_ptr C+1 | t_row_idx nnz | t_perm nnz].
 //
 // Work split (at::parallel_for over independent output tiles, no atomics):
-//   forward      items (row block r, token tile): out block Y[tile, r] accumulates in registers
-//                over the kept blocks of row r (CSR). r is the outer index, so one thread's
-//                consecutive items reuse the same weight panel from L1/L2 while x streams.
-//                W blocks are transposed to [bk, bn] so the inner loop is a broadcast-FMA
-//                over contiguous outputs; the transposed copy is cached per values tensor and
-//                version counter (transposed_weights below; 2-5% of a forward at 50% sparsity).
-//                Software prefetch of the next token tile's output lines always, of its input
-//                rows only below 30% density (run_panels).
-//   grad_input   the same panel kernel over the CSC index (column block c outer); W blocks are
-//                already [bn, bk] = [in, out] for this product, no packing.
-//   grad_weight  items (kept block, token split); the token range is split only when there are
-//                too few blocks to keep every thread busy, partial sums then added.
+//   forward      run_panels: items (token tile of <= 256 tokens, chunk of output blocks), token
+//                tile first, so a thread keeps its input tile in L2 while it walks the output
+//                blocks; a wide input is cut into L2-sized groups, the output tile accumulated
+//                over them. Each output block Y[tile, r] accumulates in registers over the kept
+//                blocks of row r (CSR). W blocks are transposed to [bk, bn] so the inner loop
+//                is a broadcast-FMA over contiguous outputs; the transposed copy is cached per
+//                values tensor and version counter (transposed_weights below; 2-5% of a forward
+//                at 50% sparsity). Software prefetch by density; outputs of >= 8 MiB are
+//                written with non-temporal stores on their last pass (run_panels).
+//   grad_input   the same panel kernel over the CSC index; W blocks are already [bn, bk] =
+//                [in, out] for this product, no packing.
+//   grad_weight  token chunks outer (both operands' chunks in L2), each thread owning a range
+//                of kept blocks; with too few blocks for the threads the tokens are split and
+//                partial sums added. grad_weight_bias adds the bias gradient in the same pass.
 // fp32 runs natively; bf16 is converted to fp32 around the fp32 kernels (fp32 accumulation).
 // Outputs and fp32 copies of bf16 inputs come from output_pool (freed blocks are reused instead
 // of being faulted in afresh: up to a quarter of a forward at 90% sparsity).
