@@ -211,7 +211,7 @@ Index parse_index(const at::Tensor& index, int64_t nnz, int64_t N, int64_t K, in
 // [M, G*b] -> fp32 [G, M, b]: every block column becomes one contiguous panel, so a register
 // tile reads MT*b consecutive floats instead of MT rows K apart (prefetch-friendly), and bf16 is
 // widened in the same pass. Costs one copy of the input (parallel, ~1 ms for 2048 x 768).
-// Measured (RESULTS_CPU.md): not worth it with the blocking below, where the strided tiles
+// Measured (benchmarks/RESULTS.md, CPU section): not worth it with the blocking below, where the strided tiles
 // come from L2 anyway -- the copy costs more than it saves (weight gradient at 90% sparsity:
 // ~1.45x slower packed). It was 2x faster for the weight gradient under an earlier loop order
 // (all tokens per block). Off by default; SPARSEBERT_CPU_PACK=1 turns it on for experiments.

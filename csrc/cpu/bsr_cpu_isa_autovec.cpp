@@ -1,7 +1,7 @@
 // Comparison kernels: the same products written as plain loops (one token at a time, the
 // output row of a block accumulated in a stack array) and left to GCC's auto-vectoriser
 // (`#pragma omp simd`), AVX-512 target. Selected only with SPARSEBERT_CPU_ISA=autovec; kept
-// so the benchmark can show what the register-blocked micro-kernel buys (see RESULTS_CPU.md).
+// so the benchmark can show what the register-blocked micro-kernel buys (benchmarks/RESULTS.md, CPU section).
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
 #include <cmath>
