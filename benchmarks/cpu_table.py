@@ -59,6 +59,28 @@ def kernel_table(rounds: int, providers, shapes, blocks, sparsities, modes):
                               flush=True)
 
 
+def e2e_train_table(rounds: int):
+    """A training step (forward, backward into every parameter, AdamW step) of the same model."""
+    ids = bc.bert_inputs()
+    models = {"dense": bc.build_bert(None), "cpu, 90% 32×32": bc.build_bert(0.9)}
+
+    def runner(m):
+        m.train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
+
+        def run():
+            m(input_ids=ids).last_hidden_state.square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+    t = bc.time_interleaved({k: runner(m) for k, m in models.items()}, rounds=rounds)
+    print("\nSame model, training step (forward + backward + AdamW), dropout on, fp32\n")
+    print("| model | ms / step | tokens/s | × dense |")
+    print("|---|---:|---:|---:|")
+    for k, v in t.items():
+        print(f"| {k} | {v * 1e3:.1f} | {ids.numel() / v:,.0f} | {t['dense'] / v:.2f} |")
+
+
 def e2e_table(rounds: int):
     ids = bc.bert_inputs()
     models = {"dense": bc.build_bert(None), "cpu, 90% 32×32": bc.build_bert(0.9),
@@ -106,6 +128,7 @@ def main():
         kernel_table(args.rounds, providers, bc.SHAPES, blocks, sparsities, bc.MODES)
     if not args.no_e2e:
         e2e_table(args.rounds)
+        e2e_train_table(args.rounds)
     print(f"\n({time.time() - t0:.0f} s)")
 
 
