@@ -5,6 +5,8 @@
 Per (shape, block, sparsity, mode) the providers are timed interleaved, round by round, and the
 median is reported: time, speedup over dense F.linear and fraction of the ideal, where
 ideal = dense time x kept fraction (1.0 = the sparse kernel is exactly as efficient as dense).
+Then, unless --no-e2e, a MiniLM-size BertModel end to end: inference (dense, 90% block-sparse
+with and without the fused GELU) and a training step (forward, backward, AdamW).
 """
 from __future__ import annotations
 
