@@ -29,7 +29,10 @@ def _cmd_info(args) -> int:
     for dev in devices:
         print(f"\nbackends on {dev}:")
         for name, reason in backends.report(dev).items():
-            print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+            detail = ""
+            if name == "cpu" and reason is None:   # which compiled kernel set runs here
+                detail = f" ({backends.get('cpu').isa()} kernels)"
+            print(f"  {name:<10} {'available' + detail if reason is None else 'unavailable: ' + reason}")
     return 0
 
 

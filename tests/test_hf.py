@@ -162,6 +162,9 @@ def test_cli_info_lists_backends_with_reasons():
     for name in ("reference", "dense", "triton", "cuda", "cpu"):
         assert name in r.stdout
     assert "unavailable: " in r.stdout          # no GPU here: the cuda backend says why
+    from sparsebert.ops import cpu_bsr
+    if cpu_bsr.unavailable_reason() is None:    # and which compiled CPU kernel set runs
+        assert f"cpu        available ({cpu_bsr.isa()} kernels)" in r.stdout
 
 
 def test_cli_prune_writes_checkpoint_and_table(tmp_path, tiny_bert_config):
