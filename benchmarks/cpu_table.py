@@ -1,6 +1,7 @@
 """The CPU benchmark grid of ``bench_cpu.py`` as a Markdown table (paste into RESULTS).
 
     .venv/bin/python benchmarks/cpu_table.py [--rounds 7] [--quick] [--no-e2e | --e2e-only] [--providers dense,cpu]
+                                         [--tokens 2048] [--modes fwd,fwd_bwd]
 
 Per (shape, block, sparsity, mode) the providers are timed interleaved, round by round, and the
 median is reported: time, speedup over dense F.linear and fraction of the ideal, where
@@ -35,13 +36,13 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def kernel_table(rounds: int, providers, shapes, blocks, sparsities, modes):
+def kernel_table(rounds: int, providers, shapes, blocks, sparsities, modes, M: int = bc.M_TOKENS):
     print("| shape K→N | block | sparsity | mode | provider | ms | × dense | of ideal |")
     print("|---|---|---|---|---|---:|---:|---:|")
     for (K, N) in shapes:
         for block in blocks:
             for sp in sparsities:
-                case = bc.Case(K, N, block, sp)
+                case = bc.Case(K, N, block, sp, M=M)
                 for mode in modes:
                     fns, skipped = {}, {}
                     for p in providers:
@@ -55,9 +56,10 @@ def kernel_table(rounds: int, providers, shapes, blocks, sparsities, modes):
                             print(f"| {K}→{N} | {block} | {sp:.0%} | {mode} | {p} | n/a | | |")
                             continue
                         ms = t[p] * 1e3
+                        ms_s = f"{ms:.1f}" if ms >= 10 else f"{ms:.3f}"
                         sx = f"{dense / t[p]:.2f}" if dense else ""
                         ideal = f"{dense * case.kept / t[p]:.2f}" if dense and sp > 0 and p != "dense" else ""
-                        print(f"| {K}→{N} | {block} | {sp:.0%} | {mode} | {p} | {ms:.1f} | {sx} | {ideal} |",
+                        print(f"| {K}→{N} | {block} | {sp:.0%} | {mode} | {p} | {ms_s} | {sx} | {ideal} |",
                               flush=True)
 
 
@@ -110,6 +112,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="block 32 only, sparsity 50/90%%, no reference")
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--e2e-only", action="store_true")
+    ap.add_argument("--tokens", type=int, default=bc.M_TOKENS, help="M, the tokens per call")
+    ap.add_argument("--modes", default=",".join(bc.MODES), help="fwd,fwd_bwd")
     args = ap.parse_args()
     providers = args.providers.split(",")
     blocks, sparsities = bc.BLOCKS, bc.SPARSITIES
@@ -123,11 +127,12 @@ def main():
         isa = f"unavailable ({e})"
     print(f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), cpu kernels: {isa}, "
-          f"{datetime.datetime.now():%Y-%m-%d %H:%M}, M = {bc.M_TOKENS}, fp32, "
+          f"{datetime.datetime.now():%Y-%m-%d %H:%M}, M = {args.tokens}, fp32, "
           f"median of {args.rounds} interleaved rounds\n")
     t0 = time.time()
     if not args.e2e_only:
-        kernel_table(args.rounds, providers, bc.SHAPES, blocks, sparsities, bc.MODES)
+        kernel_table(args.rounds, providers, bc.SHAPES, blocks, sparsities, args.modes.split(","),
+                     M=args.tokens)
     if not args.no_e2e:
         e2e_table(args.rounds)
         e2e_train_table(args.rounds)
