@@ -18,7 +18,10 @@ Outputs come from a small caching allocator in ``csrc/cpu/output_pool.cpp``: a f
 multi-megabyte tensor costs a page fault per few pages on first touch, up to a quarter of a
 forward at 90% sparsity, so freed outputs of 1 MiB or more are kept and reused. The memory kept
 while unused is capped by ``SPARSEBERT_CPU_POOL_MB`` (default 256, 0 = off, read once);
-:func:`empty_cache` releases it.
+:func:`empty_cache` releases it. Outputs of 8 MiB or more are written with non-temporal stores
+(``SPARSEBERT_CPU_STREAM=0|1`` forces them off or on). The forward can apply the exact GELU in its
+register tile (``activation="gelu"``); :func:`grad_weight_bias` returns the bias gradient with the
+weight gradient, from the same pass over dy.
 """
 from __future__ import annotations
 
