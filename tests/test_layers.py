@@ -1,6 +1,9 @@
 """MaskedLinear / MaskedEmbedding / BlockSparseLinear behaviour."""
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparsebert import BlockSparseLinear, MaskedEmbedding, MaskedLinear
@@ -33,6 +36,30 @@ def test_masked_linear_matches_dense_with_zeros_and_converts_back():
     back = layer.to_dense()
     assert type(back) is nn.Linear and torch.equal(back.weight == 0, ~mask | (back.weight == 0))
     assert torch.allclose(back(x), layer(x))
+
+
+@pytest.mark.parametrize("kw", [{}, {"padding_idx": 3}, {"scale_grad_by_freq": True},
+                                {"max_norm": 1.0}])
+def test_masked_embedding_masks_looked_up_rows_like_the_masked_table(kw):
+    """The forward masks only the rows it looks up; values and gradients must equal embedding
+    the masked table (the paper's semantics), including padding_idx, scale_grad_by_freq and
+    max_norm (which takes the whole-table path)."""
+    torch.manual_seed(1)
+    base = nn.Embedding(30, 12, **kw)
+    mask = torch.rand(30, 12) < 0.5
+    layer = MaskedEmbedding.from_dense(copy.deepcopy(base), mask=mask)
+    ref = nn.Embedding(30, 12, **kw)
+    with torch.no_grad():
+        ref.weight.copy_(layer.weight)               # already zero where pruned
+    ids = torch.tensor([[1, 3, 3, 7], [29, 0, 3, 1]])
+    out, want = layer(ids), F.embedding(ids, ref.weight * mask, **kw)
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    out.backward(g)
+    w = ref.weight.detach().clone().requires_grad_()
+    F.embedding(ids, w * mask, **kw).backward(g)
+    torch.testing.assert_close(layer.weight.grad, w.grad)
+    assert torch.count_nonzero(layer.weight.grad[~mask]) == 0
 
 
 def test_from_dense_needs_exactly_one_of_sparsity_and_mask():
