@@ -40,6 +40,15 @@ def _close(out, ref, dtype, bound):
     assert err <= tol, f"max error {err} > {tol}"
 
 
+def _check_fp32_ops(x, dy, values, bias, lt):
+    """forward, grad_input and grad_weight of the cpu backend against the reference (fp32)."""
+    M, K = x.shape
+    N = dy.shape[1]
+    _close(cpu_bsr.forward(x, values, bias, lt), reference.forward(x, values, bias, lt), torch.float32, K)
+    _close(cpu_bsr.grad_input(dy, values, lt), reference.grad_input(dy, values, lt), torch.float32, N)
+    _close(cpu_bsr.grad_weight(x, dy, lt), reference.grad_weight(x, dy, lt), torch.float32, M)
+
+
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("M", TOKENS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -94,9 +103,7 @@ def test_bert_shapes_and_many_tokens():
     lay = _layout(N, K, block, 0.25)
     lt = lay.tensors()
     x, dy, values, bias = _inputs(300, N, K, lay, torch.float32)
-    _close(cpu_bsr.forward(x, values, bias, lt), reference.forward(x, values, bias, lt), torch.float32, K)
-    _close(cpu_bsr.grad_input(dy, values, lt), reference.grad_input(dy, values, lt), torch.float32, N)
-    _close(cpu_bsr.grad_weight(x, dy, lt), reference.grad_weight(x, dy, lt), torch.float32, 300)
+    _check_fp32_ops(x, dy, values, bias, lt)
 
 
 @pytest.mark.parametrize("N, K, block, M", [(64, 1024, (16, 16), 300), (96, 2048, (32, 32), 270)])
@@ -106,11 +113,10 @@ def test_wide_input_uses_groups_and_column_order(N, K, block, M):
     lay = _layout(N, K, block, 0.7)
     lt = lay.tensors()
     x, dy, values, bias = _inputs(M, N, K, lay, torch.float32)
-    _close(cpu_bsr.forward(x, values, bias, lt), reference.forward(x, values, bias, lt), torch.float32, K)
-    _close(cpu_bsr.grad_input(dy, values, lt), reference.grad_input(dy, values, lt), torch.float32, N)
-    _close(cpu_bsr.grad_weight(x, dy, lt), reference.grad_weight(x, dy, lt), torch.float32, M)
-    xt, dyt, vt, _ = _inputs(M, K, N, lay.__class__.from_mask(lay.block_mask.t(), block[::-1]), torch.float32)
-    lt2 = lay.__class__.from_mask(lay.block_mask.t(), block[::-1]).tensors()
+    _check_fp32_ops(x, dy, values, bias, lt)
+    lay_t = BlockLayout.from_mask(lay.block_mask.t(), block[::-1])
+    xt, dyt, vt, _ = _inputs(M, K, N, lay_t, torch.float32)
+    lt2 = lay_t.tensors()
     _close(cpu_bsr.grad_input(dyt, vt, lt2), reference.grad_input(dyt, vt, lt2), torch.float32, K)
 
 
@@ -127,9 +133,7 @@ def test_every_kernel_set(isa, monkeypatch):
         lay = _layout(N, K, block, 0.6)
         lt = lay.tensors()
         x, dy, values, bias = _inputs(45, N, K, lay, torch.float32)
-        _close(cpu_bsr.forward(x, values, bias, lt), reference.forward(x, values, bias, lt), torch.float32, K)
-        _close(cpu_bsr.grad_input(dy, values, lt), reference.grad_input(dy, values, lt), torch.float32, N)
-        _close(cpu_bsr.grad_weight(x, dy, lt), reference.grad_weight(x, dy, lt), torch.float32, 45)
+        _check_fp32_ops(x, dy, values, bias, lt)
 
 
 @pytest.mark.parametrize("pack", ["0", "1"])
@@ -139,9 +143,7 @@ def test_packed_and_strided_paths(pack, monkeypatch):
     lay = _layout(N, K, block, 0.5)
     lt = lay.tensors()
     x, dy, values, bias = _inputs(77, N, K, lay, torch.float32)
-    _close(cpu_bsr.forward(x, values, bias, lt), reference.forward(x, values, bias, lt), torch.float32, K)
-    _close(cpu_bsr.grad_input(dy, values, lt), reference.grad_input(dy, values, lt), torch.float32, N)
-    _close(cpu_bsr.grad_weight(x, dy, lt), reference.grad_weight(x, dy, lt), torch.float32, 77)
+    _check_fp32_ops(x, dy, values, bias, lt)
 
 
 # ---- errors ------------------------------------------------------------------------------
