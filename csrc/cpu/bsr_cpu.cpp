@@ -527,7 +527,10 @@ std::tuple<at::Tensor, at::Tensor> grad_weight_impl(const at::Tensor& x, const a
   const Kernels kern = select_kernels();
 
   // Bias gradient for the paths below that do not fuse it.
-  auto plain_bias = [&] { return want_bias ? pooled_to(at::sum(as_f32(dy), 0), dy.scalar_type()) : at::Tensor(); };
+  // (fp32 accumulation without an fp32 copy of dy)
+  auto plain_bias = [&] {
+    return want_bias ? at::sum(dy, {0}, /*keepdim=*/false, at::kFloat).to(dy.scalar_type()) : at::Tensor();
+  };
   if (nnz == 0) return {at::empty({0, bn, bk}, x.options()), plain_bias()};
   const bool pack = pack_enabled(false);
   const at::Tensor xf = pack ? pack_panels(x, C, bk) : as_f32(x);     // [C, M, bk] or [M, K]
