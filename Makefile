@@ -2,6 +2,7 @@
 #   make demo   set up .venv and run the main job on small default data (CPU when no GPU)
 #   make test   set up .venv and run the whole test suite
 VENV   ?= .venv
+PYTHON ?= python3
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.sparsebert-installed
@@ -16,7 +17,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu
 install: $(STAMP)
 
 $(STAMP): $(SOURCES)
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q $(DEPS)
 	MAX_JOBS=2 $(PIP) install -q --no-build-isolation --no-deps -e .

@@ -12,7 +12,7 @@ from sparsebert.study.fixtures import make_fixture_cache
 def no_fetch(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError(f"tests must not download: {a[0] if a else k}")
-    monkeypatch.setattr(D.subprocess, "run", refuse)
+    monkeypatch.setattr(D, "_fetch", refuse)
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_checksum_recorded_then_verified(cache):
 def test_unfetchable_source_says_how_to_provide_it(tmp_path, monkeypatch):
     def fail(*a, **k):
         return subprocess.CompletedProcess(a[0], 1, "", "ERROR: no network")
-    monkeypatch.setattr(D.subprocess, "run", fail)
+    monkeypatch.setattr(D, "_fetch", fail)
     c = D.DataCache(tmp_path, log=lambda m: None)
     with pytest.raises(D.DataUnavailable) as e:
         c.pattern_corpora()

@@ -28,7 +28,7 @@ def tiny_preset(**kw):
 def cache(tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("tests must not download")
-    monkeypatch.setattr(D.subprocess, "run", refuse)
+    monkeypatch.setattr(D, "_fetch", refuse)
     make_fixture_cache(tmp_path / "cache", n_sentences=60, n_articles=6)
     return tmp_path / "cache"
 
@@ -140,3 +140,14 @@ def test_cli_pretrain_then_finetune(tmp_path, cache, capsys):
     res = json.loads(printed[printed.rindex('{\n "dev_score"'):])
     assert 0 <= res["dev_score"] <= 100 and res["linear_zero_fraction"] >= 0.49
     assert main(["finetune", "--checkpoint", str(tmp_path / "nope"), "--task", "polarity"] + common) == 2
+
+
+def test_no_download_guard_leaves_other_subprocesses_alone(cache):
+    # matplotlib builds its font cache with a subprocess on first import (a fresh HOME): the guard
+    # must forbid fetches only, not every subprocess (it once replaced subprocess.run globally).
+    import subprocess
+    import sys
+    assert subprocess.run([sys.executable, "-c", "print('ok')"], capture_output=True,
+                          text=True).stdout.strip() == "ok"
+    with pytest.raises(AssertionError, match="must not download"):
+        D._fetch(["pip", "download", "x"], cache, 1)

