@@ -9,8 +9,9 @@ from .hf import densify, sparsify
 from .layout import BlockLayout
 from .nn import BlockSparseLinear, MaskedEmbedding, MaskedLinear
 from .ops import bsr_linear
+from .optimize import optimize
 
 __version__ = "0.1.0"
 __all__ = ["BlockLayout", "BlockSparseLinear", "MaskedLinear", "MaskedEmbedding", "bsr_linear",
-           "sparsify", "densify", "save_sparse", "load_sparse", "CheckpointError", "ops", "pruning",
+           "sparsify", "densify", "optimize", "save_sparse", "load_sparse", "CheckpointError", "ops", "pruning",
            "__version__"]

@@ -1,0 +1,289 @@
+"""``sparsebert.optimize(model)``: a faster training step for a (sparsified or dense) Hugging Face
+BERT, with the user's training loop unchanged::
+
+    model = sparsebert.optimize(sparsebert.sparsify(BertForMaskedLM(...), 0.9))
+    loss = model(**batch).loss; loss.backward(); opt.step()          # as before
+
+What it changes, in place (all of it undone by :func:`unoptimize`):
+
+* **MLM head at labelled positions only.** When ``labels`` are passed to a ``BertForMaskedLM`` /
+  ``BertForPreTraining``, the prediction head (transform + the 30522-way decoder) runs only on the
+  rows whose label is not -100, instead of every token. The loss is Hugging Face's own
+  ``CrossEntropyLoss`` over the same rows (its mean ignores -100 rows anyway), so it equals the
+  unoptimized loss up to floating-point summation order. **The returned ``logits`` are then
+  ``[n_labelled, vocab]``** (the labelled positions, in row-major ``(batch, seq)`` order, i.e.
+  ``logits_full[labels != -100]``), not ``[batch, seq, vocab]``. Without labels the head runs on
+  every token, as before. Done with forward pre-hooks: no module is replaced, so ``state_dict``,
+  ``save_pretrained`` and sparsebert checkpoints are unchanged.
+* **Scaled-dot-product attention** (``attn_implementation="sdpa"``) where the model supports it.
+* **BERT's intermediate GELU fused into the block-sparse layer in training too.** Inference
+  already runs it in the kernel's epilogue; under autograd :func:`sparsebert.bsr_linear` applies
+  it as a separate op. Here one autograd node computes ``gelu(x Wᵀ + b)`` and its backward
+  (``dz = gelu'(z) dy``, then dX and dW/db from ``dz``, the bias gradient summed inside the
+  weight-gradient kernel where the backend has ``grad_weight_bias``). ``gelu="save"`` keeps the
+  pre-activation ``z`` for the backward (one ``[tokens, intermediate]`` tensor per layer);
+  ``gelu="recompute"`` runs the forward with the GELU in the kernel epilogue, keeps nothing extra
+  and recomputes ``z`` (one more sparse forward) in the backward.
+
+What it does not change: dropout (same ops, same random numbers, except inside attention, where
+SDPA draws its own mask), the optimizer (a :class:`~sparsebert.BlockSparseLinear` already stores,
+and so an optimizer already updates, only the kept blocks; masked layers keep dense weights).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .nn import BlockSparseLinear
+from .ops import backends
+from .ops.bsr_linear import resolve_backend
+
+GELU_MODES = ("save", "recompute")
+
+
+# ---- the training-mode fused GELU -------------------------------------------------------------
+def _grad_input(name, dz, values, lt):
+    return backends.get(name).grad_input(dz, values, lt)
+
+
+def _grad_weight_bias(name, x, dz, lt, want_w, want_b):
+    mod = backends.get(name)
+    fused = getattr(mod, "grad_weight_bias", None)
+    if want_w and want_b and fused is not None:
+        return fused(x, dz, lt)
+    dw = mod.grad_weight(x, dz, lt) if want_w else None
+    db = None
+    if want_b:
+        acc = torch.float64 if dz.dtype == torch.float64 else torch.float32
+        db = dz.sum(0, dtype=acc).to(dz.dtype)
+    return dw, db
+
+
+class LinearGelu(torch.autograd.Function):
+    """``gelu(x Wᵀ + b)`` (exact GELU) of a block-sparse ``W``, forward and backward in one node.
+
+    ``x``: ``[M, K]`` contiguous; ``plan``: a backend plan from
+    :func:`sparsebert.ops.bsr_linear.resolve_backend`; ``recompute``: see the module docstring.
+    Once differentiable (no double backward)."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, lt, plan, recompute):
+        fwd = backends.plan_names(plan)[0]
+        mod = backends.get(fwd)
+        ctx.lt, ctx.plan, ctx.has_bias = lt, plan, bias is not None
+        if recompute:
+            if "gelu" in getattr(mod, "ACTIVATIONS", ()):
+                y = mod.forward(x, values, bias, lt, activation="gelu")
+            else:
+                y = F.gelu(mod.forward(x, values, bias, lt))
+            ctx.recompute = True
+            ctx.save_for_backward(x, values, bias)
+        else:
+            z = mod.forward(x, values, bias, lt)
+            y = F.gelu(z)
+            ctx.recompute = False
+            ctx.save_for_backward(x, values, z)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        fwd, dx_name, dw_name = backends.plan_names(ctx.plan)
+        lt = ctx.lt
+        if ctx.recompute:
+            x, values, bias = ctx.saved_tensors
+            z = backends.get(fwd).forward(x, values, bias, lt)
+        else:
+            x, values, z = ctx.saved_tensors
+        dz = torch.ops.aten.gelu_backward(dy.contiguous(), z)
+        del z
+        dx = _grad_input(dx_name, dz, values, lt) if ctx.needs_input_grad[0] else None
+        want_b = ctx.has_bias and ctx.needs_input_grad[2]
+        dw, db = _grad_weight_bias(dw_name, x, dz, lt, ctx.needs_input_grad[1], want_b)
+        return dx, dw, db, None, None, None
+
+
+def linear_gelu(x, values, layout, bias=None, backend: str = "auto", recompute: bool = False):
+    """``gelu(bsr_linear(x, values, layout, bias))`` through :class:`LinearGelu` (any leading dims)."""
+    N, K = layout.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K).contiguous()
+    values = values.contiguous()
+    plan = resolve_backend(backend, x2, values, layout)
+    y = LinearGelu.apply(x2, values, bias, layout.tensors(x.device), plan, recompute)
+    return y.reshape(*lead, N)
+
+
+class TrainingFusedBlockSparseLinear(BlockSparseLinear):
+    """A :class:`BlockSparseLinear` whose ``activation="gelu"`` is fused under autograd too
+    (:class:`LinearGelu`). Same parameters and state; :func:`optimize` swaps the class of BERT's
+    intermediate layers to this one (and :func:`unoptimize` back)."""
+
+    gelu_mode = "save"
+
+    def forward(self, x):
+        values, bias = self.values, self.bias
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
+        if (self.activation != "gelu" or not needs_grad or torch.compiler.is_compiling()
+                or x.dtype != values.dtype or x.device != values.device
+                or torch.is_autocast_enabled(x.device.type) or x.shape[-1] != self.in_features):
+            return super().forward(x)   # inference (kernel epilogue), traced, autocast, errors
+        return linear_gelu(x, values, self.layout, bias, self.backend, self.gelu_mode == "recompute")
+
+
+# ---- the MLM head at labelled positions -------------------------------------------------------
+class _SelectRows:
+    """Forward pre-hook of the MLM head: keeps only the rows chosen by the model's pre-hook."""
+
+    def __init__(self):
+        self.idx: Optional[torch.Tensor] = None
+
+    def __call__(self, module, args):
+        idx, self.idx = self.idx, None
+        if idx is None or not args:
+            return None
+        seq = args[0]
+        return (seq.reshape(-1, seq.shape[-1]).index_select(0, idx),) + tuple(args[1:])
+
+
+class _LabelledPositions:
+    """Forward pre-hook (with kwargs) of the model: ``labels`` -> the labelled ones, flattened,
+    and tells the head's hook which rows to keep."""
+
+    def __init__(self, select: _SelectRows, labels_pos: Optional[int]):
+        self.select = select
+        self.labels_pos = labels_pos
+
+    def __call__(self, module, args, kwargs):
+        self.select.idx = None
+        positional = self.labels_pos is not None and len(args) > self.labels_pos
+        labels = args[self.labels_pos] if positional else kwargs.get("labels")
+        if labels is None:
+            return None
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is None:
+            emb = kwargs.get("inputs_embeds")
+            shape = None if emb is None else tuple(emb.shape[:-1])
+        else:
+            shape = tuple(ids.shape)
+        if shape is None or tuple(labels.shape) != shape:
+            return None               # not per-token labels: leave the call alone
+        flat = labels.reshape(-1)
+        idx = (flat != -100).nonzero().squeeze(1)
+        self.select.idx = idx
+        new = flat.index_select(0, idx)
+        if positional:
+            args = tuple(args[:self.labels_pos]) + (new,) + tuple(args[self.labels_pos + 1:])
+        else:
+            kwargs = dict(kwargs, labels=new)
+        return args, kwargs
+
+
+class _ClearSelection:
+    """Forward hook (always called, errors too): no selection outlives the model's call."""
+
+    def __init__(self, select: _SelectRows):
+        self.select = select
+
+    def __call__(self, module, args, output):
+        self.select.idx = None
+        return None
+
+
+def _mlm_head(model: nn.Module) -> Optional[nn.Module]:
+    """The MLM prediction head a labelled-positions hook can sit on, or None."""
+    head = getattr(model, "cls", None)
+    if head is None or getattr(model, "config", None) is None:
+        return None
+    if type(head).__name__ in ("BertOnlyMLMHead", "BertPreTrainingHeads"):
+        return head
+    return None
+
+
+def _labels_position(model: nn.Module) -> Optional[int]:
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("labels") if "labels" in params else None
+
+
+# ---- optimize / unoptimize --------------------------------------------------------------------
+def _is_intermediate(parent: nn.Module) -> bool:
+    return isinstance(getattr(parent, "dense", None), BlockSparseLinear) and hasattr(parent, "intermediate_act_fn")
+
+
+def optimize(model: nn.Module, *, labelled_head: bool = True, sdpa: bool = True,
+             fuse_gelu: bool = True, gelu: str = "save") -> nn.Module:
+    """Make a Hugging Face BERT's training (and inference) step faster, in place; returns ``model``.
+
+    Args:
+        labelled_head: run the MLM head only at labelled positions when ``labels`` are given (the
+            loss is unchanged; **the returned logits are ``[n_labelled, vocab]``**, the rows of
+            ``labels != -100`` in row-major order).
+        sdpa: switch the attention to ``torch.nn.functional.scaled_dot_product_attention``.
+        fuse_gelu: fuse the exact GELU of BERT's intermediate blocks into their block-sparse layer,
+            in training too (layers :func:`sparsebert.sparsify` left unfused are fused here).
+        gelu: ``"save"`` (keep the pre-activation for the backward) or ``"recompute"``.
+
+    Calling it again is harmless (options of the later call win). Undo with :func:`unoptimize`.
+    """
+    if gelu not in GELU_MODES:
+        raise ValueError(f"gelu must be one of {GELU_MODES}, got {gelu!r}")
+    from .hf import fuse_activations
+    unoptimize(model)
+    state = {"sdpa_from": None}
+    if sdpa and getattr(model, "_supports_sdpa", False) and hasattr(model, "set_attn_implementation"):
+        current = getattr(model.config, "_attn_implementation", None)
+        if current != "sdpa":
+            model.set_attn_implementation("sdpa")
+            state["sdpa_from"] = current
+    if fuse_gelu:
+        try:
+            fuse_activations(model)         # exact-GELU intermediate blocks not fused yet
+        except ValueError:
+            pass
+        for _, parent in model.named_modules():
+            if _is_intermediate(parent) and parent.dense.activation == "gelu":
+                layer = parent.dense
+                if type(layer) is BlockSparseLinear:
+                    layer.__class__ = TrainingFusedBlockSparseLinear
+                layer.gelu_mode = gelu
+    handles = []
+    head = _mlm_head(model) if labelled_head else None
+    if head is not None:
+        select = _SelectRows()
+        handles.append(head.register_forward_pre_hook(select))
+        handles.append(model.register_forward_pre_hook(
+            _LabelledPositions(select, _labels_position(model)), with_kwargs=True))
+        handles.append(model.register_forward_hook(_ClearSelection(select), always_call=True))
+    state["handles"] = handles
+    model._sparsebert_optimized = state
+    return model
+
+
+def unoptimize(model: nn.Module) -> nn.Module:
+    """Undo :func:`optimize` (hooks removed, attention and layer classes restored), in place.
+    Activations fused by :func:`optimize` stay fused (outputs are the same either way)."""
+    state = getattr(model, "_sparsebert_optimized", None)
+    if state is None:
+        return model
+    for h in state["handles"]:
+        h.remove()
+    if state.get("sdpa_from") is not None:
+        model.set_attn_implementation(state["sdpa_from"])
+    for m in model.modules():
+        if type(m) is TrainingFusedBlockSparseLinear:
+            m.__class__ = BlockSparseLinear
+            m.__dict__.pop("gelu_mode", None)
+    del model._sparsebert_optimized
+    return model
+
+
+def is_optimized(model: nn.Module) -> bool:
+    return getattr(model, "_sparsebert_optimized", None) is not None

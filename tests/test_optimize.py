@@ -1,0 +1,253 @@
+"""sparsebert.optimize: same loss and gradients as the unoptimized model, faster step."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForMaskedLM, BertForPreTraining
+
+import sparsebert
+from sparsebert import BlockSparseLinear, MaskedLinear
+from sparsebert.ops import backends
+from sparsebert.optimize import (LinearGelu, TrainingFusedBlockSparseLinear, is_optimized, linear_gelu,
+                                 optimize, unoptimize)
+
+from conftest import random_layout
+
+VOCAB = 200
+
+
+def _config(dropout=0.0, attn="sdpa"):
+    return BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                      vocab_size=VOCAB, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                      attention_probs_dropout_prob=dropout, attn_implementation=attn)
+
+
+def _model(kind, dtype=torch.float64, dropout=0.0, attn="sdpa", cls=BertForMaskedLM):
+    torch.manual_seed(0)
+    m = cls(_config(dropout, attn))
+    if kind == "block":
+        sparsebert.sparsify(m, 0.5, block=(16, 16))
+    elif kind == "unstructured":
+        sparsebert.sparsify(m, 0.5, mode="unstructured")
+    return m.to(dtype)
+
+
+def _batch(B=3, T=24, frac=0.25, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (B, T), generator=g)
+    labels = ids.clone()
+    labels[torch.rand(B, T, generator=g) > frac] = -100
+    labels[0, 0] = ids[0, 0]            # at least one labelled position
+    return ids, labels
+
+
+def _loss_and_grads(model, ids, labels, seed=0, **kw):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(input_ids=ids, labels=labels, **kw)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def _tol(dtype):
+    return dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["dense", "block", "unstructured"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_loss_gradients_and_labelled_logits_equal_unoptimized(kind, dtype, dropout):
+    # The base model uses SDPA (Hugging Face's default), so with dropout on both consume the same
+    # random numbers in the same order: the same seed gives the same loss.
+    ref = _model(kind, dtype, dropout).train(dropout > 0)
+    opt = optimize(copy.deepcopy(ref))
+    ids, labels = _batch()
+    out_ref, g_ref = _loss_and_grads(ref, ids, labels)
+    out_opt, g_opt = _loss_and_grads(opt, ids, labels)
+    torch.testing.assert_close(out_opt.loss, out_ref.loss, **_tol(dtype))
+    sel = labels != -100
+    assert out_opt.logits.shape == (int(sel.sum()), VOCAB)
+    torch.testing.assert_close(out_opt.logits, out_ref.logits[sel], **_tol(dtype))
+    assert g_opt.keys() == g_ref.keys()
+    for n in g_ref:
+        torch.testing.assert_close(g_opt[n], g_ref[n], **_tol(dtype), msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_block_model_intermediates_use_the_fused_training_gelu():
+    m = optimize(_model("block"))
+    inter = [l.intermediate.dense for l in m.bert.encoder.layer]
+    assert all(type(d) is TrainingFusedBlockSparseLinear and d.activation == "gelu" for d in inter)
+    assert isinstance(inter[0], BlockSparseLinear)
+    # Q/K/V etc. keep their class
+    assert type(m.bert.encoder.layer[0].attention.self.query) is BlockSparseLinear
+
+
+def test_unfused_block_model_gets_fused_and_matches():
+    torch.manual_seed(0)
+    ref = BertForMaskedLM(_config()).double()
+    sparsebert.sparsify(ref, 0.5, block=(16, 16), fuse_activation=False)
+    opt = optimize(copy.deepcopy(ref))
+    assert all(l.intermediate.dense.activation == "gelu" for l in opt.bert.encoder.layer)
+    ids, labels = _batch()
+    (o1, g1), (o2, g2) = _loss_and_grads(ref, ids, labels), _loss_and_grads(opt, ids, labels)
+    torch.testing.assert_close(o2.loss, o1.loss, **_tol(torch.float64))
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], **_tol(torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["dense", "block"])
+def test_eager_attention_model_switches_to_sdpa_same_loss_without_dropout(kind):
+    ref = _model(kind, attn="eager").eval()
+    opt = optimize(copy.deepcopy(ref))
+    assert opt.config._attn_implementation == "sdpa"
+    ids, labels = _batch()
+    (o1, g1), (o2, g2) = _loss_and_grads(ref, ids, labels), _loss_and_grads(opt, ids, labels)
+    torch.testing.assert_close(o2.loss, o1.loss, **_tol(torch.float64))
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], **_tol(torch.float64))
+    unoptimize(opt)
+    assert opt.config._attn_implementation == "eager"
+
+
+def test_eager_attention_with_dropout_matches_statistically():
+    # Eager attention and SDPA draw the attention-dropout mask differently: the same seed gives
+    # different losses, but their distribution over seeds is the same.
+    ref = _model("block", dropout=0.1, attn="eager").train()
+    opt = optimize(copy.deepcopy(ref))
+    ids, labels = _batch(B=4, T=32, frac=0.5)
+    a, b = [], []
+    with torch.no_grad():
+        for seed in range(40):
+            torch.manual_seed(seed)
+            a.append(float(ref(input_ids=ids, labels=labels).loss))
+            torch.manual_seed(seed)
+            b.append(float(opt(input_ids=ids, labels=labels).loss))
+    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    assert not torch.equal(a, b)                 # really different random numbers
+    se = (a.var() / len(a) + b.var() / len(b)).sqrt()
+    assert abs(float(a.mean() - b.mean())) < 4 * float(se)
+    ratio = float(a.std() / b.std())
+    assert 0.5 < ratio < 2.0
+
+
+def test_without_labels_the_head_covers_every_token_and_positional_labels_work():
+    ref = _model("block").eval()
+    opt = optimize(copy.deepcopy(ref))
+    ids, labels = _batch()
+    with torch.no_grad():
+        full = opt(input_ids=ids).logits
+        torch.testing.assert_close(full, ref(input_ids=ids).logits)
+        # labels as a positional argument, and return_dict=False
+        r = ref(ids, None, None, None, None, None, None, labels, return_dict=False)
+        o = opt(ids, None, None, None, None, None, None, labels, return_dict=False)
+    torch.testing.assert_close(o[0], r[0])
+    torch.testing.assert_close(o[1], r[1][labels != -100])
+    assert full.shape == (*ids.shape, VOCAB)
+
+
+def test_all_labels_ignored_gives_hugging_faces_nan():
+    ref = _model("dense").eval()
+    opt = optimize(copy.deepcopy(ref))
+    ids, labels = _batch()
+    labels[:] = -100
+    with torch.no_grad():
+        assert torch.isnan(ref(input_ids=ids, labels=labels).loss)
+        out = opt(input_ids=ids, labels=labels)
+    assert torch.isnan(out.loss) and out.logits.shape == (0, VOCAB)
+
+
+def test_a_failed_call_leaves_no_selection_behind():
+    opt = optimize(_model("dense").eval())
+    ids, labels = _batch()
+    def boom(*args):
+        raise RuntimeError("boom")
+    h = opt.bert.register_forward_hook(boom)     # fails after the selection, before the head
+    with pytest.raises(RuntimeError, match="boom"):
+        opt(input_ids=ids, labels=labels)
+    h.remove()
+    hidden = torch.randn(2, 5, 64, dtype=torch.float64)
+    assert opt.cls(hidden).shape == (2, 5, VOCAB)    # the head called directly: every row
+
+
+def test_pretraining_model_mlm_and_nsp_loss_equal():
+    ref = _model("block", cls=BertForPreTraining).eval()
+    opt = optimize(copy.deepcopy(ref))
+    ids, labels = _batch()
+    nsp = torch.tensor([0, 1, 0])
+    (o1, g1) = _loss_and_grads(ref, ids, labels, next_sentence_label=nsp)
+    (o2, g2) = _loss_and_grads(opt, ids, labels, next_sentence_label=nsp)
+    torch.testing.assert_close(o2.loss, o1.loss)
+    torch.testing.assert_close(o2.prediction_logits, o1.prediction_logits[labels != -100])
+    torch.testing.assert_close(o2.seq_relationship_logits, o1.seq_relationship_logits)
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n])
+
+
+def test_state_dict_unchanged_idempotent_and_unoptimize():
+    ref = _model("block")
+    keys = list(ref.state_dict())
+    opt = optimize(optimize(copy.deepcopy(ref)), gelu="recompute")
+    assert is_optimized(opt) and list(opt.state_dict()) == keys
+    assert len(opt._forward_pre_hooks) == 1 and len(opt.cls._forward_pre_hooks) == 1
+    assert opt.bert.encoder.layer[0].intermediate.dense.gelu_mode == "recompute"
+    copy.deepcopy(opt)                                  # still copyable
+    unoptimize(opt)
+    assert not is_optimized(opt) and not opt._forward_pre_hooks and not opt.cls._forward_pre_hooks
+    assert type(opt.bert.encoder.layer[0].intermediate.dense) is BlockSparseLinear
+    ids, labels = _batch()
+    assert opt(input_ids=ids, labels=labels).logits.shape == (*ids.shape, VOCAB)
+
+
+def test_unstructured_model_keeps_masked_layers():
+    opt = optimize(_model("unstructured"))
+    assert isinstance(opt.cls.predictions.decoder, MaskedLinear)
+
+
+# ---- the fused training GELU ------------------------------------------------------------------
+def _backend_cases():
+    cases = [("reference", torch.float64), ("dense", torch.float64)]
+    if backends.unavailable_reason("cpu", "cpu") is None:
+        cases.append(("cpu", torch.float32))
+    return cases
+
+
+@pytest.mark.parametrize("backend,dtype", _backend_cases())
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gelu_matches_f_gelu_forward_and_backward(backend, dtype, recompute, bias):
+    layout = random_layout(6, 4, 0.5, (16, 32), seed=3)      # N = 96, K = 128
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(layout.nnz, 16, 32, generator=g, dtype=dtype).mul_(0.2).requires_grad_()
+    b = torch.randn(96, generator=g, dtype=dtype).requires_grad_() if bias else None
+    x = torch.randn(2, 20, 128, generator=g, dtype=dtype).requires_grad_()
+    dy = torch.randn(2, 20, 96, generator=g, dtype=dtype)
+    ref = F.gelu(sparsebert.bsr_linear(x, values, layout, b, backend="reference"))
+    grads_ref = torch.autograd.grad(ref, [x, values] + ([b] if bias else []), dy)
+    y = linear_gelu(x, values, layout, b, backend=backend, recompute=recompute)
+    grads = torch.autograd.grad(y, [x, values] + ([b] if bias else []), dy)
+    tol = _tol(dtype) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, ref, **tol)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_linear_gelu_only_the_needed_gradients():
+    layout = random_layout(2, 2, 1.0, (16, 16))
+    values = torch.randn(layout.nnz, 16, 16, dtype=torch.float64)
+    x = torch.randn(5, 32, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(32, dtype=torch.float64)
+    y = LinearGelu.apply(x, values, b, layout.tensors(), "reference", False)
+    (dx,) = torch.autograd.grad(y.sum(), [x])
+    want = torch.autograd.grad(F.gelu(x @ layout.scatter(values).t()).sum(), [x])[0]
+    torch.testing.assert_close(dx, want)
+
+
+def test_fused_layer_inference_and_no_grad_use_the_plain_path():
+    m = optimize(_model("block", dtype=torch.float32)).eval()
+    ids, _ = _batch()
+    ref = copy.deepcopy(m)
+    unoptimize(ref)
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids).logits, ref(input_ids=ids).logits)
