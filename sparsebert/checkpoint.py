@@ -1,13 +1,23 @@
 """Sparse checkpoints: only kept blocks (or kept weights) on disk, exact round trip.
 
-A checkpoint folder holds
+A checkpoint folder (format version 2) holds
 * ``sparse_model.safetensors`` — block-sparse layers as ``<name>.values`` [nnz, bn, bk] and
   ``<name>.block_mask``; masked layers as ``<name>.kept`` (the kept weights, row-major) and
   ``<name>.mask_bits`` (the mask, bit-packed); every other tensor of the state dict as is
-  (tensors shared by several names are stored once);
-* ``sparsebert.json`` — format version, model class, the sparse layers, aliases, and the
-  SHA-256 of the tensor file (a truncated or corrupt file is refused);
-* ``config.json`` — the Hugging Face config (when the model has one).
+  (tensors shared by several names are stored once). Every tensor keeps its dtype (fp32, fp16,
+  bf16, ...), and :func:`load_sparse` gives each parameter and buffer the dtype it was saved in;
+* ``sparsebert.json`` — format version, model class, the sparse layers and the aliases;
+* ``config.json`` — the Hugging Face config (when the model has one);
+* ``manifest.json`` — the SHA-256 of every other file above, written last. The loader checks
+  every file against it before using any of them, so a truncated, corrupt or edited file (a
+  changed ``hidden_act`` in ``config.json``, an alias pointing at another tensor) is refused.
+
+Saving is atomic: the checkpoint is written into a temporary folder beside the target and renamed
+into place only when complete, so a failed save leaves a previous checkpoint there as it was.
+Files in the target folder that are not part of a checkpoint (a tokenizer, notes) are kept.
+
+Version-1 checkpoints (no manifest; ``sparsebert.json`` records the tensor file's SHA-256 only)
+still load, with a warning that their JSON files are not covered.
 """
 from __future__ import annotations
 
@@ -15,6 +25,10 @@ import copy
 import hashlib
 import json
 import os
+import re
+import shutil
+import tempfile
+import warnings
 from typing import Dict, Optional
 
 import numpy as np
@@ -26,9 +40,17 @@ from .nn import BlockSparseLinear, MaskedEmbedding, MaskedLinear
 from .hf import _set_module, fuse_activations, sparse_layers, unfuse_activations
 
 FORMAT = "sparsebert-checkpoint"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)                  # what load_sparse reads
 TENSORS = "sparse_model.safetensors"
 META = "sparsebert.json"
+CONFIG = "config.json"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "sparsebert-manifest"
+CHECKPOINT_FILES = (TENSORS, META, CONFIG, MANIFEST)   # replaced by a save; anything else is kept
+KINDS = ("block", "masked_linear", "masked_embedding")
+ACTIVATIONS = ("none", "gelu")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CheckpointError(ValueError):
@@ -56,11 +78,9 @@ def _unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
     return torch.from_numpy(flat.astype(bool)).view(*shape)
 
 
-def save_sparse(model: nn.Module, path: str) -> None:
-    """Write ``model`` (with sparse layers) to the folder ``path``."""
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
+# ---- saving -------------------------------------------------------------------------------------
+def _collect(model: nn.Module):
+    """``(tensors, meta)`` to write for ``model`` (nothing written yet)."""
     tensors: Dict[str, torch.Tensor] = {}
     layers = []
     covered = set()
@@ -101,73 +121,382 @@ def save_sparse(model: nn.Module, path: str) -> None:
         if ident is not None:
             seen[ident] = key
         tensors[key] = t.detach()
-
-    tensor_file = os.path.join(path, TENSORS)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tensor_file)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "save_pretrained"):
-        config.save_pretrained(path)
     meta = {"format": FORMAT, "version": VERSION, "model_class": type(model).__name__,
-            "model_module": type(model).__module__, "layers": layers, "aliases": aliases,
-            "sha256": sha256_file(tensor_file)}
-    with open(os.path.join(path, META), "w") as f:
-        json.dump(meta, f, indent=1)
+            "model_module": type(model).__module__, "layers": layers, "aliases": aliases}
+    return {k: v.contiguous().cpu() for k, v in tensors.items()}, meta
 
 
-def _read_meta(path: str) -> dict:
+def _fsync(path: str) -> None:
+    """Flush a file or folder to disk (best effort: not every filesystem allows it on folders)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_over(old: str, new: str) -> None:
+    """Hard-link (or copy) into ``new`` every entry of ``old`` that is not a checkpoint file."""
+    for entry in os.scandir(old):
+        if entry.name in CHECKPOINT_FILES:
+            continue
+        dst = os.path.join(new, entry.name)
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry.path), dst)
+        elif entry.is_dir():
+            shutil.copytree(entry.path, dst, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry.path, dst)
+
+
+def _swap_into_place(tmp: str, target: str) -> None:
+    """Rename the complete folder ``tmp`` to ``target``; an existing ``target`` is renamed aside
+    first and removed only once the new one is in place (put back if the rename fails)."""
+    if not os.path.lexists(target):
+        os.rename(tmp, target)
+        return
+    old = tmp + "-old"
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_sparse(model: nn.Module, path) -> None:
+    """Write ``model`` (with sparse layers) to the folder ``path``, atomically.
+
+    Everything is written into a temporary folder beside ``path`` and renamed into place when
+    complete: if anything fails, an existing checkpoint at ``path`` is left as it was. Other
+    files in an existing ``path`` (not ``sparse_model.safetensors``, ``sparsebert.json``,
+    ``config.json``, ``manifest.json``) are kept. Raises :class:`CheckpointError` when ``path``
+    is a file, ``OSError`` when it cannot be written.
+    """
+    from safetensors.torch import save_file
+
+    tensors, meta = _collect(model)
+    target = os.path.realpath(os.fspath(path))
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise CheckpointError(f"cannot save a checkpoint to {os.fspath(path)}: it exists and is not a folder")
+    parent, base = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.saving-", dir=parent)
+    try:
+        if os.path.isdir(target):
+            shutil.copymode(target, tmp)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
+        save_file(tensors, os.path.join(tmp, TENSORS))
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "save_pretrained"):
+            config.save_pretrained(tmp)
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump(meta, f, indent=1)
+        files = sorted(os.listdir(tmp))
+        manifest = {"format": MANIFEST_FORMAT, "version": VERSION,
+                    "sha256": {name: sha256_file(os.path.join(tmp, name)) for name in files}}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        for name in files + [MANIFEST]:
+            _fsync(os.path.join(tmp, name))
+        if os.path.isdir(target):
+            _carry_over(target, tmp)
+        _fsync(tmp)
+        _swap_into_place(tmp, target)
+        _fsync(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---- reading and checking -------------------------------------------------------------------------
+def _json_type(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _read_json(file: str, what: str):
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt checkpoint: {file} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} {file}: {e.strerror or e}") from None
+
+
+def _interrupted_save_hint(path: str) -> str:
+    parent, base = os.path.split(os.path.realpath(path))
+    try:
+        left = sorted(n for n in os.listdir(parent) if n.startswith(f".{base}.saving-") and n.endswith("-old"))
+    except OSError:
+        return ""
+    if left:
+        return f" (a save was interrupted: the previous checkpoint is in {os.path.join(parent, left[-1])})"
+    return ""
+
+
+def _check_backend(backend) -> bool:
+    from .ops.backends import NAMES
+    if not isinstance(backend, str):
+        return False
+    parts = backend.split(",")
+    if len(parts) == 1:
+        return backend == "auto" or backend in NAMES
+    return len(parts) == 3 and all(p in NAMES for p in parts)
+
+
+def _check_meta(meta, meta_file: str) -> None:
+    """Raise :class:`CheckpointError` naming the first thing wrong with the metadata's structure."""
+    def bad(msg):
+        raise CheckpointError(f"malformed {meta_file}: {msg}")
+
+    if not isinstance(meta, dict):
+        bad(f"expected a JSON object, got {_json_type(meta)}")
+    for field, typ in (("model_class", str), ("layers", list), ("aliases", dict)):
+        if field not in meta:
+            bad(f"'{field}' is missing")
+        if not isinstance(meta[field], typ):
+            bad(f"'{field}' must be {_json_type(typ())}, got {_json_type(meta[field])}")
+    if "model_module" in meta and not isinstance(meta["model_module"], str):
+        bad(f"'model_module' must be a string, got {_json_type(meta['model_module'])}")
+    if meta["version"] == 1 and not (isinstance(meta.get("sha256"), str) and _HEX64.match(meta["sha256"])):
+        bad("'sha256' (the tensor file's SHA-256) is missing or not a hex digest")
+    owners: Dict[str, list] = {}
+    names = set()
+    for i, e in enumerate(meta["layers"]):
+        where = f"layers[{i}]"
+        if not isinstance(e, dict):
+            bad(f"{where} must be an object, got {_json_type(e)}")
+        if not isinstance(e.get("name"), str):
+            bad(f"{where}: 'name' is missing or not a string")
+        where = f"layer {e['name']!r}"
+        if e["name"] in names:
+            bad(f"{where} is listed twice")
+        names.add(e["name"])
+        if e.get("kind") not in KINDS:
+            bad(f"{where}: unknown kind {e.get('kind')!r} (expected one of {', '.join(KINDS)})")
+        shape = e.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(s) and s > 0 for s in shape)):
+            bad(f"{where}: 'shape' must be a list of two positive integers, got {shape!r}")
+        if e["kind"] == "block":
+            block = e.get("block")
+            if not (isinstance(block, list) and len(block) == 2 and all(_is_int(s) and s > 0 for s in block)):
+                bad(f"{where}: 'block' must be a list of two positive integers, got {block!r}")
+            if not (_is_int(e.get("nnz")) and e["nnz"] >= 0):
+                bad(f"{where}: 'nnz' must be a non-negative integer, got {e.get('nnz')!r}")
+            if not isinstance(e.get("bias"), bool):
+                bad(f"{where}: 'bias' must be true or false, got {e.get('bias')!r}")
+            if "backend" in e and not _check_backend(e["backend"]):
+                bad(f"{where}: unknown backend {e['backend']!r}")
+            if e.get("activation", "none") not in ACTIVATIONS:
+                bad(f"{where}: unknown activation {e.get('activation')!r} (expected one of {', '.join(ACTIVATIONS)})")
+        else:
+            if e["kind"] == "masked_linear" and "bias" in e and not isinstance(e["bias"], bool):
+                bad(f"{where}: 'bias' must be true or false, got {e['bias']!r}")
+            if "tied_to" in e:
+                owner = owners.get(e["tied_to"]) if isinstance(e["tied_to"], str) else None
+                if owner is None:
+                    bad(f"{where}: 'tied_to' {e['tied_to']!r} does not name an earlier masked layer")
+                if owner != shape:
+                    bad(f"{where}: tied to {e['tied_to']!r} of shape {owner}, but has shape {shape}")
+            else:
+                owners[e["name"]] = shape
+    for k, v in meta["aliases"].items():
+        if not isinstance(v, str):
+            bad(f"alias {k!r} must name a tensor (a string), got {_json_type(v)}")
+
+
+def _read_manifest(path: str) -> Dict[str, str]:
+    file = os.path.join(path, MANIFEST)
+    man = _read_json(file, "manifest")
+    if not isinstance(man, dict) or man.get("format") != MANIFEST_FORMAT:
+        raise CheckpointError(f"corrupt checkpoint: {file} is not a sparsebert manifest")
+    hashes = man.get("sha256")
+    if not isinstance(hashes, dict):
+        raise CheckpointError(f"corrupt checkpoint: {file} has no 'sha256' table of the files")
+    for name, digest in hashes.items():
+        if name in ("", ".", "..") or os.path.basename(name) != name or "\\" in name:
+            raise CheckpointError(f"corrupt checkpoint: {file} lists {name!r}, not a file of the checkpoint folder")
+        if not (isinstance(digest, str) and _HEX64.match(digest)):
+            raise CheckpointError(f"corrupt checkpoint: {file} records {digest!r} for {name}, not a SHA-256")
+    return hashes
+
+
+def _verify(path: str, name: str, digest: str) -> None:
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"corrupt checkpoint: {file} is missing")
+    if sha256_file(file) != digest:
+        raise CheckpointError(f"corrupt checkpoint: {file} does not match its recorded SHA-256 "
+                              "(truncated or modified)")
+
+
+def _read_meta(path: str, need_config: bool = False) -> dict:
+    """The checkpoint's checked metadata, once every file it relies on is verified."""
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise CheckpointError(f"{path} is not a sparsebert checkpoint: it is a file, not a folder")
+        raise CheckpointError(f"no sparsebert checkpoint at {path}: the folder is missing"
+                              + _interrupted_save_hint(path))
     meta_file = os.path.join(path, META)
     if not os.path.isfile(meta_file):
         raise CheckpointError(f"{path} is not a sparsebert checkpoint: {META} is missing")
-    try:
-        with open(meta_file) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt checkpoint: {meta_file} is not valid JSON ({e})") from None
+    meta = _read_json(meta_file, "metadata")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"malformed {meta_file}: expected a JSON object, got {_json_type(meta)}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_file} is not a sparsebert checkpoint (format={meta.get('format')!r})")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"checkpoint format version {meta.get('version')} is not supported (expected {VERSION})")
-    tensor_file = os.path.join(path, TENSORS)
-    if not os.path.isfile(tensor_file):
-        raise CheckpointError(f"corrupt checkpoint: {tensor_file} is missing")
-    if sha256_file(tensor_file) != meta.get("sha256"):
-        raise CheckpointError(f"corrupt checkpoint: {tensor_file} does not match its recorded SHA-256 "
-                              "(truncated or modified)")
+    version = meta.get("version")
+    if not _is_int(version) or version not in VERSIONS:
+        raise CheckpointError(f"checkpoint format version {version!r} is not supported "
+                              f"(this sparsebert reads {', '.join(map(str, VERSIONS))})")
+    config_file = os.path.join(path, CONFIG)
+    if version >= 2:
+        if not os.path.isfile(os.path.join(path, MANIFEST)):
+            raise CheckpointError(f"corrupt checkpoint: {os.path.join(path, MANIFEST)} is missing "
+                                  "(an interrupted copy, or files edited by hand)")
+        hashes = _read_manifest(path)
+        needed = [META, TENSORS] + ([CONFIG] if need_config and os.path.isfile(config_file) else [])
+        for name in needed:
+            if name not in hashes:
+                raise CheckpointError(f"corrupt checkpoint: {name} is not covered by {MANIFEST}")
+        for name, digest in hashes.items():
+            _verify(path, name, digest)
+        _check_meta(meta, meta_file)
+    else:
+        _check_meta(meta, meta_file)
+        _verify(path, TENSORS, meta["sha256"])
+        warnings.warn(f"{path}: a format-1 sparsebert checkpoint, whose SHA-256 covers only {TENSORS}; "
+                      "save it again to cover every file", stacklevel=3)
     return meta
 
 
 def _build_model(path: str, meta: dict) -> nn.Module:
     import transformers
 
-    cls = getattr(transformers, meta["model_class"], None)
-    if cls is None:
-        raise CheckpointError(f"model class {meta['model_class']!r} is not a transformers class: "
+    name = meta["model_class"]
+    cls = getattr(transformers, name, None) if name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(f"model class {name!r} is not a transformers model class: "
                               "pass model= to load_sparse")
-    config = transformers.AutoConfig.from_pretrained(path)
-    return cls(config)
+    if not os.path.isfile(os.path.join(path, CONFIG)):
+        raise CheckpointError(f"{path} has no {CONFIG} to build a {name} from: pass model= to load_sparse")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        return cls(config)
+    except Exception as e:
+        msg = " ".join(str(e).split())
+        raise CheckpointError(f"cannot build a {name} from {os.path.join(path, CONFIG)}: {msg}") from None
 
 
-def load_sparse(path: str, model: Optional[nn.Module] = None) -> nn.Module:
-    """Load a checkpoint written by :func:`save_sparse`.
+def build_model(path) -> nn.Module:
+    """The fresh (untrained, dense) ``transformers`` model a checkpoint's verified config describes
+    — what :func:`load_sparse` fills when no ``model`` is given."""
+    path = os.fspath(path)
+    return _build_model(path, _read_meta(path, need_config=True))
+
+
+def tensor_names(path) -> set:
+    """The names of the tensors stored in a checkpoint's tensor file (nothing is loaded)."""
+    from safetensors import safe_open
+    file = os.path.join(os.fspath(path), TENSORS)
+    try:
+        with safe_open(file, "pt") as f:
+            return set(f.keys())
+    except Exception as e:
+        raise CheckpointError(f"corrupt checkpoint: cannot read {file}: {e}") from None
+
+
+def _check_tensors(meta: dict, tensors: Dict[str, torch.Tensor]) -> None:
+    def need(layer, key, ndim, kinds):
+        t = tensors.get(key)
+        if t is None:
+            raise CheckpointError(f"{layer}: tensor {key} is missing from {TENSORS}")
+        if t.dim() != ndim or not any(k(t) for k in kinds):
+            raise CheckpointError(f"{layer}: tensor {key} has dtype {t.dtype} and {t.dim()} dimensions, "
+                                  f"expected {ndim}")
+
+    floating = lambda t: t.is_floating_point()
+    byte = lambda t: t.dtype in (torch.uint8, torch.bool)
+    for e in meta["layers"]:
+        p = f"{e['name']}." if e["name"] else ""
+        if e["kind"] == "block":
+            need(e["name"], p + "values", 3, [floating])
+            need(e["name"], p + "block_mask", 2, [byte])
+        elif "tied_to" not in e:
+            need(e["name"], p + "kept", 1, [floating])
+            need(e["name"], p + "mask_bits", 1, [lambda t: t.dtype == torch.uint8])
+    for key, src in meta["aliases"].items():
+        if key in tensors:
+            raise CheckpointError(f"checkpoint alias {key} -> {src}: {key} is also stored")
+        if src not in tensors:
+            raise CheckpointError(f"checkpoint alias {key} -> {src} names a missing tensor")
+
+
+def _match_dtypes(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Give each parameter and buffer of ``model`` the dtype its checkpoint tensor has (in place,
+    same objects: weight ties survive)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    for key, v in state.items():
+        t = params.get(key, buffers.get(key))
+        if t is None or t.dtype == v.dtype:
+            continue
+        if not (t.is_floating_point() and v.is_floating_point()):
+            raise CheckpointError(f"{key}: checkpoint has dtype {v.dtype}, model needs {t.dtype}")
+        if key in params:
+            t.data = t.data.to(v.dtype)
+        else:
+            mod_name, _, buf = key.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            mod._buffers[buf] = t.to(v.dtype)
+
+
+def load_sparse(path, model: Optional[nn.Module] = None) -> nn.Module:
+    """Load a checkpoint written by :func:`save_sparse`, in eval mode (like ``from_pretrained``:
+    dropout off; call ``.train()`` to fine-tune).
 
     Without ``model`` a fresh ``transformers`` model is built from the saved config; with
     ``model`` (same architecture, any module) a copy of it is converted and filled, and
-    ``model`` itself is left untouched. The result is returned only when everything loaded; a
-    truncated, corrupt or mismatched checkpoint raises :class:`CheckpointError` (a ``ValueError``).
+    ``model`` itself is left untouched. Every parameter and buffer comes back in the dtype it was
+    saved in (fp16, bf16, fp32). Every file is checked against the manifest before it is used,
+    and the result is returned only when everything loaded; a missing, truncated, corrupt, edited
+    or mismatched checkpoint raises :class:`CheckpointError` (a ``ValueError``).
     """
     from safetensors.torch import load_file
 
-    meta = _read_meta(path)
+    path = os.fspath(path)
+    meta = _read_meta(path, need_config=model is None)
     try:
         tensors = load_file(os.path.join(path, TENSORS))
     except Exception as e:
         raise CheckpointError(f"corrupt checkpoint: cannot read {TENSORS}: {e}") from None
+    _check_tensors(meta, tensors)
     target = _build_model(path, meta) if model is None else copy.deepcopy(model)
     staged = _convert(target, meta, tensors)
     state = dict(tensors)
     for key, src in meta["aliases"].items():
-        if src not in state:
-            raise CheckpointError(f"checkpoint alias {key} -> {src} names a missing tensor")
         state[key] = state[src]
     for entry in meta["layers"]:
         p = f"{entry['name']}." if entry["name"] else ""
@@ -194,8 +523,9 @@ def load_sparse(path: str, model: Optional[nn.Module] = None) -> nn.Module:
     for k, v in expected.items():
         if k in state and tuple(state[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{k}: checkpoint has shape {tuple(state[k].shape)}, model needs {tuple(v.shape)}")
+    _match_dtypes(staged, state)
     staged.load_state_dict(state, strict=False)
-    return staged
+    return staged.eval()
 
 
 def _convert(model: nn.Module, meta: dict, tensors: Dict[str, torch.Tensor]) -> nn.Module:
@@ -214,11 +544,8 @@ def _convert(model: nn.Module, meta: dict, tensors: Dict[str, torch.Tensor]) -> 
                     (old.out_features, old.in_features) != shape:
                 raise CheckpointError(f"{name}: checkpoint holds a {shape} linear, model has {old}")
             p = f"{name}." if name else ""
-            bmask = tensors.get(p + "block_mask")
-            if bmask is None:
-                raise CheckpointError(f"{name}: block_mask missing from checkpoint")
             try:
-                layout = BlockLayout.from_mask(bmask.bool(), tuple(entry["block"]), shape)
+                layout = BlockLayout.from_mask(tensors[p + "block_mask"].bool(), tuple(entry["block"]), shape)
             except ValueError as e:
                 raise CheckpointError(f"{name}: {e}") from None
             if layout.nnz != entry["nnz"]:
@@ -242,8 +569,6 @@ def _convert(model: nn.Module, meta: dict, tensors: Dict[str, torch.Tensor]) -> 
         if "tied_to" in entry:
             model.get_submodule(entry["name"]).mask = model.get_submodule(entry["tied_to"]).mask
     fused = [e["name"] for e in meta["layers"] if e.get("activation", "none") != "none"]
-    if any(e.get("activation", "none") not in ("none", "gelu") for e in meta["layers"]):
-        raise CheckpointError(f"unknown activation in {sorted({e.get('activation') for e in meta['layers']})}")
     if fused:
         try:
             fuse_activations(model, names=fused)
