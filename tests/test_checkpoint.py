@@ -1,4 +1,5 @@
-"""save_sparse / load_sparse: dtypes, eval mode, atomic saves, malformed and tampered files."""
+"""save_sparse / load_sparse: dtypes, eval mode, atomic saves, malformed and tampered files, and
+the study's encoder cache (safetensors, never unpickled)."""
 import copy
 import json
 import os
@@ -310,3 +311,62 @@ def test_an_unreadable_config_is_a_checkpoint_error(tmp_path, tiny_bert_config):
     _rehash(ck)
     with pytest.raises(CheckpointError, match="config.json"):
         sparsebert.load_sparse(ck)
+
+
+# ---- the study's encoder cache --------------------------------------------------------------------
+class _Payload:
+    """Unpickling this creates a file: proof that a loader ran code from the file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _encoders(cfg):
+    from sparsebert.study.pretrain import attach_pooler
+    torch.manual_seed(0)
+    warm = attach_pooler(BertForMaskedLM(cfg)).eval()         # the warm-up's cached model
+    block = sparsebert.sparsify(BertModel(cfg), 0.5, block=(32, 32)).eval()
+    unstr = sparsebert.sparsify(BertForMaskedLM(cfg), 0.5, mode="unstructured").bert.eval()
+    return {"warmup": warm, "block": block, "unstructured": unstr}
+
+
+def test_run_store_keeps_encoders_as_safetensors_checkpoints(tmp_path, tiny_bert_config):
+    from sparsebert.study.runner import RunStore
+    store = RunStore(tmp_path / "runs")
+    for kind, enc in _encoders(tiny_bert_config).items():
+        store.save_model(kind, "k", enc)
+        got = store.load_model(kind, "k")
+        assert type(got) is type(enc)
+        assert [type(m) for m in got.modules()] == [type(m) for m in enc.modules()]
+        assert torch.equal(_out(got.eval()), _out(enc))
+        if kind == "warmup":
+            assert got.bert.pooler is not None
+            assert got.cls.predictions.decoder.weight is got.bert.embeddings.word_embeddings.weight
+    assert store.load_model("pretrain", "absent") is None
+    assert not list((tmp_path / "runs").rglob("*.pt"))
+
+
+def test_run_store_never_unpickles(tmp_path, tiny_bert_config):
+    from sparsebert.study.runner import RunStore
+    store = RunStore(tmp_path / "runs")
+    marker = tmp_path / "pwned"
+    legacy = tmp_path / "runs" / "pretrain-k.pt"            # where an older sparsebert kept it
+    torch.save(_Payload(marker), legacy)
+    with pytest.warns(UserWarning, match="not loaded"):
+        assert store.load_model("pretrain", "k") is None    # a cache miss: the run is redone
+    assert not marker.exists() and legacy.exists()          # not run, and not deleted either
+    store.save_model("pretrain", "k", _encoders(tiny_bert_config)["block"])
+    assert store.load_model("pretrain", "k") is not None and not marker.exists()
+
+
+def test_run_store_reruns_a_corrupt_cached_encoder(tmp_path, tiny_bert_config):
+    from sparsebert.study.runner import RunStore
+    store = RunStore(tmp_path / "runs")
+    store.save_model("pretrain", "k", _encoders(tiny_bert_config)["block"])
+    t = store.ckpt_path("pretrain", "k") / "sparse_model.safetensors"
+    t.write_bytes(t.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert store.load_model("pretrain", "k") is None

@@ -73,6 +73,25 @@ class SequenceModel(nn.Module):
         return self.classifier(self.dropout(pooled))
 
 
+def load_encoder(path) -> nn.Module:
+    """An encoder written by :func:`sparsebert.study.pretrain.save_encoder` (a sparse checkpoint:
+    safetensors, verified, never unpickled), in eval mode. A BERT pooler is there exactly when
+    the saved model had one (a ``BertForMaskedLM`` given one by :func:`attach_pooler`, a
+    ``BertModel`` without). Raises :class:`sparsebert.CheckpointError`."""
+    from sparsebert.checkpoint import build_model, load_sparse, tensor_names
+    from transformers.models.bert.modeling_bert import BertPooler
+
+    model = build_model(path)
+    bert, prefix = (model, "") if hasattr(model, "pooler") else (getattr(model, "bert", None), "bert.")
+    if bert is not None and hasattr(bert, "pooler"):
+        saved = any(n.startswith(prefix + "pooler.") for n in tensor_names(path))
+        if saved and bert.pooler is None:
+            bert.pooler = BertPooler(model.config)
+        elif not saved and bert.pooler is not None:
+            bert.pooler = None
+    return load_sparse(path, model=model)
+
+
 def encode(tokenizer, texts: Sequence[str], max_len: int) -> List[List[int]]:
     return tokenizer(list(texts), truncation=True, max_length=max_len, add_special_tokens=True)["input_ids"]
 

@@ -115,6 +115,14 @@ def scratch_mlm(vocab_size: int, hidden: int = 128, layers: int = 2, heads: int 
     return attach_pooler(BertForMaskedLM(cfg))
 
 
+def save_encoder(module: nn.Module, path) -> None:
+    """Write a (possibly sparse) transformers model to the folder ``path`` as a sparse checkpoint
+    (safetensors + config, :func:`sparsebert.save_sparse`, atomic); read it back with
+    :func:`sparsebert.study.finetune.load_encoder`. Never a pickle: loading one can run code."""
+    from sparsebert.checkpoint import save_sparse
+    save_sparse(module, path)
+
+
 def special_ids(tokenizer) -> dict:
     return {"special": sorted({i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id,
                                           tokenizer.pad_token_id) if i is not None}),

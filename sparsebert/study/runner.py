@@ -2,9 +2,11 @@
 
 Every run (the MLM-head warm-up, each pre-training run, each fine-tuning run) is cached as
 ``<out>/runs/<kind>-<hash>.json`` keyed by the hash of everything that determines it (its config,
-the data settings and its parent run's hash); pre-training runs also keep the encoder as
-``<kind>-<hash>.pt`` for their fine-tuning runs. Re-running a study skips every cached run, so an
-interrupted study resumes where it stopped.
+the data settings and its parent run's hash); pre-training runs also keep the encoder, as a
+sparse checkpoint folder ``<kind>-<hash>.ckpt`` (safetensors, :func:`sparsebert.save_sparse`), for
+their fine-tuning runs. Re-running a study skips every cached run, so an interrupted study resumes
+where it stopped. Nothing in the cache is ever unpickled: an encoder an older sparsebert cached as
+``<kind>-<hash>.pt`` (a pickle) is left on disk, not loaded, and its run is done again.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -21,7 +24,7 @@ import torch
 
 from . import pretrain as _pt
 from .data import DataCache, TaskData, load_mlm_text, load_task, mlm_blocks
-from .finetune import FinetuneConfig, finetune
+from .finetune import FinetuneConfig, finetune, load_encoder
 from .pretrain import PretrainConfig, load_tokenizer, pick_device, pretrain, special_ids
 from .report import write_report
 
@@ -91,6 +94,10 @@ class RunStore:
         return self.root / f"{kind}-{key}.json"
 
     def ckpt_path(self, kind, key):
+        return self.root / f"{kind}-{key}.ckpt"
+
+    def legacy_ckpt_path(self, kind, key):
+        """Where an older sparsebert pickled the encoder (never loaded)."""
         return self.root / f"{kind}-{key}.pt"
 
     def get(self, kind, key) -> Optional[dict]:
@@ -109,14 +116,27 @@ class RunStore:
         os.replace(tmp, p)
 
     def save_model(self, kind, key, module):
-        p = self.ckpt_path(kind, key)
-        tmp = p.with_suffix(".pt.tmp")
-        torch.save(module, tmp)
-        os.replace(tmp, p)
+        """Keep ``module`` (a transformers model, sparse layers and all) as a sparse checkpoint
+        (written atomically: an interrupted save leaves no half checkpoint)."""
+        _pt.save_encoder(module, self.ckpt_path(kind, key))
 
     def load_model(self, kind, key):
+        """The cached module, or None when there is none to use (then the run is done again):
+        missing, corrupt (a warning says so), or only an old pickle (never unpickled)."""
+        from sparsebert.checkpoint import CheckpointError
+
         p = self.ckpt_path(kind, key)
-        return torch.load(p, weights_only=False) if p.exists() else None
+        if not p.exists():
+            legacy = self.legacy_ckpt_path(kind, key)
+            if legacy.exists():
+                warnings.warn(f"{legacy} is a pickle cached by an older sparsebert: not loaded (unpickling "
+                              "can run code); the run is done again", stacklevel=2)
+            return None
+        try:
+            return load_encoder(p)
+        except CheckpointError as e:
+            warnings.warn(f"cached encoder {p} is corrupt ({e}); the run is done again", stacklevel=2)
+            return None
 
 
 class StudyData:
