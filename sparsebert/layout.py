@@ -17,6 +17,7 @@ The forward and the weight gradient walk the CSR order; the input gradient walks
 """
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Tuple
 
 import torch
@@ -73,15 +74,40 @@ def unpack_index(index: torch.Tensor, N: int, K: int, bn: int, bk: int, nnz: int
 
 
 def _as_block(block) -> Tuple[int, int]:
-    if isinstance(block, int):
+    """``(bn, bk)`` from a positive int or a pair (tuple/list) of positive ints.
+
+    Nothing else is read as a block size: not a string (``"32"`` is not ``(3, 2)``), a bool
+    (``True`` is not ``1``), a float or a sequence of another length.
+    """
+    def is_int(b):
+        return isinstance(b, numbers.Integral) and not isinstance(b, bool)
+
+    if is_int(block):
         block = (block, block)
-    try:
-        bn, bk = (int(b) for b in block)
-    except (TypeError, ValueError):
-        raise ValueError(f"block must be an int or a pair of ints, got {block!r}") from None
+    if not (isinstance(block, (tuple, list)) and len(block) == 2 and all(is_int(b) for b in block)):
+        raise ValueError(f"block must be a positive int or a pair of positive ints (bn, bk), got {block!r}")
+    bn, bk = int(block[0]), int(block[1])
     if bn <= 0 or bk <= 0:
         raise ValueError(f"block sizes must be positive, got ({bn}, {bk})")
     return bn, bk
+
+
+def as_bool_mask(mask, what: str = "mask") -> torch.Tensor:
+    """The one rule for every mask (block masks, element masks, the masked layers' masks): a
+    boolean tensor, or integers that are all 0 or 1. Floats are refused, whatever their values:
+    a float mask is usually scores or a soft mask, and reading it as "nonzero = kept" would
+    silently keep everything."""
+    try:
+        m = torch.as_tensor(mask)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{what} must be a boolean tensor, got {type(mask).__name__}") from None
+    if m.dtype == torch.bool:
+        return m
+    if m.dtype.is_floating_point or m.dtype.is_complex:
+        raise ValueError(f"{what} must be boolean (or 0/1 integers), got {m.dtype}")
+    if ((m != 0) & (m != 1)).any():
+        raise ValueError(f"{what} holds values other than 0 and 1")
+    return m != 0
 
 
 class BlockLayout:
@@ -104,21 +130,15 @@ class BlockLayout:
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_mask(cls, block_mask, block=(32, 32), shape=None) -> "BlockLayout":
-        """Layout from a boolean ``[N // bn, K // bk]`` block mask.
+        """Layout from a boolean ``[N // bn, K // bk]`` block mask (or 0/1 integers, see :func:`as_bool_mask`).
 
         ``shape`` (``(N, K)``) defaults to ``block_mask.shape * block``; when given, the block
         size must divide it and the mask must have exactly ``(N // bn, K // bk)`` entries.
         """
         bn, bk = _as_block(block)
-        m = torch.as_tensor(block_mask)
+        m = as_bool_mask(block_mask, "block_mask")
         if m.dim() != 2:
             raise ValueError(f"block_mask must be 2-D [N // bn, K // bk], got shape {tuple(m.shape)}")
-        if m.dtype != torch.bool:
-            if m.dtype.is_floating_point or m.dtype.is_complex:
-                raise ValueError(f"block_mask must be boolean (or 0/1 integers), got {m.dtype}")
-            if ((m != 0) & (m != 1)).any():
-                raise ValueError("block_mask holds values other than 0 and 1")
-            m = m != 0
         m = m.detach().to("cpu", copy=True).contiguous()
         if shape is None:
             shape = (m.shape[0] * bn, m.shape[1] * bk)
@@ -170,9 +190,9 @@ class BlockLayout:
 
     @classmethod
     def from_element_mask(cls, mask: torch.Tensor, block=(32, 32)) -> "BlockLayout":
-        """Layout from an ``[N, K]`` mask that must be constant on each block."""
+        """Layout from an ``[N, K]`` mask (boolean or 0/1 integers) that must be constant on each block."""
         bn, bk = _as_block(block)
-        mask = torch.as_tensor(mask).detach().cpu() != 0
+        mask = as_bool_mask(mask, "mask").detach().cpu()
         if mask.dim() != 2:
             raise ValueError(f"mask must be 2-D [N, K], got shape {tuple(mask.shape)}")
         N, K = mask.shape
@@ -296,7 +316,10 @@ class BlockLayout:
 
     def intersect(self, keep_mask: torch.Tensor) -> "BlockLayout":
         """A layout keeping only blocks kept both here and in ``keep_mask``."""
-        keep_mask = torch.as_tensor(keep_mask).to("cpu", torch.bool)
+        keep_mask = as_bool_mask(keep_mask, "keep_mask").cpu()
+        if tuple(keep_mask.shape) != tuple(self._mask.shape):
+            raise ValueError(f"keep_mask has shape {tuple(keep_mask.shape)}, the layout's block grid is "
+                             f"{tuple(self._mask.shape)}")
         return BlockLayout.from_mask(self._mask & keep_mask, self.block, self.shape)
 
     def positions_in(self, sub: "BlockLayout") -> torch.Tensor:

@@ -97,3 +97,36 @@ def test_packed_index_is_reused_not_repacked():
     assert lt.packed() is lay.index("cpu")
     own = lt._replace(index=None, **{f: getattr(lt, f).clone() for f in lt._fields[:6]})
     assert torch.equal(own.packed(), lay.index("cpu"))
+
+
+@pytest.mark.parametrize("block", ["32", "3", True, (True, 2), 32.0, (32.0, 32), (32,), (16, 16, 1),
+                                   None, torch.tensor([16, 16])])
+def test_block_must_be_an_int_or_a_pair_of_ints(block):
+    """A string is not iterated into digits ("32" is not (3, 2)), nor is True read as 1."""
+    with pytest.raises(ValueError, match="block must be a positive int or a pair"):
+        BlockLayout.dense((64, 64), block=block)
+
+
+def test_block_accepts_ints_and_pairs():
+    import numpy as np
+    assert BlockLayout.dense((64, 64), block=32).block == (32, 32)
+    assert BlockLayout.dense((64, 64), block=[16, 32]).block == (16, 32)
+    assert BlockLayout.dense((64, 64), block=(np.int64(16), 16)).block == (16, 16)
+    with pytest.raises(ValueError, match="positive"):
+        BlockLayout.dense((64, 64), block=(-16, 16))
+
+
+def test_every_mask_follows_one_rule_bool_or_01_integers():
+    """Float masks are refused everywhere (an element mask of 0.3s used to keep everything)."""
+    soft = torch.full((64, 64), 0.3)
+    with pytest.raises(ValueError, match="boolean"):
+        BlockLayout.from_element_mask(soft, (32, 32))
+    with pytest.raises(ValueError, match="other than 0 and 1"):
+        BlockLayout.from_element_mask(torch.full((64, 64), 2), (32, 32))
+    lay = BlockLayout.dense((64, 64), (32, 32))
+    with pytest.raises(ValueError, match="boolean"):
+        lay.intersect(torch.tensor([[0.0, 1.0], [1.0, 1.0]]))
+    with pytest.raises(ValueError, match="shape"):
+        lay.intersect(torch.ones(1, 2, dtype=torch.bool))           # no silent broadcasting
+    assert lay.intersect(torch.tensor([[0, 1], [1, 1]])).nnz == 3
+    assert BlockLayout.from_element_mask(torch.ones(64, 64, dtype=torch.int32), (32, 32)).nnz == 4
