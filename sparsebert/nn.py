@@ -7,23 +7,28 @@
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .layout import BlockLayout, _as_block
+from .layout import BlockLayout, _as_block, as_bool_mask
 from .ops import bsr_linear
 from .ops.bsr_linear import ACTIVATIONS
 from .pruning.scores import block_scores, element_scores, keep_count, topk_mask
 
 
 def _check_mask(mask, shape, what: str) -> torch.Tensor:
-    mask = torch.as_tensor(mask)
+    """A boolean mask of the weight's shape (the rule of :func:`sparsebert.layout.as_bool_mask`:
+    boolean or 0/1 integers; floats are refused)."""
+    mask = as_bool_mask(mask, f"{what} mask")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{what} mask has shape {tuple(mask.shape)}, weight has {tuple(shape)}")
-    return mask.to(torch.bool)
+    return mask
 
 
 def _magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -37,6 +42,104 @@ def _resolve_mask(weight: torch.Tensor, sparsity, mask, what: str) -> torch.Tens
     if mask is None:
         mask = _magnitude_mask(weight, sparsity)
     return _check_mask(mask, weight.shape, what)
+
+
+# ---- optimizer state that follows pruning ------------------------------------------------------
+# Pruning changes a Parameter under the optimizer: a block-sparse layer's `values` lose blocks
+# (rows), a masked layer's weights are zeroed. Both keep the Parameter *object*, so optimizers,
+# parameter lists taken earlier (clip_grad_norm_, EMA, logging) and requires_grad keep working;
+# the per-parameter state of the optimizers that hold it must follow. `sync_optimizer_state`
+# brings one optimizer up to date; a global optimizer step pre-hook, registered on the first
+# change, does it for every optimizer before its next step, so an optimizer nobody passed to the
+# Pruner is never left with state of the old shape (a crash) or stale moments (regrowth).
+_shrinks = WeakIdKeyDictionary()   # values Parameter -> [(rows before, kept row indices), ...]
+_masked = WeakIdKeyDictionary()    # weight Parameter -> weakref to the masked layer using it
+_synced = weakref.WeakKeyDictionary()   # optimizer -> generation it was last synced at
+_generation = [0]
+_hook = []
+
+
+def _changed() -> None:
+    _generation[0] += 1
+    if not _hook:
+        _hook.append(register_optimizer_step_pre_hook(_sync_before_step))
+
+
+def _sync_before_step(optimizer, args, kwargs) -> None:
+    if _synced.get(optimizer) != _generation[0]:
+        sync_optimizer_state(optimizer)
+
+
+def _note_shrink(param: torch.Tensor, rows_before: int, keep: torch.Tensor) -> None:
+    _shrinks.setdefault(param, []).append((rows_before, keep.cpu()))
+    _changed()
+
+
+def _note_mask(param: torch.Tensor, layer: nn.Module) -> None:
+    _masked[param] = weakref.ref(layer)
+    _changed()
+
+
+@torch.no_grad()
+def sync_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Bring ``optimizer``'s per-parameter state in line with pruning done since its last step.
+
+    For a :class:`BlockSparseLinear` ``values`` that lost blocks, every state tensor whose first
+    dim is an earlier block count (AdamW's ``exp_avg``/``exp_avg_sq``, SGD's momentum, ...) is
+    gathered to the kept blocks; scalars (``step``) are left alone. For a masked layer's weight,
+    every state tensor of the weight's shape is zeroed at the pruned weights (a stale AdamW moment
+    would move them away from zero). Idempotent. Called for you: by :meth:`BlockSparseLinear.set_layout`
+    and the :class:`~sparsebert.pruning.Pruner` for the optimizer they are given, and for every
+    optimizer at the start of its ``step()`` (a global step pre-hook, registered when a layer is
+    first pruned).
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            shrinks = _shrinks.get(p)
+            if shrinks:
+                for key, v in list(state.items()):
+                    if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] != p.shape[0]:
+                        idx = _rows_kept_since(shrinks, v.shape[0])
+                        if idx is not None:
+                            state[key] = v.index_select(0, idx.to(v.device)).contiguous()
+            ref = _masked.get(p)
+            layer = ref() if ref is not None else None
+            if layer is not None and layer.weight is p:
+                pruned = ~layer.mask
+                for v in state.values():
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        v.masked_fill_(pruned.to(v.device), 0)
+    _synced[optimizer] = _generation[0]
+
+
+def _rows_kept_since(shrinks, rows: int) -> Optional[torch.Tensor]:
+    """Indices, into a tensor with ``rows`` rows (an earlier block count), of the blocks kept now."""
+    for i, (before, _) in enumerate(shrinks):
+        if before == rows:
+            idx = shrinks[i][1]
+            for _, keep in shrinks[i + 1:]:
+                idx = idx.index_select(0, keep)
+            return idx
+    return None
+
+
+def _replace_data(param: nn.Parameter, data: torch.Tensor, grad: Optional[torch.Tensor]) -> None:
+    """``param.data = data`` (a new shape), ``param.grad = grad``, keeping the Parameter object.
+
+    ``param.data = data`` alone keeps the tensor's cached gradient accumulator, whose recorded
+    shape makes the next backward fail ("invalid gradient ... expected shape compatible with
+    [old]") while the graph of the last step is still alive (the usual loop keeps ``loss`` until
+    the next forward). Torch drops that cache when the dtype changes, so pass through an empty
+    tensor of another dtype first; a graph still alive keeps its own accumulator.
+    """
+    param.grad = None
+    other = torch.float32 if param.dtype == torch.float64 else torch.float64
+    param.data = torch.empty(0, dtype=other, device=param.device)
+    param.data = data
+    param.grad = grad
 
 
 _LINEAR_ATTRS = ("in_features", "out_features", "weight", "bias")
@@ -59,16 +162,33 @@ class _MaskedMixin:
     def _init_mask(self, mask: torch.Tensor) -> None:
         self.register_buffer("mask", mask.to(device=self.weight.device, dtype=torch.bool))
         self.apply_mask_()
+        _note_mask(self.weight, self)
 
     @torch.no_grad()
     def apply_mask_(self) -> None:
-        """Zero the pruned weights in place (they then stay zero: their gradient is zero)."""
-        self.weight.mul_(self.mask)
+        """Set the pruned weights, their gradient and the optimizer state of them (for every
+        optimizer, at its next step: :func:`sync_optimizer_state`) to exactly zero, in place.
+        They then stay zero: the forward masks, so their gradient is zero. ``masked_fill``, not a
+        product: pruned means exactly zero, also where the weight was inf or nan."""
+        pruned = ~self.mask
+        self.weight.masked_fill_(pruned, 0.0)
+        grad = self.weight.grad
+        if grad is not None and not grad.is_sparse:
+            grad.masked_fill_(pruned, 0.0)
 
     @torch.no_grad()
     def set_mask(self, mask) -> None:
+        """Replace the mask (boolean or 0/1 integers, the weight's shape), in place: a mask
+        shared with a tied layer stays shared."""
         self.mask.copy_(_check_mask(mask, self.weight.shape, type(self).__name__))
         self.apply_mask_()
+        _note_mask(self.weight, self)
+
+    def _release(self) -> None:
+        """Called by ``to_dense``: from here on the optimizer state of the weight is left alone."""
+        ref = _masked.get(self.weight)
+        if ref is not None and ref() is self:
+            del _masked[self.weight]
 
     @property
     def density(self) -> float:
@@ -104,6 +224,7 @@ class MaskedLinear(nn.Linear, _MaskedMixin):
 
         It shares this layer's Parameters, so weight ties and optimizer references survive."""
         self.apply_mask_()
+        self._release()
         return _sharing(nn.Linear, self, _LINEAR_ATTRS)
 
     def extra_repr(self):
@@ -134,6 +255,7 @@ class MaskedEmbedding(nn.Embedding, _MaskedMixin):
     def to_dense(self) -> nn.Embedding:
         """A plain ``nn.Embedding`` sharing this layer's (masked, zeroed) weight Parameter."""
         self.apply_mask_()
+        self._release()
         return _sharing(nn.Embedding, self, _EMBEDDING_ATTRS)
 
     def extra_repr(self):
@@ -175,7 +297,8 @@ class BlockSparseLinear(nn.Module):
                    generator: Optional[torch.Generator] = None) -> "BlockSparseLinear":
         """Convert ``linear``: keep blocks by L2 norm at ``sparsity`` (rounded to whole blocks),
         or as given by ``mask`` — a boolean block mask ``[N // bn, K // bk]``, an element mask
-        ``[N, K]`` constant on blocks, or a :class:`BlockLayout`."""
+        ``[N, K]`` constant on blocks, or a :class:`BlockLayout` (masks: boolean or 0/1 integers).
+        The new Parameters are copies; each keeps the ``requires_grad`` of the one it comes from."""
         if (sparsity is None) == (mask is None):
             raise ValueError("give exactly one of sparsity= or mask=")
         bn, bk = _as_block(block)
@@ -201,6 +324,10 @@ class BlockSparseLinear(nn.Module):
             layer.values.copy_(layout.gather(w))
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
+        # A frozen layer stays frozen (weight and bias each keep their requires_grad).
+        layer.values.requires_grad_(linear.weight.requires_grad)
+        if linear.bias is not None:
+            layer.bias.requires_grad_(linear.bias.requires_grad)
         return layer
 
     @property
@@ -232,31 +359,35 @@ class BlockSparseLinear(nn.Module):
 
     @torch.no_grad()
     def set_layout(self, layout: BlockLayout, optimizer: Optional[torch.optim.Optimizer] = None) -> torch.Tensor:
-        """Shrink to ``layout`` (a sub-layout: blocks are only ever removed).
+        """Shrink to ``layout`` (a sub-layout: blocks are only ever removed), in place.
 
-        ``values`` becomes a new, smaller Parameter holding the kept blocks (a new object, so an
-        autograd graph still alive from the last step cannot clash with the new shape). Pass the
-        optimizer: the new Parameter takes the old one's place in its param groups, and its
-        per-parameter state (AdamW's moments) is gathered the same way, so training continues as
-        if the dropped blocks never existed. Returns the indices (into the old values) kept.
+        ``values`` stays the same Parameter object; its data (and ``.grad``) shrink to the kept
+        blocks. So any optimizer holding it keeps training it, and parameter lists taken before
+        (``clip_grad_norm_``, EMA, logging), ``requires_grad`` and ``register_hook``/post-accumulate
+        hooks keep working; an autograd graph still alive from the last step does not clash with
+        the new shape. The per-parameter state of every optimizer holding ``values`` (AdamW's
+        moments: each state tensor whose first dim is the old block count) is gathered the same
+        way — at once for ``optimizer``, and for any other at the start of its next ``step()``
+        (:func:`sync_optimizer_state`) — so training continues as if the dropped blocks never
+        existed. Code that keeps its own per-parameter tensors of the old shape must rebuild them,
+        and so must ``DistributedDataParallel`` (its buckets are sized at construction).
+        Returns the indices (into the old values) kept.
         """
+        if not isinstance(layout, BlockLayout):
+            raise TypeError(f"layout must be a BlockLayout, got {type(layout).__name__}")
         keep = self.layout.positions_in(layout)
-        old = self.values
-        idx = keep.to(old.device)
-        new = nn.Parameter(old.detach().index_select(0, idx).contiguous(), requires_grad=old.requires_grad)
-        if old.grad is not None:
-            new.grad = old.grad.index_select(0, idx).contiguous()
-        if optimizer is not None:
-            for group in optimizer.param_groups:
-                group["params"] = [new if p is old else p for p in group["params"]]
-            state = optimizer.state.pop(old, None)
-            if state:
-                optimizer.state[new] = {
-                    k: v.index_select(0, idx.to(v.device)).contiguous()
-                    if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == old.shape[0] else v
-                    for k, v in state.items()}
-        self.values = new
+        if layout == self.layout:
+            return keep
+        p = self.values
+        idx = keep.to(p.device)
+        rows_before = p.shape[0]
+        grad = p.grad
+        _replace_data(p, p.detach().index_select(0, idx).contiguous(),
+                      None if grad is None else grad.index_select(0, idx.to(grad.device)).contiguous())
         self.layout = layout
+        _note_shrink(p, rows_before, keep)
+        if optimizer is not None:
+            sync_optimizer_state(optimizer)
         return keep
 
     def extra_repr(self):

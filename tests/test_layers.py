@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsebert import BlockSparseLinear, MaskedEmbedding, MaskedLinear
+from sparsebert import BlockLayout, BlockSparseLinear, MaskedEmbedding, MaskedLinear
 
 
 def test_masked_weights_stay_exactly_zero_through_adamw():
@@ -66,7 +66,7 @@ def test_from_dense_needs_exactly_one_of_sparsity_and_mask():
     with pytest.raises(ValueError, match="exactly one"):
         MaskedLinear.from_dense(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="mask has shape"):
-        MaskedLinear.from_dense(nn.Linear(4, 4), mask=torch.ones(4, 5))
+        MaskedLinear.from_dense(nn.Linear(4, 4), mask=torch.ones(4, 5, dtype=torch.bool))
 
 
 def test_block_sparse_linear_stores_only_kept_blocks():
@@ -107,10 +107,10 @@ def test_set_layout_shrinks_values_and_adamw_state_consistently():
     new = layer.layout.intersect(keep_mask)
     kept = layer.set_layout(new, opt)
     assert kept.tolist() == torch.arange(16)[keep_mask.flatten()].tolist()
-    assert layer.values is not param and layer.values.shape == (new.nnz, 16, 16)
+    # The same Parameter object, shrunk in place: the optimizer still holds it.
+    assert layer.values is param and layer.values.shape == (new.nnz, 16, 16)
     assert torch.equal(layer.values, old_values[kept])
-    assert any(p is layer.values for p in opt.param_groups[0]["params"])
-    assert not any(p is param for p in opt.param_groups[0]["params"]) and param not in opt.state
+    assert sum(p is param for p in opt.param_groups[0]["params"]) == 1 and len(opt.state) == 2
     st = opt.state[layer.values]
     for k in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(st[k], old_state[k][kept])
@@ -144,3 +144,91 @@ def test_set_layout_while_the_last_graph_is_alive():
     loss.backward()
     opt.step()
     assert layer.values.grad.shape == layer.values.shape
+
+
+def test_masked_layers_refuse_float_masks_like_block_masks():
+    """One rule for every mask: boolean or 0/1 integers. A float mask used to be cast to bool,
+    so a soft mask of 0.3s silently kept everything."""
+    soft = torch.full((8, 16), 0.3)
+    with pytest.raises(ValueError, match="MaskedLinear mask must be boolean"):
+        MaskedLinear.from_dense(nn.Linear(16, 8), mask=soft)
+    with pytest.raises(ValueError, match="must be boolean"):
+        MaskedLinear(16, 8, mask=soft)
+    with pytest.raises(ValueError, match="MaskedEmbedding mask must be boolean"):
+        MaskedEmbedding.from_dense(nn.Embedding(8, 16), mask=soft)
+    layer = MaskedLinear.from_dense(nn.Linear(16, 8), mask=torch.ones(8, 16, dtype=torch.int64))
+    with pytest.raises(ValueError, match="must be boolean"):
+        layer.set_mask(soft)
+    with pytest.raises(ValueError, match="other than 0 and 1"):
+        layer.set_mask(torch.full((8, 16), 2))
+    layer.set_mask(torch.eye(8, 16, dtype=torch.int32))
+    assert layer.mask.dtype == torch.bool and int(layer.mask.sum()) == 8
+    with pytest.raises(ValueError, match="boolean"):    # BlockSparseLinear: the same rule
+        BlockSparseLinear.from_dense(nn.Linear(64, 64), mask=torch.full((4, 4), 0.3), block=16)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_pruned_means_exactly_zero_even_for_inf_or_nan(bad):
+    """Masking multiplied by the mask: inf * 0 is nan. Pruned weights are set to zero instead."""
+    dense = nn.Linear(16, 8)
+    mask = torch.ones(8, 16, dtype=torch.bool)
+    mask[0, :4] = False
+    with torch.no_grad():
+        dense.weight[0, :4] = bad
+    layer = MaskedLinear.from_dense(dense, mask=mask)
+    assert torch.equal(layer.weight[~mask], torch.zeros(4))
+    back = layer.to_dense()
+    assert torch.isfinite(back.weight).all() and torch.equal(back.weight[~mask], torch.zeros(4))
+    assert torch.isfinite(layer(torch.randn(2, 16))).all()
+
+    emb = nn.Embedding(5, 4)
+    with torch.no_grad():
+        emb.weight[1] = bad
+    emask = torch.ones(5, 4, dtype=torch.bool)
+    emask[1] = False
+    memb = MaskedEmbedding.from_dense(emb, mask=emask)
+    assert torch.equal(memb.to_dense().weight[1], torch.zeros(4))
+    with torch.no_grad():                  # set_mask: weights that became inf since are zeroed too
+        memb.weight[2, 0] = bad
+    emask[2, 0] = False
+    memb.set_mask(emask)
+    assert torch.isfinite(memb.weight).all() and memb.weight[2, 0] == 0
+
+
+def test_from_dense_keeps_frozen_layers_frozen():
+    dense = nn.Linear(64, 32)
+    dense.weight.requires_grad_(False)
+    layer = BlockSparseLinear.from_dense(dense, sparsity=0.5, block=16)
+    assert not layer.values.requires_grad and layer.bias.requires_grad
+    dense.bias.requires_grad_(False)
+    layer = BlockSparseLinear.from_dense(dense, sparsity=0.5, block=16)
+    assert not layer.values.requires_grad and not layer.bias.requires_grad
+    assert MaskedLinear.from_dense(dense, sparsity=0.5).weight.requires_grad is False
+
+
+def test_set_layout_keeps_the_parameter_and_its_flags_and_gathers_grad():
+    """values is shrunk in place: a list of parameters taken earlier (clip_grad_norm_, EMA,
+    logging) still holds it, requires_grad is kept and the pending gradient is gathered."""
+    torch.manual_seed(3)
+    layer = BlockSparseLinear.from_dense(nn.Linear(64, 64), sparsity=0.0, block=16, backend="reference")
+    params = list(layer.parameters())
+    x = torch.randn(8, 64)
+    loss = layer(x).square().sum()
+    loss.backward()
+    grad_before = layer.values.grad.clone()
+    new = layer.layout.intersect(torch.rand(4, 4) < 0.5)
+    kept = layer.set_layout(new)
+    assert params[0] is layer.values and layer.values.shape[0] == new.nnz
+    assert torch.equal(layer.values.grad, grad_before[kept])
+    torch.nn.utils.clip_grad_norm_(params, 1.0)        # the shrunk grad is the one clipped
+    layer.values.grad = None
+    loss = layer(x).square().sum()                     # the old graph was alive until here
+    loss.backward()
+    assert layer.values.grad.shape == layer.values.shape
+
+    frozen = BlockSparseLinear.from_dense(nn.Linear(64, 64), sparsity=0.0, block=16)
+    frozen.values.requires_grad_(False)
+    frozen.set_layout(frozen.layout.intersect(torch.eye(4, dtype=torch.bool)))
+    assert not frozen.values.requires_grad and frozen.values.shape[0] == 4
+    with pytest.raises(ValueError, match="only shrink"):
+        frozen.set_layout(BlockLayout.dense((64, 64), 16))

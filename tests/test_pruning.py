@@ -124,3 +124,92 @@ def test_masked_weights_pruned_mid_training_stay_zero_with_adamw():
         for _, m in pruner.layers:
             assert torch.count_nonzero(m.weight[~m.mask]) == 0, step
     assert pruner.sparsity() == pytest.approx(0.7, abs=1e-3)
+
+
+def test_decreasing_cubic_schedule_is_refused():
+    """CubicSchedule(0.8, 0.2) used to be accepted and then never pruned (masks only tighten)."""
+    with pytest.raises(ValueError, match="final_sparsity .* below initial_sparsity"):
+        CubicSchedule(0.8, 0.2)
+    assert CubicSchedule(0.5, 0.5).sparsity_at(10) == 0.5      # constant is fine
+
+
+def _optimizer(kind, params):
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.01)
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01, foreach=kind == "foreach",
+                             fused=kind == "fused")
+
+
+@pytest.mark.parametrize("kind", ["loop", "foreach", "fused", "sgd"])
+@pytest.mark.parametrize("give_optimizer", [True, False])
+def test_training_after_a_shrink_equals_a_model_built_at_the_final_layout(kind, give_optimizer):
+    """The last input block-column is zero, so the blocks reading it (also the smallest, so the
+    ones pruned) get zero gradient and never change the output: the model trained at the full
+    layout and shrunk at step 3 must train exactly like one built at the final layout, whether or
+    not the Pruner was given the optimizer, with the graph of the last step still alive (`loss`)
+    while the layer shrinks, and with a parameter list taken before pruning."""
+    from sparsebert import BlockSparseLinear
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 32)
+    with torch.no_grad():
+        dense.weight[:, 48:] *= 0.01
+    a = BlockSparseLinear.from_dense(dense, sparsity=0.0, block=16, backend="reference")
+    final_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    b = BlockSparseLinear.from_dense(dense, mask=final_mask, block=16, backend="reference")
+    params_a = list(a.parameters())
+    opt_a, opt_b = _optimizer(kind, params_a), _optimizer(kind, b.parameters())
+    pruner = Pruner(a, OneShotSchedule(0.25, step=3), optimizer=opt_a if give_optimizer else None)
+    g = torch.Generator().manual_seed(1)
+    losses = {}         # each loss (and its graph) stays alive until the next one is computed
+    for step in range(10):
+        x, y = torch.randn(16, 64, generator=g), torch.randn(16, 32, generator=g)
+        x[:, 48:] = 0
+        for layer, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            losses[layer] = (layer(x) - y).square().mean()
+            losses[layer].backward()
+            opt.step()
+        if pruner.step(step):
+            assert a.layout == b.layout and a.values is params_a[0]
+            torch.nn.utils.clip_grad_norm_(params_a, 1e9)      # the old list sees the new shape
+        if step >= 3:
+            torch.testing.assert_close(a.values, b.values, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a.bias, b.bias, rtol=1e-6, atol=1e-7)
+    for k, v in opt_b.state[b.values].items():
+        torch.testing.assert_close(opt_a.state[a.values][k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_block_pruner_without_optimizer_keeps_every_layer_training():
+    """Pruning used to swap in new Parameters: an optimizer the Pruner was not given kept the old
+    ones, and the shrunk layers silently stopped training."""
+    model = sparsebert.sparsify(_model(), sparsity=0.0, block=16, targets=[r"^\d+$"], backend="reference")
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    pruner = Pruner(model, OneShotSchedule(0.5, step=0))
+    x = torch.randn(16, 64)
+    for step in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        pruner.step(step)
+    for _, m in pruner.layers:
+        assert any(p is m.values for p in params)
+        assert opt.state[m.values]["exp_avg"].shape == m.values.shape
+    changed = [m.values.detach().clone() for _, m in pruner.layers]
+    opt.zero_grad(); model(x).square().mean().backward(); opt.step()
+    assert all(not torch.equal(m.values, c) for (_, m), c in zip(pruner.layers, changed))
+
+
+def test_masked_weights_stay_zero_with_an_optimizer_the_pruner_was_not_given():
+    """A stale AdamW moment used to move newly pruned weights away from zero."""
+    model = sparsebert.sparsify(_model(), sparsity=0.0, mode="unstructured", targets=[r"^\d+$"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    pruner = Pruner(model, CubicSchedule(0.0, 0.7, 0, 20, 5))
+    x = torch.randn(16, 64)
+    for step in range(30):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        pruner.step(step)
+        for _, m in pruner.layers:
+            assert torch.count_nonzero(m.weight[~m.mask]) == 0, step

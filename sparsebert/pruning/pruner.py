@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..layout import BlockLayout
+from ..nn import sync_optimizer_state
 from .scores import block_scores, element_scores, global_masks, keep_count, topk_mask
 
 
@@ -38,7 +39,15 @@ class Pruner:
     steps the masks are recomputed at ``schedule.sparsity_at(step)`` from the current weights,
     among weights that are still kept (pruning only ever removes). Thresholds are per layer (the
     paper) or global. Block-sparse layers lose their dropped blocks for real: their ``values``
-    shrink, and the optimizer's state with them (pass the optimizer).
+    shrink in place (:meth:`~sparsebert.BlockSparseLinear.set_layout`).
+
+    Parameters are never replaced, so the rule for optimizers is simple: build them whenever you
+    like, before or after the Pruner, with or without ``optimizer=``. Every optimizer holding a
+    pruned parameter keeps training it, and its per-parameter state follows the pruning (gathered
+    to the kept blocks; zeroed at pruned weights of masked layers, so a stale AdamW moment cannot
+    regrow them): at once for ``optimizer``, and for any other optimizer at the start of its next
+    ``step()`` (:func:`sparsebert.nn.sync_optimizer_state`). Parameter lists taken before pruning
+    (``clip_grad_norm_``, EMA, logging) still hold the live parameters.
 
     Args:
         model: a model already converted by :func:`sparsebert.sparsify` (``sparsity=0`` to start).
@@ -46,6 +55,8 @@ class Pruner:
             ``sparsity_at(step)`` and ``is_update_step(step)``.
         scope: ``"layer"`` or ``"global"``.
         score: ``"magnitude"`` or ``"random"`` (the paper's control).
+        optimizer: optional; its state is brought in line right after each pruning step rather
+            than at its next ``step()`` (useful when you read or save the state in between).
     """
 
     def __init__(self, model: nn.Module, schedule, scope: str = "layer", score: str = "magnitude",
@@ -90,20 +101,9 @@ class Pruner:
         if isinstance(mod, BlockSparseLinear):
             new = BlockLayout.from_mask(keep, mod.layout.block, mod.layout.shape)
             if new != mod.layout:
-                mod.set_layout(new, self.optimizer)
+                mod.set_layout(new)
         else:
             mod.set_mask(keep)
-            self._zero_pruned_state(mod)
-
-    def _zero_pruned_state(self, mod) -> None:
-        """Clear the optimizer's per-weight state (AdamW moments) of newly pruned weights: with a
-        stale first moment AdamW would still move them away from zero."""
-        state = self.optimizer.state.get(mod.weight) if self.optimizer is not None else None
-        if not state:
-            return
-        for v in state.values():
-            if torch.is_tensor(v) and v.shape == mod.weight.shape:
-                v.mul_(mod.mask.to(v.device))
 
     # ---- public ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -118,6 +118,8 @@ class Pruner:
             keeps = global_masks(scores, sparsity, allowed, [self._unit_size(m) for _, m in self.layers])
         for (_, mod), keep in zip(self.layers, keeps):
             self._apply(mod, keep)
+        if self.optimizer is not None:
+            sync_optimizer_state(self.optimizer)
         self.current_sparsity = sparsity
 
     def step(self, step: int) -> bool:

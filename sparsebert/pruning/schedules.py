@@ -10,7 +10,8 @@ class CubicSchedule:
 
     ``s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0)) ** 3`` for ``t0 <= t <= t1``,
     ``s_i`` before ``t0``, ``s_f`` after ``t1``; masks are recomputed every ``frequency`` steps
-    (and at ``t1``, so the final sparsity is always reached).
+    (and at ``t1``, so the final sparsity is always reached). ``s_f >= s_i``: masks only tighten,
+    so a decreasing schedule is refused.
     """
 
     initial_sparsity: float = 0.0
@@ -24,6 +25,10 @@ class CubicSchedule:
             v = getattr(self, name)
             if not 0.0 <= v < 1.0 + 1e-12:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if self.final_sparsity < self.initial_sparsity:
+            raise ValueError(f"final_sparsity ({self.final_sparsity}) is below initial_sparsity "
+                             f"({self.initial_sparsity}): pruning only removes weights, so the schedule "
+                             "must not decrease")
         if self.end_step < self.start_step:
             raise ValueError(f"end_step ({self.end_step}) must not precede start_step ({self.start_step})")
         if self.frequency < 1:
