@@ -29,26 +29,67 @@ WORD_EMBEDDINGS = r"(^|\.)embeddings\.word_embeddings$"
 Targets = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
 
+_SPARSE_LAYERS = (MaskedLinear, MaskedEmbedding, BlockSparseLinear)
+
+
 def _matcher(targets: Targets) -> Callable[[str, nn.Module], bool]:
     if callable(targets):
         return targets
-    patterns = BERT_LINEAR_TARGETS if targets is None else ([targets] if isinstance(targets, str) else list(targets))
-    compiled = [re.compile(p) for p in patterns]
+    if targets is None:
+        patterns = BERT_LINEAR_TARGETS
+    elif isinstance(targets, str):
+        patterns = [targets]
+    elif isinstance(targets, (list, tuple)):
+        patterns = list(targets)
+    else:
+        raise ValueError(f"targets must be None, a regex, a list of regexes or a predicate "
+                         f"(name, module) -> bool, got {targets!r}")
+    compiled = []
+    for p in patterns:
+        if not isinstance(p, str):
+            raise ValueError(f"targets pattern {p!r} is not a string (regexes are matched against module names)")
+        try:
+            compiled.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"targets pattern {p!r} is not a valid regular expression: {e}") from None
     return lambda name, mod: any(p.search(name) for p in compiled)
 
 
 def find_targets(model: nn.Module, targets: Targets = None) -> List[Tuple[str, nn.Linear]]:
     """``(name, module)`` of the plain ``nn.Linear`` layers selected by ``targets``.
 
-    ``targets``: None (BERT's Q, K, V, attention output, intermediate, output, pooler), regex
-    patterns matched against module names, or a predicate ``(name, module) -> bool``.
+    ``targets``: None (BERT's Q, K, V, attention output, intermediate, output, pooler; a bare
+    ``nn.Linear`` given as the model is its own target), regex patterns searched in module names
+    (an invalid one is a ``ValueError`` naming it), or a predicate ``(name, module) -> bool``.
+    Raises ``ValueError`` when nothing matches, and when a target is already a sparse layer
+    (``sparsify`` converts plain layers only: prune further with a
+    :class:`~sparsebert.pruning.Pruner`, or :func:`densify` first).
     """
     match = _matcher(targets)
-    found = [(n, m) for n, m in model.named_modules()
-             if type(m) is nn.Linear and match(n, m)]
+    found, sparse = [], []
+    for n, m in model.named_modules():
+        if not (type(m) is nn.Linear or isinstance(m, _SPARSE_LAYERS)):
+            continue
+        if not ((n == "" and targets is None) or match(n, m)):
+            continue
+        (found if type(m) is nn.Linear else sparse).append((n, m))
+    if sparse:
+        n, m = sparse[0]
+        more = f" (and {len(sparse) - 1} more)" if len(sparse) > 1 else ""
+        raise ValueError(f"{type(model).__name__} is already sparse: {n or 'the model'!s} is a "
+                         f"{type(m).__name__}{more}; sparsify converts plain nn.Linear layers only "
+                         "(prune further with sparsebert.pruning.Pruner, or sparsebert.densify first)")
     if not found:
         raise ValueError(f"no nn.Linear layer of {type(model).__name__} matches targets={targets!r}")
     return found
+
+
+def _module_paths(model: nn.Module):
+    """``id(module) -> [names]``: every place a module is registered (a module may sit at several)."""
+    paths = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(n)
+    return paths
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -57,10 +98,49 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _tied_decoders(model: nn.Module, emb: nn.Module) -> List[Tuple[str, nn.Linear]]:
-    """Linears sharing the word-embedding weight (an MLM head's tied decoder)."""
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m.weight is emb.weight]
+def _replace(model: nn.Module, paths, old: nn.Module, new: nn.Module) -> bool:
+    """Put ``new`` wherever ``old`` is registered; True when ``old`` is ``model`` itself (the
+    caller then returns ``new``: a module cannot change class in place)."""
+    for name in paths.get(id(old), []):
+        if name:
+            _set_module(model, name, new)
+    return old is model
+
+
+def _param_users(model: nn.Module):
+    """``id(Parameter) -> [(module name, attribute, module)]`` for every registration of it."""
+    users = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        for attr, p in m._parameters.items():
+            if p is not None:
+                users.setdefault(id(p), []).append((n, attr, m))
+    return users
+
+
+def _qual(module_name: str, attr: str) -> str:
+    return f"{module_name}.{attr}" if module_name else attr
+
+
+def _tied_group(name: str, m: nn.Module, users, embeddings: Optional[bool]) -> List[nn.Module]:
+    """The modules sharing ``m``'s weight Parameter (``m`` first), for unstructured mode: one mask
+    prunes the one tensor in all of them. Refuses a sharer that cannot be masked."""
+    group = [m]
+    for n, attr, u in users.get(id(m.weight), []):
+        if any(u is g for g in group):
+            continue
+        what = f"{_qual(name, 'weight')} is tied to {_qual(n, attr)}"
+        if isinstance(u, _SPARSE_LAYERS):
+            raise ValueError(f"{what}, which is already a {type(u).__name__}: sparsify a model once "
+                             "(densify it first to start over)")
+        if attr != "weight" or type(u) not in (nn.Linear, nn.Embedding):
+            raise ValueError(f"{what} ({type(u).__name__}), which cannot be masked: untie them or "
+                             f"leave {name} out of targets")
+        if type(u) is nn.Embedding and embeddings is False:
+            raise ValueError(f"{what}, an embedding that embeddings=False keeps dense: pruning one "
+                             "tensor in one place only is not possible; leave embeddings at its default "
+                             f"(the tied pair is pruned together), or leave {name} out of targets")
+        group.append(u)
+    return group
 
 
 # ---- activation fusion ------------------------------------------------------------------------
@@ -142,18 +222,32 @@ def sparsify(model: nn.Module, sparsity: float, block=(32, 32), mode: str = "blo
         sparsity: fraction of weights to remove, in ``[0, 1]``; per layer it is rounded to whole
             blocks (mode ``"block"``) or weights; with ``scope="global"`` one threshold is used
             across layers and the total is exact to within one block.
-        block: ``(bn, bk)`` or an int; must divide every target weight (mode ``"block"``).
+        block: ``(bn, bk)`` or an int (positive ints only); must divide every target weight
+            (mode ``"block"``).
         mode: ``"block"`` -> :class:`BlockSparseLinear` (fast); ``"unstructured"`` ->
             :class:`MaskedLinear` (the paper's exact setting) and, by default, the word
             embeddings -> :class:`MaskedEmbedding` (a tied MLM decoder shares their mask).
         scope: ``"layer"`` (the paper) or ``"global"``.
-        targets: which linears (see :func:`find_targets`).
+        targets: which linears (see :func:`find_targets`). Already sparse layers are refused.
         score: ``"magnitude"`` or ``"random"`` (the paper's control).
-        embeddings: prune the word embeddings too (default: True in unstructured mode).
+        embeddings: prune the word embeddings too (default: True in unstructured mode with the
+            default targets).
         fuse_activation: in block mode, run BERT's intermediate GELU inside the sparse layer's
             kernel (:func:`fuse_activations`; same outputs, one pass over the activations saved).
+
+    Tied weights (one Parameter used by several modules, like an MLM decoder tied to the word
+    embeddings) stay tied. In unstructured mode a tied weight is one tensor pruned once: one mask
+    (scored once, counted once by ``scope="global"``), shared by every module using it, each of
+    which becomes a masked layer and applies it in its forward — so a targeted tied decoder also
+    masks the embedding lookup and nothing regrows through it (refused with ``embeddings=False``).
+    Block mode refuses a target whose weight is tied: a :class:`BlockSparseLinear` stores its own
+    copy of the kept blocks, which would silently untie it. Biases are kept as they are (the same
+    Parameter, so bias ties and ``requires_grad`` survive), and so is ``requires_grad`` of every
+    weight (a frozen layer stays frozen).
+
     Returns:
-        the same ``model``.
+        the same ``model`` — or, when ``model`` is itself an ``nn.Linear`` (which cannot change
+        class in place), the new sparse layer.
     """
     if mode not in ("block", "unstructured"):
         raise ValueError(f"mode must be 'block' or 'unstructured', got {mode!r}")
@@ -161,25 +255,43 @@ def sparsify(model: nn.Module, sparsity: float, block=(32, 32), mode: str = "blo
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
     if not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    if mode == "block":
+        bn, bk = _as_block(block)
     gen = torch.Generator().manual_seed(seed)
     layers: List[Tuple[str, nn.Module]] = list(find_targets(model, targets))
-    if embeddings is None:
-        embeddings = mode == "unstructured" and targets is None
-    if embeddings:
+    prune_embeddings = mode == "unstructured" and targets is None if embeddings is None else embeddings
+    if prune_embeddings:
         if mode == "block":
             raise ValueError("word embeddings can only be pruned in unstructured mode")
         layers += [(n, m) for n, m in model.named_modules()
                    if type(m) is nn.Embedding and re.search(WORD_EMBEDDINGS, n)]
+    users = _param_users(model)
 
     if mode == "block":
-        bn, bk = _as_block(block)
         for name, m in layers:
+            tied = [_qual(n, a) for n, a, u in users.get(id(m.weight), []) if u is not m]
+            if tied:
+                raise ValueError(
+                    f"{_qual(name, 'weight')} is tied to {tied[0]} (one Parameter): block mode would "
+                    "untie it, since a BlockSparseLinear stores its own copy of the kept blocks; leave "
+                    f"{name} out of targets, or use mode='unstructured' (which prunes a tied weight "
+                    "once, for all its users)")
             N, K = m.weight.shape
             if N % bn or K % bk:
                 raise ValueError(f"block ({bn}, {bk}) does not divide {name}'s weight ({N}, {K})")
+        groups = [[m] for _, m in layers]
         scores = [block_scores(m.weight, (bn, bk), score, gen) for _, m in layers]
         unit = [bn * bk] * len(layers)
     else:
+        # One unit per weight tensor: a tied decoder and the embeddings it shares are one unit.
+        units, groups, seen = [], [], set()
+        for name, m in layers:
+            if id(m.weight) in seen:
+                continue
+            seen.add(id(m.weight))
+            units.append((name, m))
+            groups.append(_tied_group(name, m, users, embeddings))
+        layers = units
         scores = [element_scores(m.weight, score, gen) for _, m in layers]
         unit = [1] * len(layers)
 
@@ -188,21 +300,29 @@ def sparsify(model: nn.Module, sparsity: float, block=(32, 32), mode: str = "blo
     else:
         masks = [topk_mask(s, keep_count(s.numel(), sparsity)) for s in scores]
 
-    for (name, m), mask in zip(layers, masks):
+    paths = _module_paths(model)
+    root = model
+    for (name, m), group, mask in zip(layers, groups, masks):
         if mode == "block":
-            new = BlockSparseLinear.from_dense(m, mask=mask, block=block, backend=backend)
-        elif isinstance(m, nn.Embedding):
-            new = MaskedEmbedding.from_dense(m, mask=mask)
-            for dec_name, dec in _tied_decoders(model, m):
-                tied = MaskedLinear.from_dense(dec, mask=mask)
-                tied.mask = new.mask          # one mask buffer for the tied pair
-                _set_module(model, dec_name, tied)
-        else:
-            new = MaskedLinear.from_dense(m, mask=mask)
-        _set_module(model, name, new)
+            new = BlockSparseLinear.from_dense(m, mask=mask, block=(bn, bk), backend=backend)
+            if m.bias is not None:
+                new.bias = m.bias            # the same Parameter: bias ties, optimizer references
+            if _replace(model, paths, m, new):
+                root = new
+            continue
+        shared = None
+        for u in group:
+            cls = MaskedEmbedding if isinstance(u, nn.Embedding) else MaskedLinear
+            new = cls.from_dense(u, mask=mask)
+            if shared is None:
+                shared = new.mask
+            else:
+                new.mask = shared            # one mask buffer for the tied group
+            if _replace(model, paths, u, new):
+                root = new
     if mode == "block" and fuse_activation:
-        fuse_activations(model)
-    return model
+        fuse_activations(root)
+    return root
 
 
 def densify(model: nn.Module) -> nn.Module:
@@ -210,12 +330,16 @@ def densify(model: nn.Module) -> nn.Module:
 
     Pruned weights are exactly zero and, from here on, free to change (the paper's
     "information deletion" control). Weight ties are kept; fused activations are unfused.
+    Returns ``model`` — or, when ``model`` is itself a sparse layer, the new dense layer.
     """
     unfuse_activations(model)
-    for name, m in list(model.named_modules()):
-        if isinstance(m, (MaskedLinear, MaskedEmbedding, BlockSparseLinear)):
-            _set_module(model, name, m.to_dense())
-    return model
+    paths = _module_paths(model)
+    root = model
+    for m in [m for _, m in model.named_modules() if isinstance(m, _SPARSE_LAYERS)]:
+        new = m.to_dense()
+        if _replace(model, paths, m, new):
+            root = new
+    return root
 
 
 def sparse_layers(model: nn.Module):

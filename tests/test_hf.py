@@ -234,3 +234,120 @@ def test_tanh_gelu_is_not_fused_and_a_fused_checkpoint_needs_an_exact_gelu(tmp_p
     assert tanh_model.encoder.layer[0].intermediate.dense.activation == "none"
     with pytest.raises(CheckpointError, match="fused GELU"):
         sparsebert.load_sparse(str(tmp_path / "ck"), model=BertModel(cfg))
+
+
+def _everything(name, module):
+    return True
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_targeted_tied_decoder_prunes_the_embeddings_with_it(tmp_path, tiny_bert_config, scope):
+    """Targets that include the tied MLM decoder but not the word embeddings: the one weight is
+    pruned once, with one mask applied in both forwards — the embedding lookup masks too, so
+    nothing regrows through it (it used to after two SGD steps), and a save/load round trip is
+    exact (it used to differ by ~0.1)."""
+    torch.manual_seed(0)
+    model = sparsebert.sparsify(BertForMaskedLM(tiny_bert_config), 0.5, mode="unstructured",
+                                scope=scope, targets=_everything)
+    emb, dec = model.bert.embeddings.word_embeddings, model.cls.predictions.decoder
+    assert isinstance(emb, MaskedEmbedding) and isinstance(dec, MaskedLinear)
+    assert dec.weight is emb.weight and dec.mask is emb.mask
+    if scope == "layer":
+        assert emb.density == 0.5                    # one tensor, pruned once (not twice)
+    pruned = ~emb.mask.clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.01)
+    for _ in range(3):
+        ids = _ids()
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(); loss.backward(); opt.step()
+    assert torch.count_nonzero(emb.weight[pruned]) == 0
+    model.eval()
+    sparsebert.save_sparse(model, tmp_path)
+    loaded = sparsebert.load_sparse(str(tmp_path)).eval()
+    ids = _ids()
+    assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    lemb, ldec = loaded.bert.embeddings.word_embeddings, loaded.cls.predictions.decoder
+    assert ldec.weight is lemb.weight and ldec.mask is lemb.mask and torch.equal(lemb.mask, emb.mask)
+    # the Pruner manages the tied pair as one layer, and keeps it tied
+    from sparsebert.pruning import OneShotSchedule, Pruner
+    pruner = Pruner(model, OneShotSchedule(0.8))
+    assert sum(1 for _, m in pruner.layers if m.weight is emb.weight) == 1
+    pruner.step(0)
+    assert dec.mask is emb.mask and emb.density == pytest.approx(0.2, abs=1e-3 if scope == "layer" else 0.3)
+
+
+def test_tied_decoder_with_embeddings_false_is_refused(tiny_bert_config):
+    with pytest.raises(ValueError, match=r"cls\.predictions\.decoder\.weight is tied to "
+                                         r"bert\.embeddings\.word_embeddings\.weight.*embeddings=False"):
+        sparsebert.sparsify(BertForMaskedLM(tiny_bert_config), 0.5, mode="unstructured",
+                            targets=_everything, embeddings=False)
+
+
+def test_block_mode_refuses_to_untie_the_tied_decoder(tiny_bert_config):
+    """A BlockSparseLinear stores its own copy of the kept blocks: the decoder used to be
+    silently untied from the embeddings."""
+    model = BertForMaskedLM(tiny_bert_config)
+    with pytest.raises(ValueError, match=r"cls\.predictions\.decoder\.weight is tied to "
+                                         r"bert\.embeddings\.word_embeddings\.weight.*block mode"):
+        sparsebert.sparsify(model, 0.5, block=(32, 8), targets=_everything)
+    assert type(model.cls.predictions.decoder) is nn.Linear          # nothing was converted
+    assert not any(isinstance(m, BlockSparseLinear) for m in model.modules())
+    # leaving it out works, and the decoder's bias tie (cls.predictions.bias) is untouched
+    sparsebert.sparsify(model, 0.5, block=(32, 8), targets=lambda n, m: not n.endswith("decoder"))
+    assert isinstance(model.cls.predictions.transform.dense, BlockSparseLinear)
+    assert model.cls.predictions.decoder.bias is model.cls.predictions.bias
+
+
+@pytest.mark.parametrize("mode", ["block", "unstructured"])
+def test_frozen_linears_stay_frozen(tiny_bert_config, mode):
+    model = BertModel(tiny_bert_config)
+    for p in model.encoder.layer[0].parameters():
+        p.requires_grad_(False)
+    model.encoder.layer[1].attention.self.query.bias.requires_grad_(False)
+    sparsebert.sparsify(model, 0.5, block=(32, 32), mode=mode)
+    q0, q1 = model.encoder.layer[0].attention.self.query, model.encoder.layer[1].attention.self.query
+    w = "values" if mode == "block" else "weight"
+    assert not getattr(q0, w).requires_grad and not q0.bias.requires_grad
+    assert getattr(q1, w).requires_grad and not q1.bias.requires_grad
+    assert model.encoder.layer[1].intermediate.dense.bias.requires_grad
+
+
+@pytest.mark.parametrize("mode", ["block", "unstructured"])
+def test_a_bare_linear_is_converted(mode):
+    lin = nn.Linear(64, 32)
+    x = torch.randn(3, 64)
+    new = sparsebert.sparsify(lin, 0.5, block=16, mode=mode)
+    assert isinstance(new, BlockSparseLinear if mode == "block" else MaskedLinear)
+    assert new.density == 0.5
+    w = new.dense_weight() if mode == "block" else new.masked_weight()
+    torch.testing.assert_close(new(x), x @ w.T + lin.bias)
+    back = sparsebert.densify(new)
+    assert type(back) is nn.Linear
+    torch.testing.assert_close(back(x), new(x))
+    with pytest.raises(ValueError, match="already sparse"):
+        sparsebert.sparsify(new, 0.5, block=16, mode=mode)
+    other = sparsebert.sparsify(nn.Linear(64, 32), 0.5, block=16, mode=mode, targets=[".*"])
+    assert isinstance(other, BlockSparseLinear if mode == "block" else MaskedLinear)
+    assert "" not in dict(other.named_children())
+
+
+@pytest.mark.parametrize("mode", ["block", "unstructured"])
+def test_sparsify_twice_says_already_sparse(tiny_bert_config, mode):
+    model = sparsebert.sparsify(BertModel(tiny_bert_config), 0.5, mode=mode)
+    with pytest.raises(ValueError, match=r"already sparse: encoder\.layer\.0\.attention\.self\.query is a "
+                                         r"(BlockSparseLinear|MaskedLinear).*Pruner"):
+        sparsebert.sparsify(model, 0.7, mode=mode)
+
+
+def test_bad_targets_name_the_pattern(tiny_bert_config):
+    with pytest.raises(ValueError, match=r"targets pattern 'layer\.\(.*' is not a valid regular expression"):
+        sparsebert.sparsify(BertModel(tiny_bert_config), 0.5, targets=[r"query$", r"layer.(\d"])
+    with pytest.raises(ValueError, match="targets must be"):
+        sparsebert.sparsify(BertModel(tiny_bert_config), 0.5, targets=3)
+
+
+def test_a_module_registered_twice_is_replaced_everywhere():
+    shared = nn.Linear(32, 32)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    sparsebert.sparsify(model, 0.5, block=16, targets=[r"^\d+$"])
+    assert isinstance(model[0], BlockSparseLinear) and model[2] is model[0]
