@@ -68,11 +68,16 @@ def find_targets(model: nn.Module, targets: Targets = None) -> List[Tuple[str, n
     match = _matcher(targets)
     found, sparse = [], []
     for n, m in model.named_modules():
-        if not (type(m) is nn.Linear or isinstance(m, _SPARSE_LAYERS)):
-            continue
-        if not ((n == "" and targets is None) or match(n, m)):
-            continue
-        (found if type(m) is nn.Linear else sparse).append((n, m))
+        if type(m) is nn.Linear:
+            if (n == "" and targets is None) or match(n, m):
+                found.append((n, m))
+        elif isinstance(m, _SPARSE_LAYERS):
+            try:        # a predicate written for nn.Linear may not expect a sparse layer
+                hit = (n == "" and targets is None) or match(n, m)
+            except Exception:
+                hit = False
+            if hit:
+                sparse.append((n, m))
     if sparse:
         n, m = sparse[0]
         more = f" (and {len(sparse) - 1} more)" if len(sparse) > 1 else ""

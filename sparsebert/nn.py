@@ -133,10 +133,11 @@ def _replace_data(param: nn.Parameter, data: torch.Tensor, grad: Optional[torch.
     shape makes the next backward fail ("invalid gradient ... expected shape compatible with
     [old]") while the graph of the last step is still alive (the usual loop keeps ``loss`` until
     the next forward). Torch drops that cache when the dtype changes, so pass through an empty
-    tensor of another dtype first; a graph still alive keeps its own accumulator.
+    tensor of another dtype first (float16/float32: both exist on every device); a graph still
+    alive keeps its own accumulator.
     """
     param.grad = None
-    other = torch.float32 if param.dtype == torch.float64 else torch.float64
+    other = torch.float16 if param.dtype == torch.float32 else torch.float32
     param.data = torch.empty(0, dtype=other, device=param.device)
     param.data = data
     param.grad = grad

@@ -283,10 +283,11 @@ def test_tied_decoder_with_embeddings_false_is_refused(tiny_bert_config):
                             targets=_everything, embeddings=False)
 
 
-def test_block_mode_refuses_to_untie_the_tied_decoder(tiny_bert_config):
+def test_block_mode_refuses_to_untie_the_tied_decoder(tmp_path, tiny_bert_config):
     """A BlockSparseLinear stores its own copy of the kept blocks: the decoder used to be
     silently untied from the embeddings."""
-    model = BertForMaskedLM(tiny_bert_config)
+    torch.manual_seed(0)
+    model = BertForMaskedLM(tiny_bert_config).eval()
     with pytest.raises(ValueError, match=r"cls\.predictions\.decoder\.weight is tied to "
                                          r"bert\.embeddings\.word_embeddings\.weight.*block mode"):
         sparsebert.sparsify(model, 0.5, block=(32, 8), targets=_everything)
@@ -295,7 +296,11 @@ def test_block_mode_refuses_to_untie_the_tied_decoder(tiny_bert_config):
     # leaving it out works, and the decoder's bias tie (cls.predictions.bias) is untouched
     sparsebert.sparsify(model, 0.5, block=(32, 8), targets=lambda n, m: not n.endswith("decoder"))
     assert isinstance(model.cls.predictions.transform.dense, BlockSparseLinear)
-    assert model.cls.predictions.decoder.bias is model.cls.predictions.bias
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    sparsebert.save_sparse(model, tmp_path)
+    loaded = sparsebert.load_sparse(str(tmp_path)).eval()
+    assert torch.equal(model(input_ids=_ids()).logits, loaded(input_ids=_ids()).logits)
+    assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight
 
 
 @pytest.mark.parametrize("mode", ["block", "unstructured"])
@@ -351,3 +356,10 @@ def test_a_module_registered_twice_is_replaced_everywhere():
     model = nn.Sequential(shared, nn.ReLU(), shared)
     sparsebert.sparsify(model, 0.5, block=16, targets=[r"^\d+$"])
     assert isinstance(model[0], BlockSparseLinear) and model[2] is model[0]
+
+
+def test_already_sparse_check_survives_a_predicate_written_for_nn_linear(tiny_bert_config):
+    model = sparsebert.sparsify(BertForMaskedLM(tiny_bert_config), 0.5)
+    by_shape = lambda n, m: m.weight.shape[0] == 64          # BlockSparseLinear has no .weight
+    sparsebert.sparsify(model, 0.5, block=(32, 32), targets=by_shape)   # the MLM transform is left
+    assert isinstance(model.cls.predictions.transform.dense, BlockSparseLinear)
