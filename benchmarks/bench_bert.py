@@ -1,127 +1,379 @@
-"""End-to-end: BERT-Base masked-LM training steps per second, dense vs block-pruned.
+"""End to end: a BERT masked-LM training step and encoder inference, dense vs block-pruned.
 
-    python benchmarks/bench_bert.py [--out DIR] [--batch 128] [--seq 128] [--levels 0.5 0.9] [--block 64]
-                                    [--head full|masked|both] [--compile] [--device cpu --tiny]
+    python benchmarks/bench_bert.py [--device cuda|cpu] [--levels 0 0.5 0.75 0.9] [--block 16 32 64]
+                                    [--head full|masked|both] [--compile] [--compile-levels 0.9]
+                                    [--steps 5] [--warmup 2] [--batch B] [--seq 128]
+                                    [--infer-batches 1 8 64] [--profile] [--out DIR] [--tiny]
 
-One training step = forward + MLM loss + backward + AdamW step, bf16 weights, random token ids
-(timing only). The sparse model is the same BERT-Base after ``sparsebert.sparsify`` (encoder
-linears + pooler block-sparse, backend ``auto``). Prints tokens/s and the speedup over dense eager.
+Models, built from a config with random weights (timing only): ``--device cuda`` BERT-Base
+(12 layers, hidden 768, intermediate 3072) in bf16, batch 128 x 128; ``--device cpu`` a
+MiniLM-size model (6 layers, hidden 384, 12 heads, intermediate 1536, vocab 30522) in fp32,
+batch 8 x 128. ``--tiny`` is a 2-layer smoke model.
 
-``--head full`` is Hugging Face's loss (``model(input_ids, labels=...).loss``: the 30522-way decoder
-and softmax over every token); ``--head masked`` is the study's ``mlm_loss``, which runs the
-prediction head on the ~15% masked positions only (same loss value). ``--head both`` (default)
-times both, for the dense model too, so every row compares with dense eager Hugging Face BERT.
-``--device cpu --tiny`` is a quick smoke run of the same code without a GPU.
+One training step is the user's loop, unchanged: ``loss = model(input_ids=ids, labels=labels).loss;
+loss.backward(); opt.step(); opt.zero_grad()`` with ``torch.optim.AdamW`` (defaults), dropout on,
+15% of the positions labelled. Rows:
+
+* ``head=full``: the model as Hugging Face runs it (the 30522-way head over every token);
+* ``head=masked``: the same model after :func:`sparsebert.optimize` (head at labelled positions,
+  SDPA, training-fused GELU) — the loss is the same, so each row's ``loss`` is printed as a check;
+* ``compiled``: the loss computation through ``torch.compile(model)``;
+* models: ``dense`` and ``block{b} {s}%`` (``sparsebert.sparsify``, backend ``auto``).
+
+Timings are interleaved: per block size, one group of models (the dense baseline in every group)
+is timed round by round, one step of each model per round, medians reported; every speedup is
+against dense eager Hugging Face (``dense``/``full``/eager) of the same group. Each model draws
+dropout from its own RNG state, so interleaving does not change its losses.
+
+Also per model: peak memory of a step (CUDA: ``max_memory_allocated``; CPU: the bytes autograd
+saved for the backward, deduplicated by storage — the activation memory), the bytes of weights +
+gradients + AdamW state of the pruned layers (Q, K, V, attention output, intermediate, output),
+and encoder inference latency (``model.bert``, no MLM head; ``--infer-batches``). ``--profile``
+writes ``torch.profiler`` tables of one step (dense full, dense optimized, 90% 32x32 optimized).
+Output: a table on stdout; with ``--out`` also ``bench_bert.json`` and ``bench_bert.png``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import time
 
 import torch
 
-
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
             vocab_size=1000)
+MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+              vocab_size=30522)
 
 
-def _model(sparsity, block, device, dtype, tiny=False):
-    from transformers import BertConfig, BertForMaskedLM
+def _config(device, tiny):
+    from transformers import BertConfig
+    if tiny:
+        return BertConfig(**TINY)
+    return BertConfig() if device.type == "cuda" else BertConfig(**MINILM)   # BertConfig(): BERT-Base
+
+
+def _build(cfg, sparsity, block, device, dtype, optimized):
+    from transformers import BertForMaskedLM
 
     import sparsebert
 
     torch.manual_seed(0)
-    cfg = BertConfig(**TINY) if tiny else BertConfig()   # BERT-Base: 12 layers, hidden 768, intermediate 3072
     model = BertForMaskedLM(cfg)
     if sparsity is not None:
         sparsebert.sparsify(model, sparsity=sparsity, block=(block, block))
-    return model.to(device, dtype).train(), cfg
+    model = model.to(device, dtype).train()
+    if optimized:
+        sparsebert.optimize(model)
+    return model
 
 
-def _time_steps(model, cfg, batch, seq, steps, warmup, device, head="full", compiled=False):
-    from sparsebert.study.pretrain import mlm_loss
+def _pruned_names(cfg):
+    from transformers import BertForMaskedLM
 
-    # torch.compile wraps the whole loss computation (a compiled module's .bert would run eager).
-    if head == "masked":
-        loss_fn = lambda ids, labels: mlm_loss(model, ids, labels)  # noqa: E731
-    else:
-        loss_fn = lambda ids, labels: model(input_ids=ids, labels=labels).loss  # noqa: E731
-    if compiled:
-        loss_fn = torch.compile(loss_fn)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-    g = torch.Generator(device="cpu").manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
-    labels = ids.clone()
-    labels[torch.rand(batch, seq, generator=g).to(device) > 0.15] = -100
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    from sparsebert.hf import find_targets
+    with torch.device("meta"):
+        return [n for n, _ in find_targets(BertForMaskedLM(cfg))]
 
-    def step():
-        loss = loss_fn(ids, labels)
+
+class Variant:
+    """One model with its optimizer, inputs and own RNG state; ``step()`` is one training step."""
+
+    def __init__(self, name, head, compiled, model, ids, labels, device):
+        self.name, self.head, self.compiled = name, head, compiled
+        self.model, self.ids, self.labels, self.device = model, ids, labels, device
+        self.fn = torch.compile(model) if compiled else model
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        g = torch.Generator().manual_seed(1)
+        self.rng = g.get_state()
+        self.cuda_rng = None
+        self.times, self.loss = [], float("nan")
+
+    @property
+    def key(self):
+        return (self.name, self.head, self.compiled)
+
+    def label(self):
+        return f"{self.name} {self.head}{' compiled' if self.compiled else ''}"
+
+    def _loss(self):
+        return self.fn(input_ids=self.ids, labels=self.labels).loss
+
+    def step(self, zero=True):
+        # Each variant draws dropout from its own RNG stream (interleaving leaves it unchanged).
+        torch.set_rng_state(self.rng)
+        if self.device.type == "cuda" and self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng)
+        loss = self._loss()
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.rng = torch.get_rng_state()
+        if self.device.type == "cuda":
+            self.cuda_rng = torch.cuda.get_rng_state()
+        if zero:
+            self.opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(warmup):       # includes auto-dispatch timing and Triton autotuning
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    sync()
-    dt = (time.perf_counter() - t0) / steps
-    return batch * seq / dt, float(loss.detach())
+    def timed_step(self, sync):
+        sync()
+        t0 = time.perf_counter()
+        loss = self.step()
+        sync()
+        self.times.append(time.perf_counter() - t0)
+        self.loss = float(loss.detach())
+
+    def memory(self, pruned):
+        """(peak bytes of a step, bytes of the pruned layers' weights + grads + AdamW state)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.step(zero=False)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        else:
+            seen = {}
+
+            def pack(t):
+                try:
+                    s = t.untyped_storage()
+                    seen[(s.data_ptr(), t.device)] = s.nbytes()
+                except Exception:   # noqa: BLE001  (a tensor without storage)
+                    pass
+                return t
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                self.step(zero=False)
+            peak = sum(seen.values())
+        state = 0
+        for name in pruned:
+            for p in self.model.get_submodule(name).parameters():
+                state += p.nbytes + (p.grad.nbytes if p.grad is not None else 0)
+                state += sum(v.nbytes for v in self.opt.state.get(p, {}).values()
+                             if torch.is_tensor(v) and v.dim() > 0)
+        self.opt.zero_grad(set_to_none=True)
+        return peak, state
+
+
+def _inputs(cfg, batch, seq, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[torch.rand(batch, seq, generator=g) > 0.15] = -100
+    return ids.to(device), labels.to(device)
+
+
+def _sync(device):
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def _time_inference(models, cfg, batches, seq, rounds, device):
+    """{name: {batch: median seconds}} of ``model.bert(ids)`` in inference mode, interleaved."""
+    sync = _sync(device)
+    out = {name: {} for name in models}
+    for b in batches:
+        ids, _ = _inputs(cfg, b, seq, device, seed=2)
+        times = {name: [] for name in models}
+        for m in models.values():
+            m.eval()
+        with torch.inference_mode():
+            for m in models.values():   # warm-up: auto-dispatch timing for this token count
+                m.bert(input_ids=ids)
+            for _ in range(rounds):
+                for name, m in models.items():
+                    sync()
+                    t0 = time.perf_counter()
+                    m.bert(input_ids=ids)
+                    sync()
+                    times[name].append(time.perf_counter() - t0)
+        for m in models.values():
+            m.train()
+        for name in models:
+            out[name][b] = statistics.median(times[name])
+    return out
+
+
+def _profile(variant, path, row_limit=25):
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if variant.device.type == "cuda" else [])
+    for _ in range(2):
+        variant.step()
+    with profile(activities=acts) as p:
+        for _ in range(3):
+            variant.step()
+        _sync(variant.device)()
+    sort = "self_cuda_time_total" if variant.device.type == "cuda" else "self_cpu_time_total"
+    table = p.key_averages().table(sort_by=sort, row_limit=row_limit)
+    text = f"### {variant.label()} — 3 steps\n\n{table}\n"
+    if path:
+        with open(path, "a") as f:
+            f.write(text)
+    print(text, flush=True)
+
+
+def _plot(rows, infer, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    ax = axes[0]
+    labels = [f"{r['model']}\n{r['head']}{' c' if r['compiled'] else ''}" for r in rows]
+    ax.bar(range(len(rows)), [r["speedup"] for r in rows],
+           color=["tab:gray" if r["model"] == "dense" else ("tab:orange" if r["compiled"] else "tab:blue")
+                  for r in rows])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=6)
+    ax.set_ylabel("training step speedup vs dense eager HF")
+    ax.set_title("training (masked = sparsebert.optimize; c = torch.compile)", fontsize=9)
+    ax = axes[1]
+    names = list(dict.fromkeys((r["model"], r["block"]) for r in infer if r["model"] != "dense"))
+    batches = sorted({r["batch"] for r in infer})
+    width = 0.8 / max(1, len(batches))
+    sp = {(r["model"], r["block"], r["batch"]): r["speedup"] for r in infer}
+    for i, b in enumerate(batches):
+        ax.bar([j + i * width for j in range(len(names))], [sp[(n, blk, b)] for n, blk in names], width,
+               label=f"batch {b}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
+    ax.set_xticklabels([n for n, _ in names], rotation=45, fontsize=7)
+    ax.set_ylabel("encoder inference speedup vs dense")
+    ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.9])
-    ap.add_argument("--block", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
-    ap.add_argument("--head", choices=["full", "masked", "both"], default="both",
-                    help="MLM head on every token (Hugging Face) or on the masked positions only")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--tiny", action="store_true", help="a tiny BERT (smoke test, e.g. on a CPU)")
+    ap.add_argument("--tiny", action="store_true", help="a tiny BERT (smoke test)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--batch", type=int, default=None, help="default: 128 (cuda), 8 (cpu)")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.5, 0.75, 0.9])
+    ap.add_argument("--block", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--head", choices=["full", "masked", "both"], default="both",
+                    help="full: Hugging Face as is; masked: after sparsebert.optimize; both")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    ap.add_argument("--compile-levels", type=float, nargs="+", default=None,
+                    help="sparsity levels compiled with --compile (default: all of --levels)")
+    ap.add_argument("--steps", type=int, default=5, help="timed rounds (one step per model each)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--infer-batches", type=int, nargs="*", default=[1, 8, 64])
+    ap.add_argument("--infer-rounds", type=int, default=5)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler tables of one step")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU (or --device cpu --tiny for a smoke run)")
+        raise SystemExit("needs a CUDA GPU (or --device cpu)")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    batch = args.batch or (128 if device.type == "cuda" else 8)
+    cfg = _config(device, args.tiny)
+    ids, labels = _inputs(cfg, batch, args.seq, device)
     heads = ["full", "masked"] if args.head == "both" else [args.head]
-    rows = []
-    variants = [("dense", None)] + [(f"block{args.block} {int(100 * s)}%", s) for s in args.levels]
-    for name, s in variants:
-        for head in heads:
-            for compiled in ([False, True] if args.compile else [False]):
-                model, cfg = _model(s, args.block, device, dtype, tiny=args.tiny)
-                tps, loss = _time_steps(model, cfg, args.batch, args.seq, args.steps, args.warmup, device,
-                                        head, compiled)
-                rows.append(dict(model=name, head=head, compiled=compiled, tokens_per_s=tps, loss=loss))
-                print(f"{name:<16} {head:<6} {'compile' if compiled else 'eager':<8} {tps / 1e3:9.1f} k tokens/s"
-                      f"  (loss {loss:.3f})", flush=True)
-                del model
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    # The baseline is dense eager Hugging Face BERT as users run it: the full head.
-    dense_eager = [r for r in rows if r["model"] == "dense" and not r["compiled"]]
-    base = next((r for r in dense_eager if r["head"] == "full"), dense_eager[0])["tokens_per_s"]
-    print(f"\n{'model':<16} {'head':<6} {'mode':<8} {'k tokens/s':>10} {'vs dense eager':>15}")
-    for r in rows:
-        print(f"{r['model']:<16} {r['head']:<6} {'compile' if r['compiled'] else 'eager':<8} "
-              f"{r['tokens_per_s'] / 1e3:>10.1f} {r['tokens_per_s'] / base:>14.2f}x")
+    compile_levels = args.levels if args.compile_levels is None else args.compile_levels
+    pruned = _pruned_names(cfg)
+    sync = _sync(device)
+    what = ("tiny BERT" if args.tiny else "BERT-Base" if device.type == "cuda" else "MiniLM-size BERT")
+    dev_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} CPUs)"
+    print(f"{what} MLM, {dev_name}, torch {torch.__version__}, {dtype}, batch {batch} x seq {args.seq}, "
+          f"{args.steps} interleaved rounds, {torch.get_num_threads()} threads", flush=True)
+
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    rows, infer, groups = [], [], []
+    for block in args.block:
+        spec = []                       # (name, sparsity, head, compiled)
+        for head in heads:
+            spec.append(("dense", None, head, False))
+        if args.compile and block == args.block[0]:      # dense compiled once, in the first group
+            spec += [("dense", None, h, True) for h in heads]
+        for s in args.levels:
+            for head in heads:
+                spec.append((f"block{block} {round(100 * s)}%", s, head, False))
+            if args.compile and s in compile_levels:
+                spec.append((f"block{block} {round(100 * s)}%", s, heads[-1], True))
+        if ("dense", "full", False) not in [(n, h, c) for n, _, h, c in spec]:
+            spec.insert(0, ("dense", None, "full", False))     # the baseline is always there
+        variants = []
+        for name, s, head, compiled in spec:
+            m = _build(cfg, s, block, device, dtype, optimized=head == "masked")
+            variants.append(Variant(name, head, compiled, m, ids, labels, device))
+        t0 = time.perf_counter()
+        for v in variants:
+            for _ in range(args.warmup):            # auto-dispatch timing, autotuning, compilation
+                v.step()
+        warm_s = time.perf_counter() - t0
+        for _ in range(args.steps):
+            for v in variants:
+                v.timed_step(sync)
+        base = next(v for v in variants if v.key == ("dense", "full", False))
+        base_t = statistics.median(base.times)
+        for v in variants:
+            t = statistics.median(v.times)
+            spread = (max(v.times) - min(v.times)) / t if len(v.times) > 1 else 0.0
+            row = dict(model=v.name, head=v.head, compiled=v.compiled, block=block,
+                       tokens_per_s=batch * args.seq / t, ms_per_step=1e3 * t, spread=spread,
+                       speedup=base_t / t, loss=v.loss, times=v.times)
+            if not args.no_memory:
+                row["peak_bytes"], row["pruned_state_bytes"] = v.memory(pruned)
+            rows.append(row)
+        groups.append(dict(block=block, warmup_s=warm_s))
+        if args.profile and block == (32 if 32 in args.block else args.block[0]):
+            path = os.path.join(args.out, "bench_bert_profile.txt") if args.out else None
+            if path and os.path.exists(path):
+                os.remove(path)
+            for key in [("dense", "full", False), ("dense", "masked", False),
+                        (f"block{block} 90%", "masked", False)]:
+                v = next((v for v in variants if v.key == key), None)
+                if v is not None:
+                    _profile(v, path)
+        if args.infer_batches:
+            models = {"dense": base.model}            # dense as is; sparse after optimize if timed
+            for v in sorted(variants, key=lambda v: v.head != "masked"):
+                if not v.compiled and v.name != "dense":
+                    models.setdefault(v.name, v.model)
+            lat = _time_inference(models, cfg, args.infer_batches, args.seq, args.infer_rounds, device)
+            for name, d in lat.items():
+                for b, t in d.items():
+                    infer.append(dict(model=name, block=block, batch=b, ms=1e3 * t, speedup=lat["dense"][b] / t))
+        del variants
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    print(f"\n{'model':<16} {'head':<7} {'mode':<8} {'ms/step':>9} {'k tok/s':>8} {'× dense':>8} "
+          f"{'spread':>7} {'loss':>8} {'peak MB':>8} {'pruned-layer state MB':>22}")
+    for r in rows:
+        mem = (f"{r['peak_bytes'] / 2**20:>8.0f} {r['pruned_state_bytes'] / 2**20:>22.1f}"
+               if "peak_bytes" in r else "")
+        print(f"{r['model']:<16} {r['head']:<7} {'compile' if r['compiled'] else 'eager':<8} "
+              f"{r['ms_per_step']:>9.1f} {r['tokens_per_s'] / 1e3:>8.2f} {r['speedup']:>7.2f}x "
+              f"{r['spread']:>6.0%} {r['loss']:>8.4f} {mem}")
+    if infer:
+        bs = sorted({r["batch"] for r in infer})
+        print("\nencoder inference (model.bert, no head), ms (x dense of the same group)")
+        print(f"{'model':<16} " + " ".join(f"{'batch ' + str(b):>18}" for b in bs))
+        for block in args.block:
+            for name in dict.fromkeys(r["model"] for r in infer if r["block"] == block):
+                d = {r["batch"]: r for r in infer if r["block"] == block and r["model"] == name}
+                print(f"{name:<16} " + " ".join(f"{d[b]['ms']:>10.1f} ({d[b]['speedup']:4.2f}x)" for b in bs))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        meta = dict(device=dev_name, torch=torch.__version__, threads=torch.get_num_threads(), dtype=str(dtype), batch=batch, seq=args.seq,
+                    tiny=args.tiny, config=what, steps=args.steps, warmup=args.warmup, groups=groups)
         with open(os.path.join(args.out, "bench_bert.json"), "w") as f:
-            json.dump(dict(device=name, torch=torch.__version__, batch=args.batch, seq=args.seq,
-                           block=args.block, tiny=args.tiny, rows=rows), f, indent=1)
+            json.dump(dict(meta, rows=rows, inference=infer), f, indent=1)
+        try:
+            _plot(rows, infer, os.path.join(args.out, "bench_bert.png"),
+                  f"{what} MLM, {dev_name}, {dtype}, batch {batch} x {args.seq}")
+        except Exception as e:  # noqa: BLE001  (no matplotlib: the JSON is the result)
+            print(f"(no plot: {type(e).__name__}: {e})")
+    return rows
 
 
 if __name__ == "__main__":

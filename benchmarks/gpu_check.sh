@@ -49,10 +49,12 @@ timeout 300 $PY benchmarks/bench_kernels.py --out "$OUT_DIR" ${BENCH_ARGS:-} > "
 tail -n 5 "$OUT_DIR/bench.log"
 
 if [ -f benchmarks/bench_bert.py ]; then
-  stamp "end-to-end BERT-base MLM training step"
-  # dense and 90% block-sparse, each with Hugging Face's full MLM head and with the masked-only head
-  timeout 240 $PY benchmarks/bench_bert.py --out "$OUT_DIR" ${BERT_ARGS:---levels 0.9 --steps 5 --warmup 3} 2>&1 \
-    | tail -n 20 | tee "$OUT_DIR/bert.txt" || status=1
+  stamp "end-to-end BERT-base MLM training step and encoder inference (bench_bert.py GPU mode)"
+  # dense (eager, compiled, sparsebert.optimize) and block-sparse 0/50/90% at 32x32 and 64x64, each with
+  # Hugging Face's full MLM head and after sparsebert.optimize; inference latency at batch 1/8/64
+  timeout 420 $PY benchmarks/bench_bert.py --device cuda --out "$OUT_DIR" \
+    ${BERT_ARGS:---levels 0 0.5 0.9 --block 32 64 --steps 5 --warmup 3 --compile --compile-levels 0.9} 2>&1 \
+    | tail -n 40 | tee "$OUT_DIR/bert.txt" || status=1
 fi
 stamp "done (status $status)"
 exit $status
