@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sparsebert.study import data as D
-from sparsebert.study.fixtures import make_fixture_cache
+from study_fixtures import make_fixture_cache
 
 
 @pytest.fixture
