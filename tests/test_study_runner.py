@@ -8,7 +8,7 @@ import pytest
 
 from sparsebert.study import data as D
 from sparsebert.study import runner as R
-from sparsebert.study.fixtures import make_fixture_cache
+from study_fixtures import make_fixture_cache
 from sparsebert.study.report import markdown_table, write_report
 
 
@@ -17,7 +17,7 @@ def tiny_preset(**kw):
                  tasks=("polarity", "movie-score"), model="scratch",
                  scratch=dict(hidden=64, layers=2, heads=2, intermediate=128, max_position=64),
                  seq_len=16, mlm_train_blocks=40, mlm_dev_blocks=4,
-                 warmup=dict(steps=3, lr=1e-3, batch_size=8),
+                 head=dict(blocks=40, max_steps=3, batch_size=64, eval_every=1),
                  pretrain=dict(steps=6, batch_size=8, prune_every=1, ramp_fraction=0.5, backend="reference"),
                  finetune=dict(epochs=1, max_steps=3, batch_size=8, max_len=16),
                  lrs=(1e-3,), max_train=24, max_dev=12, demo=True)
@@ -54,60 +54,74 @@ def test_study_runs_then_resumes_from_cache(tmp_path, cache, monkeypatch):
     out = tmp_path / "out"
     logs = []
     rows = R.Study(tiny_preset(), out, cache, progress=False, log=logs.append).run()
-    # warm-up + dense + 2 modes x 1 level = 4 pretrain calls; 3 encoders x 2 tasks = 6 fine-tunings
-    assert calls == {"pretrain": 4, "finetune": 6}
-    assert [(r["mode"], r["sparsity"]) for r in rows] == [("dense", 0.0), ("unstructured", 0.5), ("block", 0.5)]
-    assert any("SMALL-SCALE DEMONSTRATION" in l for l in logs)
+    # dense + 2 modes x 1 level = 3 pretrain calls; 3 encoders x 2 tasks = 6 fine-tunings
+    assert calls == {"pretrain": 3, "finetune": 6}
+    keys = [(r["mode"], r["block"], r["sparsity"], r["task"]) for r in rows]
+    assert keys == [("dense", 0, 0.0, "movie-score"), ("dense", 0, 0.0, "polarity"), ("dense", 0, 0.0, "average"),
+                    ("unstructured", 0, 0.5, "movie-score"), ("unstructured", 0, 0.5, "polarity"),
+                    ("unstructured", 0, 0.5, "average"),
+                    ("block", 32, 0.5, "movie-score"), ("block", 32, 0.5, "polarity"), ("block", 32, 0.5, "average")]
+    assert any("SMALL-SCALE" in l for l in logs)
     # interrupted study: drop one fine-tuning result, run again -> only that one is redone
     ft = sorted((out / "runs").glob("finetune-*.json"))
     assert len(ft) == 6
     ft[0].unlink()
     rows2 = R.Study(tiny_preset(), out, cache, progress=False, log=logs.append).run()
-    assert calls == {"pretrain": 4, "finetune": 7}
+    assert calls == {"pretrain": 3, "finetune": 7}
     # a complete study: nothing retrained, same numbers
     rows3 = R.Study(tiny_preset(), out, cache, progress=False, log=logs.append).run()
-    assert calls == {"pretrain": 4, "finetune": 7}
+    assert calls == {"pretrain": 3, "finetune": 7}
     assert json.dumps(rows3, sort_keys=True) == json.dumps(rows2, sort_keys=True)
     # a changed setting is a new run
     R.Study(tiny_preset(lrs=(1e-3, 2e-3)), out, cache, progress=False, log=logs.append).run()
-    assert calls == {"pretrain": 4, "finetune": 13}
+    assert calls == {"pretrain": 3, "finetune": 13}
 
 
 def test_controls_plan(tmp_path, cache, monkeypatch):
     calls = counting(monkeypatch)
-    p = tiny_preset(modes=("unstructured",), tasks=("polarity",), controls=("random", "deletion", "finetune-prune"))
+    p = tiny_preset(modes=("unstructured",), tasks=("polarity",),
+                    controls=("scratch", "random", "deletion", "finetune-prune"))
     rows = R.Study(p, tmp_path / "out", cache, progress=False, log=lambda m: None).run()
     got = {(r["mode"], r["control"]) for r in rows}
-    assert got == {("dense", "none"), ("unstructured", "none"), ("unstructured", "random"),
+    assert got == {("dense", "none"), ("dense", "scratch"), ("unstructured", "none"), ("unstructured", "random"),
                    ("unstructured", "deletion"), ("unstructured", "finetune-prune")}
-    # warm-up, dense, magnitude 50%, random 50%
-    assert calls["pretrain"] == 4
+    # dense, magnitude 50%, random 50% (the scratch encoder is not pre-trained)
+    assert calls["pretrain"] == 3
     fp = [r for r in rows if r["control"] == "finetune-prune"][0]
     assert fp["achieved_sparsity"] == pytest.approx(0.5, abs=0.05)
+    scratch = [r for r in rows if r["control"] == "scratch"][0]
+    assert scratch["pretrain_dev_loss"] is None and scratch["probe_mean"] is not None
+    dele = [r for r in rows if r["control"] == "deletion"][0]
+    mag = [r for r in rows if r["control"] == "none" and r["mode"] == "unstructured"][0]
+    assert dele["probe_mean"] == mag["probe_mean"]          # the probe reads the same pruned encoder
 
 
 def test_report_files_hold_the_numbers(tmp_path):
-    rows = [
-        {"mode": "dense", "control": "none", "sparsity": 0.0, "pretrain_dev_loss": 2.5, "pretrain_s_per_step": 0.1,
-         "tasks": {"polarity": {"dev_score": 80.0, "train_loss": 0.3}}, "average": 80.0},
-        {"mode": "unstructured", "control": "none", "sparsity": 0.6, "pretrain_dev_loss": 3.25,
-         "pretrain_s_per_step": 0.12, "tasks": {"polarity": {"dev_score": 71.5, "train_loss": 0.45}}, "average": 71.5},
-        {"mode": "block", "control": "none", "sparsity": 0.6, "pretrain_dev_loss": 4.125,
-         "pretrain_s_per_step": 0.08, "tasks": {"polarity": {"dev_score": 66.25, "train_loss": 0.6}}, "average": 66.25},
-    ]
-    paths = write_report(rows, ["polarity"], tmp_path, {"preset": "x"})
+    from sparsebert.study.aggregate import aggregate
+    recs = []
+    for seed, (d0, d6, b6) in enumerate([(80.0, 71.5, 66.25), (82.0, 70.5, 64.25)]):
+        for mode, blk, sp, dev, pl in (("dense", 0, 0.0, d0, 2.5), ("unstructured", 0, 0.6, d6, 3.25),
+                                       ("block", 16, 0.6, b6, 4.125)):
+            recs.append({"mode": mode, "block": blk, "sparsity": sp, "control": "none", "task": "polarity",
+                         "seed": seed, "lr": 1e-4, "dev_score": dev, "train_loss": 0.3 + sp / 2,
+                         "finetune_s_per_step": 0.2, "probe": dev - 5, "pretrain_dev_loss": pl + seed,
+                         "pretrain_s_per_step": 0.1, "achieved_sparsity": sp})
+    rows = aggregate(recs, ["polarity"], {"polarity": "accuracy"})
+    meta = {"preset": "x", "chance": {"polarity": 50.0}, "n_dev": {"polarity": 300}}
+    paths = write_report(rows, ["polarity"], tmp_path, meta, records=recs)
     for p in paths.values():
         assert p.exists() and p.stat().st_size > 0
-    for k in ("plot_dev", "plot_pretrain", "plot_train"):
+    for k in ("plot_dev", "plot_pretrain", "plot_train", "plot_time"):
         assert paths[k].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     j = json.loads(paths["json"].read_text())
-    assert j["rows"][2]["tasks"]["polarity"]["dev_score"] == 66.25
+    assert j["rows"][2]["mean"] == 65.25 and len(j["records"]) == 6
     c = list(csv.DictReader(open(paths["csv"])))
-    assert [float(r["pretrain_dev_loss"]) for r in c] == [2.5, 3.25, 4.125]
-    assert float(c[1]["polarity_dev"]) == 71.5 and float(c[2]["polarity_train_loss"]) == 0.6
+    assert [float(r["pretrain_dev_loss"]) for r in c] == [3.0, 3.75, 4.625]
+    assert float(c[1]["mean"]) == 71.0 and c[2]["block"] == "16" and c[2]["n_seeds"] == "2"
     md = paths["md"].read_text()
-    assert "| unstructured | 60% | 3.250 |" in md and "66.2" in md and "| dense | 0% |" in md
-    assert markdown_table(rows, ["polarity"]).count("\n") == 5
+    assert "| unstructured | – | 60% | none | polarity | 71.0 ± 0.7 |" in md
+    assert "| block | 16x16 | 60% |" in md and "Beside the paper" in md and "resolves" in md
+    assert markdown_table(rows).count("\n") == 5
 
 
 def test_cli_registers_subcommands():

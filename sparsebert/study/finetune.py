@@ -12,7 +12,6 @@ by its mask; BlockSparseLinear has no storage for dropped blocks). Controls (``c
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
@@ -22,7 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data import TaskData
-from .pretrain import _bar, autocast, linear_schedule, make_adamw, optimizer_step, pick_device
+from .pretrain import attach_pooler
+from .training import autocast, linear_schedule, make_adamw, optimizer_step, pick_device, progress_bar
 
 CONTROLS = ("none", "deletion", "prune")
 
@@ -33,7 +33,8 @@ class FinetuneConfig:
     lr: float = 5e-5
     epochs: float = 3.0
     max_steps: Optional[int] = None   # caps the steps implied by ``epochs``
-    batch_size: int = 32
+    batch_size: int = 32              # sequences per batch (the cap, with ``token_budget``)
+    token_budget: Optional[int] = None  # batches of length-bucketed sequences, n × padded length ≤ this
     max_len: int = 128
     weight_decay: float = 0.01
     warmup_fraction: float = 0.1
@@ -105,6 +106,33 @@ def collate(seqs: Sequence[List[int]], pad_id: int):
         ids[i, :len(s)] = torch.tensor(s)
         att[i, :len(s)] = 1
     return ids, att
+
+
+def batches(seqs: Sequence[Sequence[int]], batch_size: int, token_budget: Optional[int], generator) -> List[List[int]]:
+    """One epoch of batches (lists of indices), in a seeded random order.
+
+    Without ``token_budget``: consecutive ``batch_size`` slices of a random permutation. With it:
+    the permutation is cut into chunks of 16 batches, each chunk sorted by length and packed
+    greedily so that (sequences × the batch's longest) ≤ ``token_budget`` and sequences ≤
+    ``batch_size`` (dynamic padding then pads little); the batches are shuffled again."""
+    perm = torch.randperm(len(seqs), generator=generator).tolist()
+    if not token_budget:
+        return [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+    out: List[List[int]] = []
+    chunk = 16 * batch_size
+    for c in range(0, len(perm), chunk):
+        part = sorted(perm[c:c + chunk], key=lambda i: len(seqs[i]))
+        cur: List[int] = []
+        for i in part:
+            longest = max(len(seqs[i]), max((len(seqs[j]) for j in cur), default=0))
+            if cur and (len(cur) + 1 > batch_size or (len(cur) + 1) * longest > token_budget):
+                out.append(cur)
+                cur = []
+            cur.append(i)
+        if cur:
+            out.append(cur)
+    order = torch.randperm(len(out), generator=generator).tolist()
+    return [out[i] for i in order]
 
 
 def _rank(x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +217,10 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
     train_y = [y for _, y in data.train]
     dev_seqs = encode(tokenizer, [t for t, _ in data.dev], cfg.max_len)
     dev_y = [y for _, y in data.dev]
-    steps_per_epoch = math.ceil(len(train_seqs) / cfg.batch_size)
+    g = torch.Generator().manual_seed(cfg.seed)
+    epoch_batches = lambda: batches(train_seqs, cfg.batch_size, cfg.token_budget, g)  # noqa: E731
+    first = epoch_batches()
+    steps_per_epoch = len(first)
     steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
     if cfg.max_steps:
         steps = min(steps, cfg.max_steps)
@@ -205,17 +236,15 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
                         score=cfg.prune_score, optimizer=opt, seed=cfg.seed)
 
     pad = tokenizer.pad_token_id
-    g = torch.Generator().manual_seed(cfg.seed)
     ydtype = torch.long if spec.kind == "classification" else torch.float
     losses: List[float] = []
     train_time = 0.0
-    perm, pos = torch.randperm(len(train_seqs), generator=g).tolist(), 0
-    bar = _bar(steps, desc, progress)
+    queue = list(first)
+    bar = progress_bar(steps, desc, progress)
     for step in range(1, steps + 1):
-        if pos >= len(perm):
-            perm, pos = torch.randperm(len(train_seqs), generator=g).tolist(), 0
-        idx = perm[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
+        if not queue:
+            queue = epoch_batches()
+        idx = queue.pop(0)
         ids, att = collate([train_seqs[i] for i in idx], pad)
         y = torch.tensor([train_y[i] for i in idx], dtype=ydtype, device=device)
         t0 = time.perf_counter()
@@ -241,6 +270,8 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
         "train_loss": sum(tail) / len(tail),
         "seconds_per_step": train_time / steps,
         "steps": steps,
+        "loss_curve": [[i + 1, round(l, 4)] for i, l in enumerate(losses)
+                       if i % max(1, len(losses) // 20) == 0 or i == len(losses) - 1],
         "linear_zero_fraction": zero_fraction(model),
         "sparse_layers": len(layers),
     }

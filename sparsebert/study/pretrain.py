@@ -9,7 +9,6 @@ mask); mode ``block`` drops whole 32×32 blocks (BlockSparseLinear); mode ``dens
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data import build_vocab_tokenizer, mask_tokens
+from .training import (autocast, configure_threads, linear_schedule, make_adamw,  # noqa: F401 (re-exported)
+                       optimizer_step, pick_device, progress_bar)
 
 MODES = ("dense", "unstructured", "block")
 
@@ -132,42 +133,6 @@ def special_ids(tokenizer) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
-def make_adamw(groups, lr: float) -> torch.optim.Optimizer:
-    """AdamW, fused where this torch supports it (on CPU it is several times faster)."""
-    try:
-        return torch.optim.AdamW(groups, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(groups, lr=lr)
-
-
-def configure_threads(threads: Optional[int] = None) -> int:
-    """CPU threads for torch. Default: the cores not already busy (1-minute load average), at
-    least 1 — on a shared machine two OpenMP threads fighting other jobs for two cores run several
-    times slower than one."""
-    import os
-    n = os.cpu_count() or 1
-    if threads is None:
-        try:
-            busy = int(round(os.getloadavg()[0]))
-        except (OSError, AttributeError):
-            busy = 0
-        threads = max(1, min(n, n - busy))
-    torch.set_num_threads(threads)
-    return threads
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def mlm_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on the masked positions only (the decoder runs on those rows alone)."""
     hidden = model.bert(input_ids=inputs).last_hidden_state
@@ -196,34 +161,6 @@ def mlm_dev_loss(model: nn.Module, dev_blocks: torch.Tensor, ids: dict, device: 
         count += n
     model.train(was)
     return total / max(1, count)
-
-
-def linear_schedule(optimizer, steps: int, warmup_fraction: float):
-    warm = int(round(warmup_fraction * steps))
-
-    def f(step):
-        if step < warm:
-            return (step + 1) / warm
-        return max(0.0, (steps - step) / max(1, steps - warm))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
-
-
-def _bar(total, desc, progress):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-
-
-def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched) -> float:
-    """Backward, clip to norm 1, AdamW and LR-schedule step; returns the loss value.
-
-    Clips the optimizer's current param groups, not a list taken earlier: the Pruner swaps in
-    smaller block-sparse ``values`` Parameters as it drops blocks."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([q for g in opt.param_groups for q in g["params"]], 1.0)
-    opt.step()
-    sched.step()
-    return loss.item()
 
 
 def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, dev_blocks: torch.Tensor,
@@ -272,7 +209,7 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
     losses: List[float] = []
     updates: List[List[float]] = []
     train_time = 0.0
-    bar = _bar(cfg.steps, desc, progress)
+    bar = progress_bar(cfg.steps, desc, progress)
     for step in range(1, cfg.steps + 1):
         if pos + cfg.batch_size > n:
             perm, pos = torch.randperm(n, generator=g), 0

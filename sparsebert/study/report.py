@@ -1,4 +1,12 @@
-"""Study report: results.json, results.csv, results.md (Markdown table) and PNG plots."""
+"""Study report: results.json, results.csv, results.md (tables) and PNG plots.
+
+Rows come from :func:`sparsebert.study.aggregate.aggregate`: one per (mode, block, sparsity,
+control, task), with the mean ± sd over seeds of the fine-tuned dev score and of the linear
+probe, the fine-tuning train loss, the pre-training dev MLM loss and the measured time per
+pre-training step. ``results.md`` also holds the paper's numbers (Gordon et al. 2020, appendix
+table 1, BERT-Base, GLUE dev) beside ours as change relative to dense per level, and the
+smallest difference the setup resolves.
+"""
 from __future__ import annotations
 
 import csv
@@ -8,14 +16,33 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 CONTROL_LABELS = {"none": "", "random": "random pruning", "deletion": "information deletion",
-                  "finetune-prune": "pruned during fine-tuning"}
+                  "finetune-prune": "pruned during fine-tuning", "scratch": "from scratch"}
+
+CSV_COLUMNS = ["mode", "block", "sparsity", "control", "task", "metric", "mean", "sd", "n_seeds",
+               "probe_mean", "probe_sd", "train_loss", "train_loss_sd", "pretrain_dev_loss",
+               "pretrain_dev_loss_sd", "s_per_step_pretrain", "s_per_step_finetune", "lr", "achieved_sparsity"]
+
+# Gordon, Duh & Andrews (2020), appendix table 1 (BERT-Base, GLUE dev), pruned 0..90%.
+PAPER_LEVELS = [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]
+PAPER = {
+    "pretrain_loss": [1.82, 1.82, 1.83, 1.86, 1.93, 2.03, 2.25, 2.62, 3.44, 5.83],
+    "glue_dev": [87.2, 87.2, 87.1, 87.1, 86.7, 86.2, 85.6, 83.9, 81.1, 73.4],
+    "finetune_train_loss_x100": [15.7, 16.0, 16.0, 16.9, 15.6, 18.0, 23.0, 27.1, 34.8, 49.8],
+    "deletion_glue_dev": [87.3, 87.4, 87.2, 86.9, 86.7, 86.4, 85.7, 84.9, 82.5, 77.9],
+    "random_glue_dev": [87.1, 86.3, 84.7, 83.3, 81.2, 78.8, 75.6, 71.6, 69.3, 65.7],
+}
 
 
-def row_label(row: dict) -> str:
+def series_label(row: dict) -> str:
     lab = row["mode"]
+    if row.get("block"):
+        lab += f" {row['block']}x{row['block']}"
     if row.get("control", "none") != "none":
         lab += f" ({CONTROL_LABELS.get(row['control'], row['control'])})"
     return lab
+
+
+row_label = series_label
 
 
 def _fmt(x, nd=2):
@@ -24,108 +51,255 @@ def _fmt(x, nd=2):
     return f"{x:.{nd}f}"
 
 
-def flat_rows(rows: Sequence[dict], tasks: Sequence[str]) -> List[dict]:
-    out = []
-    for r in rows:
-        d = {"mode": r["mode"], "control": r.get("control", "none"), "sparsity": r["sparsity"],
-             "achieved_sparsity": r.get("achieved_sparsity"), "pretrain_dev_loss": r.get("pretrain_dev_loss"),
-             "pretrain_s_per_step": r.get("pretrain_s_per_step")}
-        for t in tasks:
-            tr = r.get("tasks", {}).get(t, {})
-            d[f"{t}_dev"] = tr.get("dev_score")
-            d[f"{t}_train_loss"] = tr.get("train_loss")
-            d[f"{t}_lr"] = tr.get("lr")
-        d["average_dev"] = r.get("average")
-        out.append(d)
-    return out
+def _pm(m, sd, nd=1):
+    if m is None:
+        return "–"
+    return f"{m:.{nd}f} ± {sd:.{nd}f}" if sd is not None else f"{m:.{nd}f}"
 
 
-def markdown_table(rows: Sequence[dict], tasks: Sequence[str]) -> str:
-    head = ["mode", "sparsity", "pre-train dev loss", "s/step (pre-train)"]
-    for t in tasks:
-        head += [f"{t} dev", f"{t} train loss"]
-    head += ["average dev"]
+def main_task(rows: Sequence[dict]) -> Optional[str]:
+    tasks = [r["task"] for r in rows]
+    return "average" if "average" in tasks else (tasks[0] if tasks else None)
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    head = ["mode", "block", "sparsity", "control", "task", "dev (mean ± sd)", "probe (mean ± sd)", "n",
+            "fine-tune train loss", "pre-train dev loss", "s/step (pre-train)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [row_label(r), f"{100 * r['sparsity']:.0f}%", _fmt(r.get("pretrain_dev_loss"), 3),
-                 _fmt(r.get("pretrain_s_per_step"), 3)]
-        for t in tasks:
-            tr = r.get("tasks", {}).get(t, {})
-            cells += [_fmt(tr.get("dev_score"), 1), _fmt(tr.get("train_loss"), 3)]
-        cells.append(_fmt(r.get("average"), 1))
+        cells = [r["mode"], f"{r['block']}x{r['block']}" if r.get("block") else "–", f"{100 * r['sparsity']:.0f}%",
+                 r.get("control", "none"), r["task"], _pm(r.get("mean"), r.get("sd")),
+                 _pm(r.get("probe_mean"), r.get("probe_sd")), str(r.get("n_seeds", "")),
+                 _pm(r.get("train_loss"), r.get("train_loss_sd"), 3),
+                 _pm(r.get("pretrain_dev_loss"), r.get("pretrain_dev_loss_sd"), 3),
+                 _fmt(r.get("s_per_step_pretrain"), 3)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _series(rows, key_fn):
-    """{label: sorted [(sparsity%, value)]}; the dense (level 0) row starts every series."""
-    dense = [r for r in rows if r["mode"] == "dense"]
+def _dense(rows, task):
+    for r in rows:
+        if r["mode"] == "dense" and r["control"] == "none" and r["task"] == task:
+            return r
+    return None
+
+
+def _rel(x, ref):
+    if x is None or ref is None or ref == 0:
+        return None
+    return 100.0 * (x - ref) / abs(ref)
+
+
+def comparison_table(rows: Sequence[dict], task: Optional[str] = None) -> str:
+    """Per level: the paper's change from dense beside ours (relative %, losses as differences)."""
+    task = task or main_task(rows)
+    d = _dense(rows, task)
+    if d is None:
+        return ""
+    series = sorted({(r["mode"], r["block"]) for r in rows if r["control"] == "none" and r["mode"] != "dense"
+                     and r["task"] == task}, key=lambda mb: (mb[0] != "unstructured", mb[1]))
+    head = ["level", "paper: Δ pre-train loss", "paper: GLUE Δ%", "paper: train loss ×100",
+            "paper: deletion Δ%", "paper: random Δ%"]
+    for mode, blk in series:
+        lab = "unstr." if mode == "unstructured" else f"block {blk}"
+        head += [f"{lab}: Δ MLM loss", f"{lab}: dev Δ%", f"{lab}: probe Δ%", f"{lab}: train loss"]
+    by = {(r["mode"], r["block"], r["control"], round(100 * r["sparsity"])): r for r in rows if r["task"] == task}
+    levels = sorted({round(100 * r["sparsity"]) for r in rows if r["task"] == task})
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for lv in levels:
+        if lv in PAPER_LEVELS:
+            i = PAPER_LEVELS.index(lv)
+            g0 = PAPER["glue_dev"][0]
+            cells = [f"{lv}%", f"{PAPER['pretrain_loss'][i] - PAPER['pretrain_loss'][0]:+.2f}",
+                     f"{_rel(PAPER['glue_dev'][i], g0):+.1f}", f"{PAPER['finetune_train_loss_x100'][i]:.1f}",
+                     f"{_rel(PAPER['deletion_glue_dev'][i], g0):+.1f}", f"{_rel(PAPER['random_glue_dev'][i], g0):+.1f}"]
+        else:
+            cells = [f"{lv}%"] + ["–"] * 5
+        for mode, blk in series:
+            r = d if lv == 0 else by.get((mode, blk, "none", lv))
+            if r is None:
+                cells += ["–"] * 4
+                continue
+            dl = (None if r.get("pretrain_dev_loss") is None or d.get("pretrain_dev_loss") is None
+                  else r["pretrain_dev_loss"] - d["pretrain_dev_loss"])
+            rd, rp = _rel(r.get("mean"), d.get("mean")), _rel(r.get("probe_mean"), d.get("probe_mean"))
+            cells += [f"{dl:+.3f}" if dl is not None else "–", f"{rd:+.1f}" if rd is not None else "–",
+                      f"{rp:+.1f}" if rp is not None else "–", _fmt(r.get("train_loss"), 3)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def resolution(rows: Sequence[dict], meta: dict) -> str:
+    """The smallest difference the setup resolves, per task, from the dense row's seed spread and
+    from the dev set's size (binomial sampling sd of an accuracy)."""
+    out = []
+    n_dev = meta.get("n_dev", {})
+    for task in sorted({r["task"] for r in rows}):
+        d = _dense(rows, task)
+        if d is None:
+            continue
+        parts = []
+        for what, m, sd, n in (("fine-tuned dev", d.get("mean"), d.get("sd"), d.get("n_seeds")),
+                               ("probe", d.get("probe_mean"), d.get("probe_sd"), d.get("probe_n", d.get("n_seeds")))):
+            if m is None:
+                continue
+            if sd is not None and n:
+                # two means of n seeds each with this sd: a difference of 2·sd·√(2/n) is ~2 standard errors
+                parts.append(f"{what}: seed sd {sd:.2f} (n={n}) → resolves ≈ {2 * sd * math.sqrt(2 / n):.2f}")
+            else:
+                parts.append(f"{what}: one seed, no spread measured")
+        nd = n_dev.get(task)
+        if nd and d.get("mean") is not None and d.get("metric") == "accuracy":
+            p = d["mean"] / 100.0
+            parts.append(f"dev-set sampling sd of an accuracy near {100 * p:.0f}% on {nd} examples: "
+                         f"{100 * math.sqrt(p * (1 - p) / nd):.2f} points")
+        out.append(f"- **{task}**: " + "; ".join(parts))
+    return "\n".join(out) + "\n" if out else ""
+
+
+def _plot_series(rows, task, value, sd_key=None, controls=("none", "random", "deletion", "finetune-prune")):
+    """{label: [(sparsity%, value, sd)]}; the dense row starts every series of control 'none'."""
+    d = _dense(rows, task)
     groups: Dict[str, list] = {}
     for r in rows:
-        if r["mode"] == "dense":
+        if r["task"] != task or r["mode"] == "dense" or r["control"] not in controls or r.get(value) is None:
             continue
-        v = key_fn(r)
-        if v is not None:
-            groups.setdefault(row_label(r), []).append((100 * r["sparsity"], v))
+        groups.setdefault(series_label(r), []).append((100 * r["sparsity"], r[value], r.get(sd_key) if sd_key else None))
     for lab, pts in groups.items():
-        if dense and key_fn(dense[0]) is not None:
-            pts.append((0.0, key_fn(dense[0])))
+        if d is not None and d.get(value) is not None and "(" not in lab:
+            pts.append((0.0, d[value], d.get(sd_key) if sd_key else None))
         pts.sort()
-    return groups, (key_fn(dense[0]) if dense else None)
+    return groups, d
 
 
-def plot(rows, key_fn, ylabel, title, path: Path, dense_label="dense (0%)"):
+def _axis(ax, rows, task, value, sd_key, ylabel, chance=None, title=None):
+    groups, d = _plot_series(rows, task, value, sd_key)
+    for lab, pts in groups.items():
+        ls = "--" if "(" in lab else "-"
+        marker = "o" if lab.startswith("unstructured") else ("s" if lab.startswith("block") else "^")
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                    yerr=[p[2] or 0.0 for p in pts], marker=marker, linestyle=ls, capsize=3, label=lab)
+    if d is not None and d.get(value) is not None:
+        lo, hi = d[value] - (d.get(sd_key) or 0.0), d[value] + (d.get(sd_key) or 0.0)
+        ax.axhspan(lo, hi, color="gray", alpha=0.2, label="dense ± sd")
+        ax.axhline(d[value], color="gray", linestyle=":", linewidth=1)
+    scratch = [r for r in rows if r["task"] == task and r["control"] == "scratch" and r.get(value) is not None]
+    if scratch:
+        ax.axhline(scratch[0][value], color="brown", linestyle="-.", linewidth=1, label="from scratch")
+    if chance is not None:
+        ax.axhline(chance, color="red", linestyle="--", linewidth=1, label=f"chance ({chance:.1f})")
+    ax.set_xlabel("sparsity of pruned matrices (%)")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _plt():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    groups, dense = _series(rows, key_fn)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    styles = {"unstructured": ("o", "-"), "block": ("s", "-")}
-    for lab, pts in groups.items():
-        marker, ls = styles.get(lab, ("^", "--"))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=ls, label=lab)
-    if dense is not None:
-        ax.axhline(dense, color="gray", linestyle=":", label=dense_label)
-    ax.set_xlabel("sparsity of pruned matrices (%)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+
+def write_plots(rows, meta, paths):
+    plt = _plt()
+    task = main_task(rows)
+    chance = (meta.get("chance") or {}).get(task)
+    tag = meta.get("preset", "")
+    # dev score and probe
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    _axis(axes[0], rows, task, "mean", "sd", f"fine-tuned dev score ({task})", chance, f"Fine-tuning {tag}")
+    _axis(axes[1], rows, task, "probe_mean", "probe_sd", f"linear-probe dev score ({task})", chance,
+          f"Linear probe (frozen encoder) {tag}")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(paths["plot_dev"])
     plt.close(fig)
-    return path
+    for key, value, sd_key, ylabel in (("plot_pretrain", "pretrain_dev_loss", "pretrain_dev_loss_sd",
+                                        "pre-training dev MLM loss"),
+                                       ("plot_train", "train_loss", "train_loss_sd",
+                                        f"fine-tuning train loss ({task})")):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        _axis(ax, rows, task, value, sd_key, ylabel, None, f"{ylabel} vs sparsity {tag}")
+        fig.tight_layout()
+        fig.savefig(paths[key])
+        plt.close(fig)
+    # score against measured time per pre-training step
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    groups: Dict[str, list] = {}
+    for r in rows:
+        if r["task"] == task and r["control"] == "none" and r.get("s_per_step_pretrain") and r.get("mean") is not None:
+            groups.setdefault(series_label(r), []).append(r)
+    dense = groups.pop("dense", [])
+    for lab, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["sparsity"])
+        ax.errorbar([r["s_per_step_pretrain"] for r in rs], [r["mean"] for r in rs], yerr=[r.get("sd") or 0 for r in rs],
+                    marker="o" if lab.startswith("unstructured") else "s", capsize=3, label=lab)
+        for r in rs:
+            ax.annotate(f"{100 * r['sparsity']:.0f}%", (r["s_per_step_pretrain"], r["mean"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    for r in dense:
+        ax.errorbar([r["s_per_step_pretrain"]], [r["mean"]], yerr=[r.get("sd") or 0], marker="*", markersize=10,
+                    color="black", linestyle="none", label="dense")
+    if chance is not None:
+        ax.axhline(chance, color="red", linestyle="--", linewidth=1, label="chance")
+    ax.set_xlabel(f"measured time per pre-training step (s, {meta.get('device', '')})")
+    ax.set_ylabel(f"fine-tuned dev score ({task})")
+    ax.set_title(f"Score vs measured step time {tag}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths["plot_time"])
+    plt.close(fig)
 
 
-def write_report(rows: Sequence[dict], tasks: Sequence[str], out_dir, meta: Optional[dict] = None) -> Dict[str, Path]:
-    """Write results.json / results.csv / results.md and the three plots; returns their paths."""
+def write_report(rows: Sequence[dict], tasks: Sequence[str], out_dir, meta: Optional[dict] = None,
+                 records: Optional[Sequence[dict]] = None) -> Dict[str, Path]:
+    """Write results.json / results.csv / results.md and the four plots; returns their paths."""
+    meta = dict(meta or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "csv": out / "results.csv", "md": out / "results.md",
              "plot_dev": out / "dev_score_vs_sparsity.png",
              "plot_pretrain": out / "pretrain_loss_vs_sparsity.png",
-             "plot_train": out / "train_loss_vs_sparsity.png"}
-    paths["json"].write_text(json.dumps({"meta": meta or {}, "tasks": list(tasks), "rows": list(rows)},
-                                        indent=1, default=str))
-    flat = flat_rows(rows, tasks)
+             "plot_train": out / "train_loss_vs_sparsity.png",
+             "plot_time": out / "score_vs_step_time.png"}
+    paths["json"].write_text(json.dumps({"meta": meta, "tasks": list(tasks), "rows": list(rows),
+                                         "records": list(records or []), "paper": PAPER}, indent=1, default=str))
     with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(flat[0].keys()) if flat else ["mode"])
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
-        w.writerows(flat)
-    md = markdown_table(rows, tasks)
-    title = (meta or {}).get("title", "sparsebert study")
-    note = (meta or {}).get("note", "")
-    paths["md"].write_text(f"# {title}\n\n{note}\n\n{md}" if note else f"# {title}\n\n{md}")
-    tag = (meta or {}).get("preset", "")
-    plot(rows, lambda r: r.get("average"), "average dev score (tasks)",
-         f"Transfer after pruning in pre-training {tag}".strip(), paths["plot_dev"])
-    plot(rows, lambda r: r.get("pretrain_dev_loss"), "pre-training dev MLM loss",
-         f"Pre-training loss vs sparsity {tag}".strip(), paths["plot_pretrain"])
-
-    def avg_train(r):
-        v = [t["train_loss"] for t in r.get("tasks", {}).values() if t.get("train_loss") is not None]
-        return sum(v) / len(v) if v else None
-    plot(rows, avg_train, "fine-tuning train loss (mean over tasks)",
-         f"Fine-tuning train loss vs sparsity {tag}".strip(), paths["plot_train"])
+        for r in rows:
+            w.writerow({k: r.get(k) for k in CSV_COLUMNS})
+    title = meta.get("title", "sparsebert study")
+    note = meta.get("note", "")
+    md = [f"# {title}", ""]
+    if note:
+        md += [note, ""]
+    head = meta.get("head")
+    if head:
+        md += [f"MLM head fit on frozen-encoder features: {head.get('positions')} masked positions, "
+               f"{head.get('steps')} steps, {'converged' if head.get('converged') else 'not converged'}; "
+               f"held-out loss {_fmt(head.get('heldout_loss_start'), 3)} → {_fmt(head.get('heldout_loss'), 3)} "
+               f"(unigram {_fmt(head.get('unigram_loss'), 3)}); dev MLM loss of the start model "
+               f"{_fmt(head.get('dev_mlm_loss'), 3)}.", ""]
+    if meta.get("chance"):
+        md += ["Chance (constant predictor) dev score: " +
+               ", ".join(f"{t} {v:.1f}" for t, v in meta["chance"].items()) + ".", ""]
+    md += ["## Results (mean ± sd over seeds)", "", markdown_table(rows)]
+    comp = comparison_table(rows)
+    if comp:
+        md += [f"## Beside the paper (change from dense; ours: task `{main_task(rows)}`)", "",
+               "Paper: Gordon et al. 2020, appendix table 1 (BERT-Base, GLUE dev average; 100k steps). "
+               "Δ% = relative change of the score from the dense model; losses as differences.", "", comp]
+    res = resolution(rows, meta)
+    if res:
+        md += ["## Smallest resolvable difference", "", res]
+    if meta.get("elapsed_s") is not None:
+        md += [f"Wall time of the study: {meta['elapsed_s']:.0f} s on {meta.get('device')} "
+               f"({meta.get('threads', '?')} torch threads)."]
+    paths["md"].write_text("\n".join(md) + "\n")
+    if rows:
+        write_plots(rows, meta, paths)
     return paths

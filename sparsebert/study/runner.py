@@ -24,11 +24,14 @@ import torch
 
 from . import pretrain as _pt
 from .data import DataCache, TaskData, load_mlm_text, load_task, mlm_blocks
+from .aggregate import aggregate
 from .finetune import FinetuneConfig, finetune, load_encoder
-from .pretrain import PretrainConfig, load_tokenizer, pick_device, pretrain, special_ids
+from .head import HeadConfig, fit_head
+from .pretrain import PretrainConfig, load_tokenizer, mlm_dev_loss, pick_device, pretrain, special_ids
+from .probe import ProbeConfig, probe
 from .report import write_report
 
-CONTROLS = ("random", "deletion", "finetune-prune")
+CONTROLS = ("scratch", "random", "deletion", "finetune-prune")
 
 
 @dataclass
@@ -39,6 +42,9 @@ class Preset:
     modes: Tuple[str, ...]
     tasks: Tuple[str, ...]
     controls: Tuple[str, ...] = ()
+    control_modes: Tuple[str, ...] = ("unstructured",)   # modes that get the random / deletion controls
+    blocks: Tuple[int, ...] = (32,)             # block sizes (square) of mode "block": a study axis
+    seeds: Tuple[int, ...] = (0,)               # each seed: its own pre-training and fine-tuning runs
     model: str = "minilm"                       # minilm | scratch
     layers: Optional[int] = None                # keep only the first n encoder layers
     scratch: dict = field(default_factory=lambda: dict(hidden=128, layers=2, heads=2, intermediate=512))
@@ -46,9 +52,10 @@ class Preset:
     mlm_train_blocks: Optional[int] = None      # None: all the text
     mlm_dev_blocks: int = 256
     extra_text: bool = False                    # add the Debian documentation to the MLM text
-    warmup: dict = field(default_factory=lambda: dict(steps=200, lr=1e-3, batch_size=32))
+    head: dict = field(default_factory=dict)    # HeadConfig fields (the MLM head fit, done once)
     pretrain: dict = field(default_factory=dict)   # PretrainConfig fields
     finetune: dict = field(default_factory=dict)   # FinetuneConfig fields
+    probe: Optional[dict] = field(default_factory=dict)   # ProbeConfig fields; None: no probe
     lrs: Tuple[float, ...] = (5e-5,)
     max_train: Optional[int] = None
     max_dev: Optional[int] = None
@@ -59,23 +66,29 @@ class Preset:
 PRESETS: Dict[str, Preset] = {
     "cpu-demo": Preset(
         name="cpu-demo",
-        description="small-scale demonstration on a CPU (minutes): 4 levels, both modes, one task",
-        levels=(0.0, 0.4, 0.7, 0.9), modes=("unstructured", "block"), tasks=("polarity",),
-        layers=None, seq_len=64, mlm_train_blocks=1200, mlm_dev_blocks=48,
-        warmup=dict(steps=60, lr=3e-3, batch_size=16),
-        pretrain=dict(steps=30, batch_size=8, lr=1e-4, ramp_fraction=0.2, prune_every=3),
-        finetune=dict(epochs=1.0, max_steps=30, batch_size=16, max_len=64, warmup_fraction=0.1),
-        lrs=(1e-4,), max_train=480, max_dev=300, demo=True),
+        description="small-scale study on a CPU (minutes): unstructured 0/30/60/90%, 16x16 blocks "
+                    "30/60/90%, polarity, 2 seeds, linear probe + fine-tuning, from-scratch baseline",
+        levels=(0.0, 0.3, 0.6, 0.9), modes=("unstructured", "block"), blocks=(16,), seeds=(0, 1),
+        tasks=("polarity",), controls=("scratch",),
+        seq_len=64, mlm_train_blocks=1200, mlm_dev_blocks=48,
+        head=dict(blocks=640, max_steps=60, batch_size=512, lr=1e-2, eval_every=10, tol=0.02),
+        pretrain=dict(steps=24, batch_size=8, lr=1e-4, ramp_fraction=0.5, prune_every=2),
+        finetune=dict(epochs=1.0, max_steps=40, batch_size=32, token_budget=1024, max_len=64,
+                      warmup_fraction=0.1),
+        probe=dict(max_len=64), lrs=(2e-4,), max_train=960, max_dev=400, demo=True),
     "gpu": Preset(
         name="gpu",
-        description="the full scaled-down study: levels 0-90%, both modes, all tasks, controls",
-        levels=tuple(i / 10 for i in range(10)), modes=("unstructured", "block"),
-        tasks=("polarity", "uncertainty", "bbc-topic", "movie-score"),
-        controls=CONTROLS, seq_len=128, mlm_train_blocks=None, mlm_dev_blocks=512, extra_text=True,
-        warmup=dict(steps=1000, lr=1e-3, batch_size=64),
-        pretrain=dict(steps=5000, batch_size=64, lr=1e-4, ramp_fraction=0.1, prune_every=10, warmup_fraction=0.01),
-        finetune=dict(epochs=3.0, batch_size=32, max_len=128, warmup_fraction=0.1),
-        lrs=(3e-5, 5e-5, 1e-4)),
+        description="the scaled-down study on one GPU: levels 0-90%, unstructured and 16/32 blocks, "
+                    "all tasks, from-scratch / random-pruning / information-deletion controls, 3 seeds",
+        levels=tuple(i / 10 for i in range(10)), modes=("unstructured", "block"), blocks=(16, 32),
+        seeds=(0, 1, 2), tasks=("polarity", "uncertainty", "bbc-topic", "movie-score"),
+        controls=("scratch", "random", "deletion"), seq_len=128, mlm_train_blocks=None,
+        mlm_dev_blocks=512, extra_text=False,
+        head=dict(blocks=4096, max_steps=400, batch_size=4096, lr=1e-2, eval_every=20, tol=0.005),
+        pretrain=dict(steps=150, batch_size=64, lr=1e-4, ramp_fraction=0.5, prune_every=5, warmup_fraction=0.02),
+        finetune=dict(epochs=2.0, max_steps=120, batch_size=64, token_budget=4096, max_len=128,
+                      warmup_fraction=0.1),
+        probe=dict(max_len=128, batch_tokens=16384), lrs=(1e-4,)),
 }
 
 
@@ -177,9 +190,29 @@ class StudyData:
         return load_task(name, self.cache, self.seed).subset(self.preset.max_train, self.preset.max_dev)
 
 
-def _avg(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One pre-trained encoder of the study: ``control`` is ``none``, ``random`` (random masks)
+    or ``scratch`` (random init, no pre-training: ``cfg`` is None)."""
+    control: str
+    seed: int
+    cfg: Optional[PretrainConfig]
+
+    @property
+    def mode(self):
+        return "dense" if self.cfg is None else self.cfg.mode
+
+    @property
+    def block(self):
+        return self.cfg.block if self.cfg is not None and self.cfg.mode == "block" else 0
+
+    @property
+    def sparsity(self):
+        return 0.0 if self.cfg is None else self.cfg.sparsity
+
+    def label(self):
+        lab = self.mode + (f" {self.block}x{self.block}" if self.block else "") + f" {100 * self.sparsity:.0f}%"
+        return lab + (f" [{self.control}]" if self.control != "none" else "") + f" seed {self.seed}"
 
 
 class Study:
@@ -193,8 +226,11 @@ class Study:
         self.log = log
         self.data = data or StudyData(DataCache(cache_dir, log=log), preset)
         self.amp = preset.amp and self.device.type == "cuda"
-        self.counts = {"pretrain_trained": 0, "pretrain_cached": 0, "finetune_trained": 0, "finetune_cached": 0}
+        self.counts = {k: 0 for k in ("pretrain_trained", "pretrain_cached", "finetune_trained", "finetune_cached",
+                                      "probe_trained", "probe_cached")}
         self._tasks: Dict[str, TaskData] = {}
+        self._bar = None
+        self._base = None
 
     # ---- planning ----------------------------------------------------------------------------
     def data_key(self) -> dict:
@@ -203,36 +239,58 @@ class Study:
                 "seq_len": p.seq_len, "mlm_train_blocks": p.mlm_train_blocks, "mlm_dev_blocks": p.mlm_dev_blocks,
                 "extra_text": p.extra_text, "seed": 0}
 
-    def pretrain_plan(self) -> List[Tuple[str, PretrainConfig]]:
-        """``(control, config)`` of each pre-training run; the dense level-0 run first."""
-        base = dict(self.p.pretrain)
-        plan = [("none", PretrainConfig(mode="dense", sparsity=0.0, **base))]
-        levels = [l for l in self.p.levels if l > 0]
-        for mode in self.p.modes:
-            for l in levels:
-                plan.append(("none", PretrainConfig(mode=mode, sparsity=l, **base)))
-        if "random" in self.p.controls:
-            for mode in self.p.modes:
+    def encoder_plan(self) -> List[EncoderSpec]:
+        """Every encoder the study needs, per seed: dense (level 0) first, then each mode, block
+        size and level, then the random-pruning control, then the from-scratch baseline."""
+        p = self.p
+        base = dict(p.pretrain)
+        levels = [l for l in p.levels if l > 0]
+        plan: List[EncoderSpec] = []
+        for seed in p.seeds:
+            plan.append(EncoderSpec("none", seed, PretrainConfig(mode="dense", sparsity=0.0, seed=seed, **base)))
+            variants = [(m, b) for m in p.modes for b in (p.blocks if m == "block" else (None,))]
+            for mode, blk in variants:
+                kw = dict(base, block=blk) if blk else base
                 for l in levels:
-                    plan.append(("random", PretrainConfig(mode=mode, sparsity=l, score="random", **base)))
+                    plan.append(EncoderSpec("none", seed, PretrainConfig(mode=mode, sparsity=l, seed=seed, **kw)))
+            if "random" in p.controls:
+                for mode, blk in variants:
+                    if mode not in p.control_modes:
+                        continue
+                    kw = dict(base, block=blk) if blk else base
+                    for l in levels:
+                        plan.append(EncoderSpec("random", seed, PretrainConfig(mode=mode, sparsity=l, score="random",
+                                                                               seed=seed, **kw)))
+            if "scratch" in p.controls:
+                plan.append(EncoderSpec("scratch", seed, None))
         return plan
 
-    def finetune_plan(self, control: str, pcfg: PretrainConfig) -> List[Tuple[str, FinetuneConfig]]:
+    def finetune_plan(self, spec: EncoderSpec) -> List[Tuple[tuple, FinetuneConfig]]:
+        """``(row key, config)`` of each fine-tuning run of one encoder; a row key is
+        ``(mode, block, sparsity, control)``."""
+        p = self.p
         out = []
-        base = dict(self.p.finetune)
-        for task in self.p.tasks:
-            for lr in self.p.lrs:
-                out.append((control, FinetuneConfig(task=task, lr=lr, **base)))
-                if control == "none" and pcfg.mode != "dense" and "deletion" in self.p.controls:
-                    out.append(("deletion", FinetuneConfig(task=task, lr=lr, control="deletion", **base)))
-                if pcfg.mode == "dense" and "finetune-prune" in self.p.controls:
-                    for mode in self.p.modes:
-                        for l in self.p.levels:
-                            if l > 0:
+        base = dict(p.finetune, seed=spec.seed)
+        own = (spec.mode, spec.block, spec.sparsity, spec.control)
+        for task in p.tasks:
+            for lr in p.lrs:
+                out.append((own, FinetuneConfig(task=task, lr=lr, **base)))
+                if (spec.control == "none" and spec.mode != "dense" and "deletion" in p.controls
+                        and spec.mode in p.control_modes):
+                    out.append(((spec.mode, spec.block, spec.sparsity, "deletion"),
+                                FinetuneConfig(task=task, lr=lr, control="deletion", **base)))
+                if spec.control == "none" and spec.mode == "dense" and "finetune-prune" in p.controls:
+                    for mode in p.modes:
+                        for blk in (p.blocks if mode == "block" else (None,)):
+                            for l in p.levels:
+                                if l <= 0:
+                                    continue
                                 kw = dict(base)
-                                kw.setdefault("ramp_fraction", self.p.pretrain.get("ramp_fraction", 0.1))
-                                kw.setdefault("prune_every", self.p.pretrain.get("prune_every", 10))
-                                out.append(("finetune-prune", FinetuneConfig(
+                                kw.setdefault("ramp_fraction", p.pretrain.get("ramp_fraction", 0.1))
+                                kw.setdefault("prune_every", p.pretrain.get("prune_every", 10))
+                                if blk:
+                                    kw["block"] = blk
+                                out.append(((mode, blk or 0, l, "finetune-prune"), FinetuneConfig(
                                     task=task, lr=lr, control="prune", prune_mode=mode, prune_sparsity=l, **kw)))
         return out
 
@@ -246,35 +304,55 @@ class Study:
             self._ids = special_ids(tok)
         return self._blk
 
-    def warmup_key(self) -> str:
-        return config_hash({"data": self.data_key(), "warmup": self.p.warmup})
+    def head_config(self) -> HeadConfig:
+        return HeadConfig(**self.p.head)
+
+    def head_key(self) -> str:
+        return config_hash({"data": self.data_key(), "head": asdict(self.head_config())})
 
     def base_model(self):
-        """The start model with its fresh MLM head trained (encoder frozen): cached."""
-        if getattr(self, "_base", None) is not None:
+        """The start model with its MLM head fit on frozen-encoder features (cached): the parent
+        of every pre-training run."""
+        if self._base is not None:
             return self._base
-        key = self.warmup_key()
-        model = self.store.load_model("warmup", key) if self.store.get("warmup", key) else None
+        key = self.head_key()
+        rec = self.store.get("head", key)
+        model = self.store.load_model("head", key) if rec else None
         if model is None:
             train, dev = self._blocks()
             model = self.data.start_model()
-            w = self.p.warmup
-            cfg = PretrainConfig(mode="dense", head_only=True, steps=w["steps"], lr=w["lr"], batch_size=w["batch_size"])
-            res = pretrain(model, cfg, train, dev, self._ids, self.device, self.amp, self.progress, desc="MLM head warm-up")
-            for prm in model.parameters():
-                prm.requires_grad_(True)
-            self.store.save_model("warmup", key, model)
-            self.store.put("warmup", key, {"data": self.data_key(), "warmup": self.p.warmup}, res)
-            self._say(f"MLM head warm-up: dev MLM loss {res['dev_mlm_loss']:.3f}")
+            res = fit_head(model, self.head_config(), train, self._ids, self.device, self.amp, self.progress)
+            res["dev_mlm_loss"] = mlm_dev_loss(model, dev, self._ids, self.device, amp=self.amp)
+            self.store.save_model("head", key, model)
+            self.store.put("head", key, {"data": self.data_key(), "head": asdict(self.head_config())}, res)
+            self._say(f"MLM head fit ({res['positions']} positions, {res['steps']} steps, "
+                      f"{'converged' if res['converged'] else 'NOT converged'}): held-out loss "
+                      f"{res['heldout_loss_start']:.3f} -> {res['heldout_loss']:.3f} (unigram {res['unigram_loss']:.3f}); "
+                      f"dev MLM loss {res['dev_mlm_loss']:.3f}")
+            rec = {"result": res}
+        self.head_result = rec["result"]
         self._base = model.cpu()
         return self._base
 
-    def pretrain_key(self, control, cfg: PretrainConfig) -> str:
-        return config_hash({"parent": self.warmup_key(), "data": self.data_key(), "pretrain": asdict(cfg)})
+    def pretrain_key(self, spec: EncoderSpec) -> str:
+        if spec.cfg is None:
+            return config_hash({"scratch_of": self.data_key(), "seed": spec.seed})
+        return config_hash({"parent": self.head_key(), "data": self.data_key(), "pretrain": asdict(spec.cfg)})
 
-    def run_pretrain(self, control, cfg: PretrainConfig, need_model: bool):
-        """(result, encoder or None) — trained now, or from the cache."""
-        key = self.pretrain_key(control, cfg)
+    def scratch_encoder(self, seed: int):
+        """A randomly initialised encoder of the start model's architecture (the baseline)."""
+        from transformers import BertModel
+        cfg = copy.deepcopy(self.base_model().config)
+        torch.manual_seed(1000 + seed)
+        return BertModel(cfg, add_pooling_layer=True)
+
+    def run_pretrain(self, spec: EncoderSpec, need_model: bool):
+        """(result, encoder or None, key) — trained now, or from the cache."""
+        key = self.pretrain_key(spec)
+        if spec.cfg is None:
+            self.counts["pretrain_cached"] += 0
+            return {"dev_mlm_loss": None, "seconds_per_step": None, "sparsity": 0.0}, \
+                (self.scratch_encoder(spec.seed) if need_model else None), key
         rec = self.store.get("pretrain", key)
         enc = None
         if rec is not None and need_model:
@@ -284,12 +362,14 @@ class Study:
             return rec["result"], enc, key
         train, dev = self._blocks()
         model = copy.deepcopy(self.base_model())
-        desc = f"pretrain {cfg.mode} {100 * cfg.sparsity:.0f}%" + (" random" if cfg.score == "random" else "")
-        res = pretrain(model, cfg, train, dev, self._ids, self.device, self.amp, self.progress, desc=desc)
+        desc = "pretrain " + spec.label()
+        res = pretrain(model, spec.cfg, train, dev, self._ids, self.device, self.amp, self.progress, desc=desc)
+        res.pop("kept_fractions", None)
         self.counts["pretrain_trained"] += 1
         enc = model.bert.cpu()
         self.store.save_model("pretrain", key, enc)
-        self.store.put("pretrain", key, {"control": control, "pretrain": asdict(cfg), "data": self.data_key()}, res)
+        self.store.put("pretrain", key, {"control": spec.control, "pretrain": asdict(spec.cfg),
+                                         "data": self.data_key()}, res)
         self._say(f"{desc}: dev MLM loss {res['dev_mlm_loss']:.3f}, {res['seconds_per_step']:.3f} s/step, "
                   f"sparsity {res['sparsity']:.3f}")
         return res, enc, key
@@ -302,6 +382,25 @@ class Study:
     def finetune_key(self, parent, cfg: FinetuneConfig) -> str:
         return config_hash({"parent": parent, "max_train": self.p.max_train, "max_dev": self.p.max_dev,
                             "finetune": asdict(cfg)})
+
+    def probe_config(self) -> Optional[ProbeConfig]:
+        return None if self.p.probe is None else ProbeConfig(**self.p.probe)
+
+    def probe_key(self, parent, task: str) -> str:
+        return config_hash({"parent": parent, "max_train": self.p.max_train, "max_dev": self.p.max_dev,
+                            "task": task, "probe": asdict(self.probe_config())})
+
+    def run_probe(self, parent_key, encoder_fn, task: str, label: str):
+        key = self.probe_key(parent_key, task)
+        rec = self.store.get("probe", key)
+        if rec is not None:
+            self.counts["probe_cached"] += 1
+            return rec["result"]
+        res = probe(encoder_fn(), self.probe_config(), self.task_data(task), self.data.tokenizer(), self.device, self.amp)
+        self.counts["probe_trained"] += 1
+        self.store.put("probe", key, {"parent": parent_key, "task": task, "probe": asdict(self.probe_config())}, res)
+        self._say(f"probe {label} {task}: dev {res['dev_score']:.1f} (train {res['train_score']:.1f})")
+        return res
 
     def run_finetune(self, parent_key, encoder_fn, cfg: FinetuneConfig, label: str):
         key = self.finetune_key(parent_key, cfg)
@@ -324,6 +423,21 @@ class Study:
         else:
             self.log(msg)
 
+    def chance(self) -> Dict[str, float]:
+        """Dev score of a constant predictor per task: the majority class's share (classification)
+        or 0 (regression: a constant has no correlation)."""
+        out = {}
+        for t in self.p.tasks:
+            d = self.task_data(t)
+            if d.spec.kind == "classification":
+                ys = [y for _, y in d.dev]
+                out[t] = 100.0 * max(ys.count(c) for c in set(ys)) / len(ys)
+            else:
+                out[t] = 0.0
+        if len(self.p.tasks) > 1:
+            out["average"] = sum(out[t] for t in self.p.tasks) / len(self.p.tasks)
+        return out
+
     # ---- the whole study -----------------------------------------------------------------------
     def run(self) -> List[dict]:
         from tqdm.auto import tqdm
@@ -332,81 +446,81 @@ class Study:
         t_start = time.time()
         if p.demo:
             self.log("=" * 78)
-            self.log(f"sparsebert study, preset {p.name}: a SMALL-SCALE DEMONSTRATION, not the paper's experiment.")
-            self.log("Runs are short and data subsets small, so differences of a few points are noise.")
+            self.log(f"sparsebert study, preset {p.name}: a SMALL-SCALE study, not the paper's experiment.")
+            self.log("Runs are short and data subsets small: read every difference against its error bar.")
             self.log("=" * 78)
         self.log(f"preset {p.name}: levels {[int(100 * l) for l in p.levels]}%, modes {list(p.modes)}, "
-                 f"tasks {list(p.tasks)}, controls {list(p.controls) or 'none'}, device {self.device}")
-        self._bar = None
-        plan = self.pretrain_plan()
-        fplans = {i: self.finetune_plan(c, cfg) for i, (c, cfg) in enumerate(plan)}
-        total = len(plan) + sum(len(v) for v in fplans.values())
+                 f"blocks {list(p.blocks)}, tasks {list(p.tasks)}, controls {list(p.controls) or 'none'}, "
+                 f"seeds {list(p.seeds)}, device {self.device}")
+        plan = self.encoder_plan()
+        fplans = [self.finetune_plan(s) for s in plan]
+        probing = self.probe_config() is not None
+        total = len(plan) + sum(len(v) for v in fplans) + (len(plan) * len(p.tasks) if probing else 0)
         self._bar = tqdm(total=total, desc="study runs", disable=not self.progress, dynamic_ncols=True)
-        # rows keyed by (mode, control, level)
-        rows: Dict[Tuple[str, str, float], dict] = {}
-        for i, (control, pcfg) in enumerate(plan):
-            fl = fplans[i]
-            need = any(self.store.get("finetune", self.finetune_key(self.pretrain_key(control, pcfg), f)) is None
-                       for _, f in fl)
-            pres, enc, pkey = self.run_pretrain(control, pcfg, need_model=need)
+        self.base_model()
+        records: List[dict] = []
+        for spec, fl in zip(plan, fplans):
+            key0 = self.pretrain_key(spec)
+            need = any(self.store.get("finetune", self.finetune_key(key0, f)) is None for _, f in fl) or (
+                probing and any(self.store.get("probe", self.probe_key(key0, t)) is None for t in p.tasks))
+            pres, enc, pkey = self.run_pretrain(spec, need_model=need)
             self._bar.update(1)
             cache_enc = {"enc": enc}
 
-            def encoder_fn(pkey=pkey, pcfg=pcfg, control=control, cache_enc=cache_enc):
+            def encoder_fn(spec=spec, cache_enc=cache_enc):
                 if cache_enc["enc"] is None:
-                    cache_enc["enc"] = self.run_pretrain(control, pcfg, need_model=True)[1]
+                    cache_enc["enc"] = self.run_pretrain(spec, need_model=True)[1]
                 return cache_enc["enc"]
 
-            for fcontrol, fcfg in fl:
-                label = f"{pcfg.mode} {100 * (fcfg.prune_sparsity if fcfg.control == 'prune' else pcfg.sparsity):.0f}%"
-                if fcontrol != "none":
-                    label += f" [{fcontrol}]"
+            probes = {}
+            if probing:
+                for t in p.tasks:
+                    probes[t] = self.run_probe(pkey, encoder_fn, t, spec.label())["dev_score"]
+                    self._bar.update(1)
+            for rk, fcfg in fl:
+                label = f"{rk[0]}{' %dx%d' % (rk[1], rk[1]) if rk[1] else ''} {100 * rk[2]:.0f}%" + \
+                        (f" [{rk[3]}]" if rk[3] != "none" else "") + f" seed {spec.seed}"
                 fres = self.run_finetune(pkey, encoder_fn, fcfg, label)
                 self._bar.update(1)
-                if fcfg.control == "prune":
-                    rk = (fcfg.prune_mode, "finetune-prune", fcfg.prune_sparsity)
-                    pre = pres
-                else:
-                    rk = (pcfg.mode, fcontrol, pcfg.sparsity)
-                    pre = pres
-                row = rows.setdefault(rk, {"mode": rk[0], "control": rk[1], "sparsity": rk[2],
-                                           "achieved_sparsity": pre.get("sparsity"),
-                                           "pretrain_dev_loss": pre.get("dev_mlm_loss"),
-                                           "pretrain_s_per_step": pre.get("seconds_per_step"), "tasks": {}})
-                if fcfg.control == "prune":
-                    row["achieved_sparsity"] = fres.get("linear_zero_fraction")
-                best = row["tasks"].get(fcfg.task)
-                if best is None or fres["dev_score"] > best["dev_score"]:
-                    row["tasks"][fcfg.task] = {"dev_score": fres["dev_score"], "train_loss": fres["train_loss"],
-                                               "lr": fcfg.lr, "dev_metrics": fres["dev_metrics"],
-                                               "finetune_s_per_step": fres["seconds_per_step"]}
+                own_encoder = rk[3] in ("none", "random", "scratch", "deletion")
+                records.append({
+                    "mode": rk[0], "block": rk[1], "sparsity": rk[2], "control": rk[3], "task": fcfg.task,
+                    "seed": spec.seed, "lr": fcfg.lr, "dev_score": fres["dev_score"], "train_loss": fres["train_loss"],
+                    "finetune_s_per_step": fres["seconds_per_step"],
+                    # the probe reads the pre-trained encoder (a deletion run's is its pruned parent's)
+                    "probe": probes.get(fcfg.task) if own_encoder else None,
+                    "pretrain_dev_loss": pres.get("dev_mlm_loss") if own_encoder else None,
+                    "pretrain_s_per_step": pres.get("seconds_per_step") if own_encoder else None,
+                    "achieved_sparsity": (fres.get("linear_zero_fraction") if rk[3] == "finetune-prune"
+                                          else pres.get("sparsity"))})
             del enc, cache_enc
         self._bar.close()
         self._bar = None
-        order = {"dense": 0, "unstructured": 1, "block": 2}
-        corder = {"none": 0, "random": 1, "deletion": 2, "finetune-prune": 3}
-        out = sorted(rows.values(), key=lambda r: (corder.get(r["control"], 9), order.get(r["mode"], 9), r["sparsity"]))
-        for r in out:
-            r["average"] = _avg([r["tasks"].get(t, {}).get("dev_score") for t in p.tasks])
+        metrics = {t: ("accuracy" if self.task_data(t).spec.kind == "classification" else "pearson+spearman")
+                   for t in p.tasks}
+        rows = aggregate(records, p.tasks, metrics)
         elapsed = time.time() - t_start
         meta = {"preset": p.name, "title": f"sparsebert study — preset {p.name}",
-                "note": ("Small-scale demonstration: short runs on small subsets; differences of a few "
-                         "points are within noise." if p.demo else p.description),
+                "note": ("Small-scale study: short runs on small subsets; mean ± sd over seeds, read every "
+                         "difference against its error bar." if p.demo else p.description),
                 "device": str(self.device), "elapsed_s": round(elapsed, 1), "counts": self.counts,
-                "preset_config": asdict(p), "torch": torch.__version__}
-        paths = write_report(out, p.tasks, self.out, meta)
-        self.summary(out, paths, elapsed)
-        return out
+                "preset_config": asdict(p), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "chance": self.chance(), "n_dev": {t: len(self.task_data(t).dev) for t in p.tasks},
+                "head": getattr(self, "head_result", None), "tasks": list(p.tasks)}
+        paths = write_report(rows, p.tasks, self.out, meta, records=records)
+        self.summary(rows, paths, elapsed)
+        return rows
 
     def summary(self, rows, paths, elapsed):
         from .report import markdown_table
         self.log("")
-        self.log(markdown_table(rows, self.p.tasks))
+        self.log(markdown_table(rows))
         c = self.counts
         self.log(f"runs: pre-training {c['pretrain_trained']} trained + {c['pretrain_cached']} cached, "
+                 f"probes {c['probe_trained']} + {c['probe_cached']} cached, "
                  f"fine-tuning {c['finetune_trained']} trained + {c['finetune_cached']} cached; "
                  f"{elapsed:.0f} s in all")
         self.log("wrote " + ", ".join(str(v) for v in paths.values()))
         if self.p.demo:
-            self.log("(cpu-demo is a small-scale demonstration: see docs/STUDY.md for what it does and "
-                     "does not show; the 'gpu' preset runs the full scaled-down study.)")
+            self.log("(see docs/STUDY.md for what this small-scale study does and does not show; the 'gpu' "
+                     "preset runs the full scaled-down study.)")
