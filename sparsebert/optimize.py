@@ -25,8 +25,13 @@ What it changes, in place (all of it undone by :func:`unoptimize`):
   ``gelu="recompute"`` runs the forward with the GELU in the kernel epilogue, keeps nothing extra
   and recomputes ``z`` (one more sparse forward) in the backward.
 
-What it does not change: dropout (same ops, same random numbers, except inside attention, where
-SDPA draws its own mask), the optimizer (a :class:`~sparsebert.BlockSparseLinear` already stores,
+* **Cheaper CPU dropout** (``dropout="fast"``, default): CPU training dropout masks — hidden
+  states and attention probabilities — drawn two elements per 64-bit random number
+  (:mod:`sparsebert.fused`): the same keep probability (to 2**-31), different random numbers, so
+  a seeded run's losses match the unoptimized model's in distribution, not draw for draw
+  (``dropout="torch"`` keeps PyTorch's dropout and its random numbers). Not used on GPUs.
+
+What it does not change: the optimizer (a :class:`~sparsebert.BlockSparseLinear` already stores,
 and so an optimizer already updates, only the kept blocks; masked layers keep dense weights).
 """
 from __future__ import annotations
@@ -43,6 +48,7 @@ from .ops import backends
 from .ops.bsr_linear import resolve_backend
 
 GELU_MODES = ("save", "recompute")
+DROPOUT_MODES = ("fast", "torch")
 
 
 # ---- the training-mode fused GELU -------------------------------------------------------------
@@ -219,7 +225,7 @@ def _is_intermediate(parent: nn.Module) -> bool:
 
 
 def optimize(model: nn.Module, *, labelled_head: bool = True, sdpa: bool = True,
-             fuse_gelu: bool = True, gelu: str = "save") -> nn.Module:
+             fuse_gelu: bool = True, gelu: str = "save", dropout: str = "fast") -> nn.Module:
     """Make a Hugging Face BERT's training (and inference) step faster, in place; returns ``model``.
 
     Args:
@@ -230,19 +236,32 @@ def optimize(model: nn.Module, *, labelled_head: bool = True, sdpa: bool = True,
         fuse_gelu: fuse the exact GELU of BERT's intermediate blocks into their block-sparse layer,
             in training too (layers :func:`sparsebert.sparsify` left unfused are fused here).
         gelu: ``"save"`` (keep the pre-activation for the backward) or ``"recompute"``.
+        dropout: ``"fast"``: on CPU in training, dropout masks (hidden and attention probabilities)
+            come from :mod:`sparsebert.fused` — the same distribution from fewer random draws, so
+            losses match the unoptimized model's statistically, not draw for draw (with ``sdpa``,
+            attention runs as ``"sparsebert_sdpa"``: SDPA, except CPU training with dropout);
+            ``"torch"``: PyTorch's dropout, the same random numbers as without :func:`optimize`.
 
     Calling it again is harmless (options of the later call win). Undo with :func:`unoptimize`.
     """
     if gelu not in GELU_MODES:
         raise ValueError(f"gelu must be one of {GELU_MODES}, got {gelu!r}")
+    if dropout not in DROPOUT_MODES:
+        raise ValueError(f"dropout must be one of {DROPOUT_MODES}, got {dropout!r}")
+    from . import fused
     from .hf import fuse_activations
     unoptimize(model)
     state = {"sdpa_from": None}
     if sdpa and getattr(model, "_supports_sdpa", False) and hasattr(model, "set_attn_implementation"):
         current = getattr(model.config, "_attn_implementation", None)
-        if current != "sdpa":
-            model.set_attn_implementation("sdpa")
+        want = fused.register_attention() if dropout == "fast" else "sdpa"
+        if current != want:
+            model.set_attn_implementation(want)
             state["sdpa_from"] = current
+    if dropout == "fast":
+        for m in model.modules():
+            if type(m) is nn.Dropout:
+                m.__class__ = fused.FastDropout
     if fuse_gelu:
         try:
             fuse_activations(model)         # exact-GELU intermediate blocks not fused yet
@@ -277,7 +296,10 @@ def unoptimize(model: nn.Module) -> nn.Module:
         h.remove()
     if state.get("sdpa_from") is not None:
         model.set_attn_implementation(state["sdpa_from"])
+    from .fused import FastDropout
     for m in model.modules():
+        if type(m) is FastDropout:
+            m.__class__ = nn.Dropout
         if type(m) is TrainingFusedBlockSparseLinear:
             m.__class__ = BlockSparseLinear
             m.__dict__.pop("gelu_mode", None)

@@ -59,10 +59,11 @@ def _tol(dtype):
 @pytest.mark.parametrize("kind", ["dense", "block", "unstructured"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_loss_gradients_and_labelled_logits_equal_unoptimized(kind, dtype, dropout):
-    # The base model uses SDPA (Hugging Face's default), so with dropout on both consume the same
-    # random numbers in the same order: the same seed gives the same loss.
+    # The base model uses SDPA (Hugging Face's default) and dropout="torch" keeps PyTorch's dropout,
+    # so with dropout on both consume the same random numbers in the same order: the same seed
+    # gives the same loss. (The default, dropout="fast", is tested statistically below.)
     ref = _model(kind, dtype, dropout).train(dropout > 0)
-    opt = optimize(copy.deepcopy(ref))
+    opt = optimize(copy.deepcopy(ref), dropout="torch" if dropout else "fast")
     ids, labels = _batch()
     out_ref, g_ref = _loss_and_grads(ref, ids, labels)
     out_opt, g_opt = _loss_and_grads(opt, ids, labels)
@@ -100,7 +101,7 @@ def test_unfused_block_model_gets_fused_and_matches():
 @pytest.mark.parametrize("kind", ["dense", "block"])
 def test_eager_attention_model_switches_to_sdpa_same_loss_without_dropout(kind):
     ref = _model(kind, attn="eager").eval()
-    opt = optimize(copy.deepcopy(ref))
+    opt = optimize(copy.deepcopy(ref), dropout="torch")
     assert opt.config._attn_implementation == "sdpa"
     ids, labels = _batch()
     (o1, g1), (o2, g2) = _loss_and_grads(ref, ids, labels), _loss_and_grads(opt, ids, labels)
@@ -111,11 +112,13 @@ def test_eager_attention_model_switches_to_sdpa_same_loss_without_dropout(kind):
     assert opt.config._attn_implementation == "eager"
 
 
-def test_eager_attention_with_dropout_matches_statistically():
-    # Eager attention and SDPA draw the attention-dropout mask differently: the same seed gives
-    # different losses, but their distribution over seeds is the same.
-    ref = _model("block", dropout=0.1, attn="eager").train()
-    opt = optimize(copy.deepcopy(ref))
+@pytest.mark.parametrize("attn,mode", [("eager", "torch"), ("eager", "fast"), ("sdpa", "fast")])
+def test_dropout_that_draws_differently_matches_statistically(attn, mode):
+    # Eager attention and SDPA draw the attention-dropout mask differently, and the fast CPU
+    # dropout draws fewer random numbers: the same seed gives different losses, but their
+    # distribution over seeds is the same.
+    ref = _model("block", dropout=0.1, attn=attn).train()
+    opt = optimize(copy.deepcopy(ref), dropout=mode)
     ids, labels = _batch(B=4, T=32, frac=0.5)
     a, b = [], []
     with torch.no_grad():
@@ -251,3 +254,93 @@ def test_fused_layer_inference_and_no_grad_use_the_plain_path():
     unoptimize(ref)
     with torch.no_grad():
         torch.testing.assert_close(m(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+# ---- the fast CPU dropout ---------------------------------------------------------------------
+def test_keep_mask_frequency_lanes_independence_and_seed():
+    from sparsebert.fused import keep_mask
+    torch.manual_seed(0)
+    n = 2_000_001                                   # odd: the last draw is half used
+    k = keep_mask((n,), 0.1)
+    assert k.dtype == torch.bool and k.shape == (n,)
+    sd = (0.09 / n) ** 0.5
+    assert abs(float(k.double().mean()) - 0.9) < 5 * sd
+    for lane in (0, 1):                             # the low and the high half of each draw
+        assert abs(float(k[lane::2].double().mean()) - 0.9) < 5 * sd * 2 ** 0.5
+    both = (k[:-1:2] & k[1::2]).double().mean()     # neighbours (same draw) independent
+    assert abs(float(both) - 0.81) < 5 * (0.81 * 0.19 / (n // 2)) ** 0.5
+    assert abs(float(keep_mask((n,), 0.7).double().mean()) - 0.3) < 5 * (0.21 / n) ** 0.5
+    torch.manual_seed(3)
+    a = keep_mask((5, 7), 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(a, keep_mask((5, 7), 0.5))
+
+
+def test_fast_dropout_forward_backward_and_fallbacks():
+    from sparsebert.fused import FastDropout, dropout
+    x = torch.randn(64, 96, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    y = dropout(x, 0.25, True)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    torch.testing.assert_close(dx, dy * kept / 0.75)
+    assert dropout(x, 0.25, False) is x
+    m = FastDropout(0.25)
+    assert isinstance(m, torch.nn.Dropout)
+    m.eval()
+    assert torch.equal(m(x), x)
+    m.train()
+    m.inplace = True
+    with torch.no_grad():
+        z = torch.ones(1000)
+        m(z)                                      # in place: PyTorch's own dropout
+    assert (z == 0).any() and ((z == 0) | (z == 1 / 0.75)).all()
+
+
+def test_attention_math_equals_sdpa_and_is_unbiased_with_dropout():
+    from sparsebert.fused import attention_math
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(2, 1, 10, 10, dtype=torch.bool)
+    mask[1, :, :, 7:] = False                      # padding in the second sequence
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(attention_math(q, k, v, mask, 8 ** -0.5, 0.0), want)
+    torch.manual_seed(0)
+    mean = sum(attention_math(q, k, v, mask, 8 ** -0.5, 0.2) for _ in range(2000)) / 2000
+    assert (mean - want).abs().max() < 0.1
+    assert (mean - want).abs().mean() < 0.02
+
+
+def test_fast_dropout_modules_swapped_and_restored():
+    ref = _model("dense", dropout=0.1)
+    opt = optimize(copy.deepcopy(ref))
+    from sparsebert.fused import ATTENTION_NAME, FastDropout
+    assert opt.config._attn_implementation == ATTENTION_NAME
+    assert all(type(m) is FastDropout for m in opt.modules() if isinstance(m, torch.nn.Dropout))
+    unoptimize(opt)
+    assert opt.config._attn_implementation == "sdpa"
+    assert all(type(m) is torch.nn.Dropout for m in opt.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_padding_mask_through_the_registered_attention():
+    ref = _model("block", dropout=0.1).eval()
+    opt = optimize(copy.deepcopy(ref))
+    ids, labels = _batch()
+    am = torch.ones_like(ids)
+    am[1, 15:] = 0
+    labels[1, 15:] = -100
+    with torch.no_grad():
+        r = ref(input_ids=ids, attention_mask=am, labels=labels)
+        o = opt(input_ids=ids, attention_mask=am, labels=labels)
+        torch.testing.assert_close(o.loss, r.loss)
+        # training, dropout p -> 0 limit: the fast path's mask handling equals SDPA's
+        for m in opt.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 1e-12
+        opt.config.attention_probs_dropout_prob = 1e-12
+        for layer in opt.bert.encoder.layer:
+            layer.attention.self.dropout.p = 1e-12
+        opt.train()
+        torch.testing.assert_close(opt(input_ids=ids, attention_mask=am, labels=labels).loss, r.loss)
