@@ -258,6 +258,9 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     ap.add_argument("--compile-levels", type=float, nargs="+", default=None,
                     help="sparsity levels compiled with --compile (default: all of --levels)")
+    ap.add_argument("--full-levels", type=float, nargs="*", default=None,
+                    help="with --head both: sparsity levels that also get the unoptimized (full head) "
+                         "sparse row (default: all)")
     ap.add_argument("--steps", type=int, default=5, help="timed rounds (one step per model each)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--infer-batches", type=int, nargs="*", default=[1, 8, 64])
@@ -277,6 +280,7 @@ def main(argv=None):
     ids, labels = _inputs(cfg, batch, args.seq, device)
     heads = ["full", "masked"] if args.head == "both" else [args.head]
     compile_levels = args.levels if args.compile_levels is None else args.compile_levels
+    full_levels = args.full_levels
     pruned = _pruned_names(cfg)
     sync = _sync(device)
     what = ("tiny BERT" if args.tiny else "BERT-Base" if device.type == "cuda" else "MiniLM-size BERT")
@@ -295,6 +299,8 @@ def main(argv=None):
             spec += [("dense", None, h, True) for h in heads]
         for s in args.levels:
             for head in heads:
+                if head == "full" and len(heads) > 1 and full_levels is not None and s not in full_levels:
+                    continue
                 spec.append((f"block{block} {round(100 * s)}%", s, head, False))
             if args.compile and s in compile_levels:
                 spec.append((f"block{block} {round(100 * s)}%", s, heads[-1], True))
@@ -323,6 +329,9 @@ def main(argv=None):
             if not args.no_memory:
                 row["peak_bytes"], row["pruned_state_bytes"] = v.memory(pruned)
             rows.append(row)
+            print(f"  [{row['model']} {row['head']}{' compiled' if row['compiled'] else ''}] "
+                  f"{row['ms_per_step']:.0f} ms/step, {row['speedup']:.2f}x dense, spread {spread:.0%}, "
+                  f"loss {row['loss']:.4f}", flush=True)
         groups.append(dict(block=block, warmup_s=warm_s))
         if args.profile and block == (32 if 32 in args.block else args.block[0]):
             path = os.path.join(args.out, "bench_bert_profile.txt") if args.out else None
@@ -340,6 +349,8 @@ def main(argv=None):
                     models.setdefault(v.name, v.model)
             lat = _time_inference(models, cfg, args.infer_batches, args.seq, args.infer_rounds, device)
             for name, d in lat.items():
+                print(f"  [inference {name}] " + ", ".join(f"batch {b}: {1e3 * t:.1f} ms ({lat['dense'][b] / t:.2f}x)"
+                                                       for b, t in d.items()), flush=True)
                 for b, t in d.items():
                     infer.append(dict(model=name, block=block, batch=b, ms=1e3 * t, speedup=lat["dense"][b] / t))
         del variants
