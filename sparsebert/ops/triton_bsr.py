@@ -731,6 +731,10 @@ def _dsdv(a, values, bias, out, lt, *, transposed, activation, cfg):
     R = min(cfg["R"], 1 << max(0, (n_out_blocks - 1).bit_length()))
     if n_out_blocks % R:   # R output blocks per program must tile the output exactly
         R = 1
+    if R > 1 and _has_nonfinite(a):
+        # R > 1 merges the column lists of R output blocks and zero-fills the blocks one of them
+        # lacks: 0 * inf = nan would reach an output through a pruned block (docs/CONTRACT.md).
+        R = 1
     sptr, scol, sval, S = _super_index(lt, R, transposed)
     M = a.shape[0]
     bm = _INTERP_BLOCK_M if _INTERPRET else cfg["BLOCK_M"]
@@ -744,6 +748,15 @@ def _dsdv(a, values, bias, out, lt, *, transposed, activation, cfg):
                            HAS_BIAS=bias is not None, ACT=activation, UPCAST=_upcast(a.dtype),
                            PRECISION=_precision(a.dtype), BLOCK_M=bm, **kw)
     return out
+
+
+def _has_nonfinite(t: torch.Tensor) -> bool:
+    """Whether ``t`` may hold a NaN/Inf (one reduction; a host sync on the GPU, so it is only used
+    by the R > 1 variants, which the default variant table never picks)."""
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    s = t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()
+    return not bool(torch.isfinite(s))
 
 
 def _sdd_t_acc(bn: int, bk: int, G: int) -> bool:
