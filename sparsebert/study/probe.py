@@ -25,7 +25,7 @@ from .training import autocast, pick_device
 @dataclass
 class ProbeConfig:
     max_len: int = 128
-    l2: float = 1e-3          # penalty on the weights (features standardised), × number of examples
+    l2: float = 1e-2          # L2 penalty on the weights, per example (features standardised)
     max_iter: int = 200       # L-BFGS iterations
     batch_tokens: int = 4096  # feature extraction: sequences per batch × their padded length
 

@@ -67,15 +67,15 @@ PRESETS: Dict[str, Preset] = {
     "cpu-demo": Preset(
         name="cpu-demo",
         description="small-scale study on a CPU (minutes): unstructured 0/30/60/90%, 16x16 blocks "
-                    "30/60/90%, polarity, 2 seeds, linear probe + fine-tuning, from-scratch baseline",
+                    "30/60/90%, polarity, 2 seeds, linear probe + fine-tuning",
         levels=(0.0, 0.3, 0.6, 0.9), modes=("unstructured", "block"), blocks=(16,), seeds=(0, 1),
-        tasks=("polarity",), controls=("scratch",),
+        tasks=("polarity",), controls=(),
         seq_len=64, mlm_train_blocks=1200, mlm_dev_blocks=48,
         head=dict(blocks=640, max_steps=60, batch_size=512, lr=1e-2, eval_every=10, tol=0.02),
-        pretrain=dict(steps=24, batch_size=8, lr=1e-4, ramp_fraction=0.5, prune_every=2),
-        finetune=dict(epochs=1.0, max_steps=40, batch_size=32, token_budget=1024, max_len=64,
+        pretrain=dict(steps=20, batch_size=8, lr=1e-4, ramp_fraction=0.5, prune_every=2),
+        finetune=dict(epochs=2.0, max_steps=32, batch_size=32, token_budget=1024, max_len=64,
                       warmup_fraction=0.1),
-        probe=dict(max_len=64), lrs=(2e-4,), max_train=960, max_dev=400, demo=True),
+        probe=dict(max_len=64), lrs=(2e-4,), max_train=640, max_dev=400, demo=True),
     "gpu": Preset(
         name="gpu",
         description="the scaled-down study on one GPU: levels 0-90%, unstructured and 16/32 blocks, "
