@@ -80,6 +80,18 @@ def test_opcheck_contract():
                           (x.requires_grad_(), v, b, lay.index(), 32, 48, 16, 16, "reference"))
 
 
+def test_opcheck_gradient_ops():
+    """The gradient ops are differentiable too (double backward): opcheck their autograd."""
+    lay = random_layout(2, 3, 0.6, (16, 16), seed=6)
+    dy = torch.randn(7, 32, requires_grad=True)
+    x = torch.randn(7, 48, requires_grad=True)
+    v = torch.randn(lay.nnz, 16, 16, requires_grad=True)
+    torch.library.opcheck(torch.ops.sparsebert.bsr_grad_input,
+                          (dy, v, lay.index(), 32, 48, 16, 16, "reference"))
+    torch.library.opcheck(torch.ops.sparsebert.bsr_grad_weight,
+                          (x, dy, lay.index(), 32, 48, 16, 16, "reference"))
+
+
 def test_torch_compile_fullgraph_has_no_graph_break():
     lay = random_layout(4, 2, 0.5, (16, 16), seed=7)
     v = torch.randn(lay.nnz, 16, 16, requires_grad=True)

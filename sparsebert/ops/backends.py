@@ -12,6 +12,8 @@ from typing import Dict, Optional
 
 import torch
 
+from ..layout import LayoutTensors
+
 _MODULES = {
     "reference": "sparsebert.ops.reference",
     "dense": "sparsebert.ops.dense",
@@ -64,7 +66,6 @@ def report(device=None) -> Dict[str, Optional[str]]:
 
 # ---- auto -----------------------------------------------------------------------------------
 _choice_cache: Dict[tuple, str] = {}
-_last_choice: Dict[str, str] = {}   # per device type: what tracing uses when it cannot time
 
 
 def _candidates(device: torch.device):
@@ -75,9 +76,19 @@ def _candidates(device: torch.device):
     return ("cpu", "dense")
 
 
+def _layout_key(layout) -> tuple:
+    """``(shape, block, density)`` of a :class:`BlockLayout` or a :class:`LayoutTensors` (the
+    custom ops hold only the latter); both give the same key for the same layout."""
+    if isinstance(layout, LayoutTensors):
+        R, C = layout.n_row_blocks, layout.n_col_blocks
+        return (layout.N, layout.K), (layout.bn, layout.bk), layout.nnz / max(1, R * C)
+    return layout.shape, layout.block, layout.density
+
+
 def _auto_key(device_type: str, dtype, M: int, layout, train: bool) -> tuple:
     m_bucket = 1 << max(0, (max(M, 1) - 1).bit_length())   # next power of two
-    return (device_type, dtype, m_bucket, layout.shape, layout.block, round(layout.density, 2), train)
+    shape, block, density = _layout_key(layout)
+    return (device_type, dtype, m_bucket, shape, block, round(density, 2), train)
 
 
 _OPS = ("forward", "grad_input", "grad_weight")
@@ -113,19 +124,27 @@ def plan_names(plan: str):
     return tuple(names) * 3 if len(names) == 1 else tuple(names)
 
 
+def cached_choice(device_type: str, dtype, M: int, layout, train: bool) -> Optional[str]:
+    """The plan :func:`choose` settled for this key, or None if it has not timed it yet."""
+    return _choice_cache.get(_auto_key(device_type, dtype, M, layout, train))
+
+
 def choose(x, values, layout, train: bool = False) -> str:
     """The backend plan ``auto`` uses for these inputs: a name, or ``"fwd,dx,dw"`` names.
 
-    The choice is cached per (device, dtype, tokens rounded up to a power of two, shape, block,
-    density, training) key. The first call with a new key times every usable candidate on the
-    real inputs, each op on its own (the forward, plus both gradients when training), the dense
-    path included, and takes the fastest per op — so no op of a sparse layer is slower than the
-    dense one. Inside ``torch.compile`` see :func:`traced_choice`.
+    ``layout`` is a :class:`~sparsebert.BlockLayout` or its :class:`LayoutTensors` on ``x``'s
+    device. The choice is cached per (device, dtype, tokens rounded up to a power of two, shape,
+    block, density, training) key. The first call with a new key times every usable candidate on
+    the real inputs, each op on its own (the forward, plus both gradients when training), the
+    dense path included, and takes the fastest per op — so no op of a sparse layer is slower than
+    the dense one. Under ``torch.compile`` the same happens at run time, inside the custom op, on
+    its first call (the op layer passes ``"auto"`` through the graph), so a compiled model needs
+    no eager warm-up and never falls back to the reference path for want of a timing.
     """
     key = _auto_key(x.device.type, x.dtype, x.shape[0], layout, train)
     if key in _choice_cache:
         return _choice_cache[key]
-    lt = layout.tensors(x.device)
+    lt = layout if isinstance(layout, LayoutTensors) else layout.tensors(x.device)
     usable = [n for n in _candidates(x.device) if unsupported_reason(n, x, values, lt) is None]
     if not usable:
         usable = ["reference"]
@@ -149,21 +168,8 @@ def choose(x, values, layout, train: bool = False) -> str:
         best = [min(times, key=lambda n: cost(n, op)) for op in _OPS]
         choice = best[0] if not train or len(set(best)) == 1 else ",".join(best)
     _choice_cache[key] = choice
-    _last_choice[x.device.type] = choice
     return choice
 
 
 def clear_auto_cache() -> None:
     _choice_cache.clear()
-
-
-def traced_choice(x, layout, train: bool) -> str:
-    """What ``auto`` uses inside ``torch.compile``, where nothing can be timed: the choice measured
-    in eager mode for the same key if there was one, else the last choice on this device type."""
-    try:
-        key = _auto_key(x.device.type, x.dtype, int(x.shape[0]), layout, train)
-    except (TypeError, ValueError):          # a dynamic (symbolic) token count
-        key = None
-    if key is not None and key in _choice_cache:
-        return _choice_cache[key]
-    return _last_choice.get(x.device.type, "dense" if x.device.type == "cuda" else "reference")
