@@ -16,7 +16,9 @@ loss.backward(); opt.step(); opt.zero_grad()`` with ``torch.optim.AdamW`` (defau
 
 * ``head=full``: the model as Hugging Face runs it (the 30522-way head over every token);
 * ``head=masked``: the same model after :func:`sparsebert.optimize` (head at labelled positions,
-  SDPA, training-fused GELU) — the loss is the same, so each row's ``loss`` is printed as a check;
+  SDPA, training-fused GELU, cheaper CPU dropout) — the loss is the same: each row's ``loss`` is
+  the model's loss on the batch at the start, without dropout (eval mode), printed as a check
+  (``train_loss``, the last timed step's, differs by the dropout draws);
 * ``compiled``: the loss computation through ``torch.compile(model)``;
 * models: ``dense`` and ``block{b} {s}%`` (``sparsebert.sparsify``, backend ``auto``).
 
@@ -90,6 +92,11 @@ class Variant:
         self.rng = g.get_state()
         self.cuda_rng = None
         self.times, self.loss = [], float("nan")
+        was = model.training
+        model.eval()                 # the check value: the loss at the start, without dropout
+        with torch.no_grad():
+            self.check_loss = float(model(input_ids=ids, labels=labels).loss)
+        model.train(was)
 
     @property
     def key(self):
@@ -325,7 +332,7 @@ def main(argv=None):
             spread = (max(v.times) - min(v.times)) / t if len(v.times) > 1 else 0.0
             row = dict(model=v.name, head=v.head, compiled=v.compiled, block=block,
                        tokens_per_s=batch * args.seq / t, ms_per_step=1e3 * t, spread=spread,
-                       speedup=base_t / t, loss=v.loss, times=v.times)
+                       speedup=base_t / t, loss=v.check_loss, train_loss=v.loss, times=v.times)
             if not args.no_memory:
                 row["peak_bytes"], row["pruned_state_bytes"] = v.memory(pruned)
             rows.append(row)
