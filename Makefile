@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.sparsebert-installed
 # Pin torch exactly: its CPU wheel lies on disk; a looser pin downloads a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 DEPS   := triton==3.7.1 numpy pybind11 ninja setuptools wheel transformers safetensors tqdm \
-          matplotlib pytest pytest-benchmark
+          matplotlib pytest pytest-benchmark accelerate onnx onnxscript onnxruntime
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
 .PHONY: install demo test bench-cpu gpu-check clean

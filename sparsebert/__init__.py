@@ -5,7 +5,8 @@ sparse layers turns it into speed (:func:`sparsify`, :class:`BlockSparseLinear`)
 """
 from . import ops, pruning
 from .checkpoint import CheckpointError, load_sparse, save_sparse
-from .hf import densify, sparsify
+from .config import SparsityConfig
+from .hf import densify, from_pretrained, get_sparsity_config, sparsify
 from .layout import BlockLayout
 from .nn import BlockSparseLinear, MaskedEmbedding, MaskedLinear
 from .ops import bsr_linear
@@ -13,5 +14,5 @@ from .optimize import optimize
 
 __version__ = "0.1.0"
 __all__ = ["BlockLayout", "BlockSparseLinear", "MaskedLinear", "MaskedEmbedding", "bsr_linear",
-           "sparsify", "densify", "optimize", "save_sparse", "load_sparse", "CheckpointError", "ops", "pruning",
-           "__version__"]
+           "sparsify", "densify", "optimize", "save_sparse", "load_sparse", "from_pretrained",
+           "SparsityConfig", "get_sparsity_config", "CheckpointError", "ops", "pruning", "__version__"]

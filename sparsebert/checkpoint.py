@@ -94,7 +94,7 @@ def _collect(model: nn.Module):
                            "block": list(m.layout.block), "nnz": m.layout.nnz,
                            "bias": m.bias is not None, "backend": m.backend,
                            "activation": m.activation})
-            covered.update({p + "values", p + "_extra_state"})
+            covered.update({p + "values", p + "weight", p + "block_mask", p + "_extra_state"})
         else:
             entry = {"name": name, "kind": "masked_embedding" if isinstance(m, MaskedEmbedding) else "masked_linear",
                      "shape": list(m.weight.shape)}
@@ -107,12 +107,12 @@ def _collect(model: nn.Module):
             if isinstance(m, MaskedLinear):
                 entry["bias"] = m.bias is not None
             layers.append(entry)
-            covered.update({p + "weight", p + "mask"})
+            covered.update({p + "weight", p + "mask", p + "mask_bits"})
 
     aliases: Dict[str, str] = {}
     seen: Dict[tuple, str] = {}
     for key, t in model.state_dict(keep_vars=True).items():
-        if key in covered or key.endswith("_extra_state") or not torch.is_tensor(t):
+        if key in covered or key.endswith(("_extra_state", ".block_mask", ".mask_bits")) or not torch.is_tensor(t):
             continue
         ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else None
         if ident is not None and ident in seen:
@@ -121,8 +121,11 @@ def _collect(model: nn.Module):
         if ident is not None:
             seen[ident] = key
         tensors[key] = t.detach()
+    from .hf import get_sparsity_config
+    cfg = get_sparsity_config(model)
     meta = {"format": FORMAT, "version": VERSION, "model_class": type(model).__name__,
-            "model_module": type(model).__module__, "layers": layers, "aliases": aliases}
+            "model_module": type(model).__module__, "layers": layers, "aliases": aliases,
+            "sparsity_config": cfg.to_dict() if cfg is not None else None}
     return {k: v.contiguous().cpu() for k, v in tensors.items()}, meta
 
 
@@ -487,6 +490,9 @@ def load_sparse(path, model: Optional[nn.Module] = None) -> nn.Module:
     from safetensors.torch import load_file
 
     path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, META)) and _is_hf_folder(path):
+        from .hf import from_pretrained
+        return from_pretrained(path, model=model)
     meta = _read_meta(path, need_config=model is None)
     try:
         tensors = load_file(os.path.join(path, TENSORS))
@@ -501,8 +507,8 @@ def load_sparse(path, model: Optional[nn.Module] = None) -> nn.Module:
     for entry in meta["layers"]:
         p = f"{entry['name']}." if entry["name"] else ""
         if entry["kind"] == "block":
-            state.pop(p + "block_mask")
-        elif "tied_to" not in entry:
+            continue           # values + block_mask: what BlockSparseLinear's state-dict loader reads
+        if "tied_to" not in entry:
             weight = torch.zeros(entry["shape"], dtype=tensors[p + "kept"].dtype)
             mask = _unpack_bits(state.pop(p + "mask_bits"), entry["shape"])
             if int(mask.sum()) != tensors[p + "kept"].numel():
@@ -514,18 +520,53 @@ def load_sparse(path, model: Optional[nn.Module] = None) -> nn.Module:
         if "tied_to" in entry:
             p, q = f"{entry['name']}.", f"{entry['tied_to']}."
             state[p + "weight"], state[p + "mask"] = state[q + "weight"], state[q + "mask"]
-    expected = staged.state_dict()
+    with torch.no_grad():
+        expected = set(staged.state_dict())
+    for entry in meta["layers"]:     # a block layer's state dict says weight + block_mask; it reads values
+        if entry["kind"] == "block":
+            p = f"{entry['name']}." if entry["name"] else ""
+            expected -= {p + "weight"}
+            expected |= {p + "values"}
+        else:
+            p = f"{entry['name']}." if entry["name"] else ""
+            expected -= {p + "mask_bits"}
+            expected |= {p + "mask"}
     missing = [k for k in expected if k not in state and not k.endswith("_extra_state")]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not match the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
-    for k, v in expected.items():
-        if k in state and tuple(state[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{k}: checkpoint has shape {tuple(state[k].shape)}, model needs {tuple(v.shape)}")
+    shapes = {k: tuple(v.shape) for k, v in staged.named_parameters(remove_duplicate=False)}
+    shapes.update({k: tuple(v.shape) for k, v in staged.named_buffers(remove_duplicate=False)})
+    for k, v in state.items():
+        if k in shapes and tuple(v.shape) != shapes[k]:
+            raise CheckpointError(f"{k}: checkpoint has shape {tuple(v.shape)}, model needs {shapes[k]}")
     _match_dtypes(staged, state)
-    staged.load_state_dict(state, strict=False)
+    try:
+        staged.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint does not match the model: {' '.join(str(e).split())}") from None
+    from .hf import set_sparsity_config
+    from .config import SparsityConfig
+    cfg = meta.get("sparsity_config")
+    try:
+        set_sparsity_config(staged, SparsityConfig.from_dict(cfg) if isinstance(cfg, dict) else None)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"malformed {META}: 'sparsity_config': {e}") from None
     return staged.eval()
+
+
+def _is_hf_folder(path: str) -> bool:
+    """A ``save_pretrained`` folder of a sparse model: config.json with a "sparsebert" entry."""
+    from .hf import HF_KEY
+    f = os.path.join(path, CONFIG)
+    if not os.path.isfile(f):
+        return False
+    try:
+        with open(f, encoding="utf-8") as fh:
+            return isinstance(json.load(fh).get(HF_KEY), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _convert(model: nn.Module, meta: dict, tensors: Dict[str, torch.Tensor]) -> nn.Module:

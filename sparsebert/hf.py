@@ -12,8 +12,9 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .layout import _as_block
-from .nn import BlockSparseLinear, MaskedEmbedding, MaskedLinear
+from .config import SparsityConfig
+from .layout import BlockLayout, _as_block
+from .nn import BlockSparseLinear, MaskedEmbedding, MaskedLinear, note_replaced
 from .pruning.scores import block_scores, element_scores, global_masks, keep_count, topk_mask
 
 # The paper's pruned matrices: Q, K, V, attention output, intermediate, output, pooler.
@@ -203,6 +204,7 @@ def fuse_activations(model: nn.Module, names: Optional[Sequence[str]] = None) ->
         fused.append(name)
     if want is not None and set(fused) != want:
         raise ValueError(f"no BERT-style intermediate block holds {sorted(want - set(fused))}")
+    _record(model)
     return fused
 
 
@@ -215,13 +217,20 @@ def unfuse_activations(model: nn.Module) -> None:
             if isinstance(layer, BlockSparseLinear):
                 layer.activation = "none"
             parent.intermediate_act_fn = act.original
+    _record(model)
 
 
-def sparsify(model: nn.Module, sparsity: float, block=(32, 32), mode: str = "block",
+def sparsify(model: nn.Module, sparsity: Union[float, SparsityConfig], block=(32, 32), mode: str = "block",
              scope: str = "layer", targets: Targets = None, score: str = "magnitude",
              seed: int = 0, backend: str = "auto", embeddings: Optional[bool] = None,
              fuse_activation: bool = True) -> nn.Module:
     """Prune ``model`` by magnitude and swap its target linears for sparse layers, in place.
+
+    ``sparsify(model, config)`` with a :class:`~sparsebert.SparsityConfig` does the same with the
+    config's fields (one shot, at ``config.sparsity``; its ``schedule`` is for
+    :class:`~sparsebert.hf.PruningCallback`); the other arguments must then be left out. The
+    setup (the config, or one built from the arguments) is recorded on the model and saved into
+    every checkpoint folder (:func:`get_sparsity_config`).
 
     Args:
         sparsity: fraction of weights to remove, in ``[0, 1]``; per layer it is rounded to whole
@@ -254,6 +263,21 @@ def sparsify(model: nn.Module, sparsity: float, block=(32, 32), mode: str = "blo
         the same ``model`` — or, when ``model`` is itself an ``nn.Linear`` (which cannot change
         class in place), the new sparse layer.
     """
+    if isinstance(sparsity, SparsityConfig):
+        config = sparsity
+        given = {k: v for k, v in (("block", block), ("mode", mode), ("scope", scope), ("targets", targets),
+                                  ("score", score), ("seed", seed), ("backend", backend),
+                                  ("embeddings", embeddings), ("fuse_activation", fuse_activation))
+                 if v != _SPARSIFY_DEFAULTS[k]}
+        if given:
+            raise ValueError(f"sparsify(model, config): give the setup in the config, not also as "
+                             f"arguments ({', '.join(sorted(given))})")
+        kw = config.sparsify_kwargs()
+        sparsity, block, mode, scope, targets = kw["sparsity"], kw["block"], kw["mode"], kw["scope"], kw["targets"]
+        score, seed, backend, embeddings = kw["score"], kw["seed"], kw["backend"], kw["embeddings"]
+        fuse_activation = kw["fuse_activation"]
+    else:
+        config = None
     if mode not in ("block", "unstructured"):
         raise ValueError(f"mode must be 'block' or 'unstructured', got {mode!r}")
     if scope not in ("layer", "global"):
@@ -312,6 +336,7 @@ def sparsify(model: nn.Module, sparsity: float, block=(32, 32), mode: str = "blo
             new = BlockSparseLinear.from_dense(m, mask=mask, block=(bn, bk), backend=backend)
             if m.bias is not None:
                 new.bias = m.bias            # the same Parameter: bias ties, optimizer references
+            note_replaced(m.weight, _qual(name, "weight"), f"the 'values' of a BlockSparseLinear")
             if _replace(model, paths, m, new):
                 root = new
             continue
@@ -325,9 +350,24 @@ def sparsify(model: nn.Module, sparsity: float, block=(32, 32), mode: str = "blo
                 new.mask = shared            # one mask buffer for the tied group
             if _replace(model, paths, u, new):
                 root = new
+    if config is None and not callable(targets):
+        try:
+            config = SparsityConfig(mode=mode, sparsity=float(sparsity), block=block if mode == "block" else (32, 32),
+                                    scope=scope, targets=list(targets) if isinstance(targets, (list, tuple)) else targets,
+                                    score=score, embeddings=embeddings, fuse_activation=fuse_activation,
+                                    seed=seed, backend=backend)
+        except ValueError:
+            config = None
+    set_sparsity_config(root, config)
     if mode == "block" and fuse_activation:
         fuse_activations(root)
+    _record(root)
     return root
+
+
+_SPARSIFY_DEFAULTS = {"block": (32, 32), "mode": "block", "scope": "layer", "targets": None,
+                      "score": "magnitude", "seed": 0, "backend": "auto", "embeddings": None,
+                      "fuse_activation": True}
 
 
 def densify(model: nn.Module) -> nn.Module:
@@ -340,10 +380,14 @@ def densify(model: nn.Module) -> nn.Module:
     unfuse_activations(model)
     paths = _module_paths(model)
     root = model
-    for m in [m for _, m in model.named_modules() if isinstance(m, _SPARSE_LAYERS)]:
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, _SPARSE_LAYERS)]:
         new = m.to_dense()
+        if isinstance(m, BlockSparseLinear):
+            note_replaced(m.values, _qual(name, "values"), "the weight of an nn.Linear (densify)")
         if _replace(model, paths, m, new):
             root = new
+    set_sparsity_config(root, None)
+    _record(root)
     return root
 
 
@@ -357,3 +401,334 @@ def kept_table(model: nn.Module) -> List[Tuple[str, str, Tuple[int, int], float]
     """``(name, kind, shape, kept fraction)`` per sparse layer."""
     return [(n, type(m).__name__, m.layout.shape if isinstance(m, BlockSparseLinear) else tuple(m.weight.shape),
              float(m.density)) for n, m in sparse_layers(model)]
+
+
+# ---- the setup a model was sparsified with, and the Hugging Face folder format ---------------------
+HF_KEY = "sparsebert"          # the key of config.json that describes the sparse layers
+HF_FORMAT = "sparsebert-hf"
+HF_VERSION = 1
+
+
+def get_sparsity_config(model: nn.Module) -> Optional[SparsityConfig]:
+    """The :class:`~sparsebert.SparsityConfig` ``model`` was sparsified (or loaded) with, if any."""
+    cfg = getattr(model, "_sparsebert_config", None)
+    if cfg is not None:
+        return cfg
+    info = getattr(getattr(model, "config", None), HF_KEY, None)
+    if isinstance(info, dict) and isinstance(info.get("sparsity_config"), dict):
+        return SparsityConfig.from_dict(info["sparsity_config"])
+    return None
+
+
+def set_sparsity_config(model: nn.Module, config: Optional[SparsityConfig]) -> None:
+    """Record ``config`` as ``model``'s setup (saved into its checkpoints)."""
+    if config is not None and not isinstance(config, SparsityConfig):
+        raise TypeError(f"expected a SparsityConfig, got {type(config).__name__}")
+    if isinstance(model, nn.Module):
+        object.__setattr__(model, "_sparsebert_config", config)
+    _record(model)
+
+
+def describe(model: nn.Module) -> Optional[dict]:
+    """What ``config.json`` records under ``"sparsebert"``: the format, the setup and, per sparse
+    layer, what its state dict does not hold (its kind, block size, backend and fused activation;
+    the masks themselves are tensors of the state dict). None for a model without sparse layers."""
+    layers = {}
+    for name, m in sparse_layers(model):
+        if isinstance(m, BlockSparseLinear):
+            layers[name] = {"kind": "block", "block": list(m.layout.block), "backend": m.backend,
+                            "activation": m.activation}
+        else:
+            layers[name] = {"kind": "masked_embedding" if isinstance(m, MaskedEmbedding) else "masked_linear"}
+    if not layers:
+        return None
+    cfg = getattr(model, "_sparsebert_config", None)
+    return {"format": HF_FORMAT, "version": HF_VERSION,
+            "sparsity_config": cfg.to_dict() if cfg is not None else None, "layers": layers}
+
+
+def _record(model: nn.Module) -> None:
+    """Keep ``model.config.sparsebert`` (what save_pretrained writes into config.json) current."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    info = describe(model)
+    if info is None:
+        if hasattr(config, HF_KEY):
+            delattr(config, HF_KEY)
+    else:
+        setattr(config, HF_KEY, info)
+
+
+def read_sparsity_config(path) -> Optional[SparsityConfig]:
+    """The SparsityConfig recorded in a checkpoint folder (``save_pretrained`` or ``save_sparse``)."""
+    import json
+    import os
+    path = os.fspath(path)
+    for file, key in (("sparsebert.json", "sparsity_config"), ("config.json", HF_KEY)):
+        f = os.path.join(path, file)
+        if os.path.isfile(f):
+            with open(f) as fh:
+                d = json.load(fh)
+            d = d.get(key) if isinstance(d, dict) else None
+            if key == HF_KEY and isinstance(d, dict):
+                d = d.get("sparsity_config")
+            if isinstance(d, dict):
+                return SparsityConfig.from_dict(d)
+    return None
+
+
+def _read_hf_tensors(path: str) -> dict:
+    import json
+    import os
+
+    from safetensors.torch import load_file
+    from .checkpoint import CheckpointError
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    try:
+        if os.path.isfile(single):
+            return load_file(single)
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            out = {}
+            for name in files:
+                out.update(load_file(os.path.join(path, name)))
+            return out
+    except Exception as e:
+        raise CheckpointError(f"cannot read the weights of {path}: {e}") from None
+    raise CheckpointError(f"{path} has no model.safetensors (a save_pretrained folder with safetensors)")
+
+
+def _match_suffix(info_layers: dict, name: str):
+    """The config.json entry for layer ``name``: by name, or by a recorded name that ends it (the
+    model was sparsified as a sub-module, e.g. ``model.bert``)."""
+    if name in info_layers:
+        return info_layers[name]
+    for n, e in info_layers.items():
+        if name.endswith("." + n):
+            return e
+    return {}
+
+
+def from_pretrained(path, model: Optional[nn.Module] = None) -> nn.Module:
+    """Load a sparse model from a ``save_pretrained`` folder (or a :func:`~sparsebert.save_sparse`
+    one), exactly as it was saved: the same layers, layouts, masks, fused activations and dtypes,
+    in eval mode.
+
+    The sparse layers are found from the state dict (a ``block_mask`` next to a ``weight`` is a
+    :class:`BlockSparseLinear`, a ``mask_bits`` a masked layer); ``config.json``'s ``"sparsebert"``
+    entry adds their backends and fused activations. Without ``model`` the ``transformers`` class in
+    ``config.json``'s ``architectures`` is built; with ``model`` (same architecture) a copy of it is
+    filled. Raises :class:`~sparsebert.CheckpointError` for a folder that is not one of these.
+    """
+    import copy
+    import os
+
+    import transformers
+
+    from .checkpoint import META, CheckpointError, _match_dtypes, load_sparse
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, META)):
+        return load_sparse(path, model=model)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no checkpoint folder at {path}")
+    tensors = _read_hf_tensors(path)
+    if model is None:
+        try:
+            config = transformers.AutoConfig.from_pretrained(path)
+        except Exception as e:
+            raise CheckpointError(f"cannot read {os.path.join(path, 'config.json')}: {e}") from None
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs and archs[0].isidentifier() else None
+        if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+            raise CheckpointError(f"{path}: config.json names no transformers model class "
+                                  f"(architectures={archs!r}): pass model=")
+        target = cls(config)
+    else:
+        target = copy.deepcopy(model)
+        densify(target)
+    info = getattr(getattr(target, "config", None), HF_KEY, None)
+    info_layers = info.get("layers", {}) if isinstance(info, dict) else {}
+    if model is not None:   # the folder's record, not the template's
+        import json
+        cf = os.path.join(path, "config.json")
+        if os.path.isfile(cf):
+            with open(cf) as f:
+                d = json.load(f).get(HF_KEY)
+            info_layers = d.get("layers", {}) if isinstance(d, dict) else {}
+            info = d
+    block_names = [k[: -len(".block_mask")] for k in tensors if k.endswith(".block_mask")]
+    masked_names = [k[: -len(".mask_bits")] for k in tensors if k.endswith(".mask_bits")]
+    paths = _module_paths(target)
+    masks_by_weight = {}
+    for name in block_names:
+        try:
+            old = target.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: layer {name!r} is not in {type(target).__name__}") from None
+        if type(old) is not nn.Linear:
+            raise CheckpointError(f"{path}: {name} holds a block mask but is a {type(old).__name__}, not an nn.Linear")
+        mask = tensors[name + ".block_mask"]
+        N, K = old.weight.shape
+        if mask.dim() != 2 or N % mask.shape[0] or K % mask.shape[1]:
+            raise CheckpointError(f"{path}: {name}.block_mask of shape {tuple(mask.shape)} does not tile ({N}, {K})")
+        layout = BlockLayout.from_mask(mask.bool(), (N // mask.shape[0], K // mask.shape[1]), (N, K))
+        entry = _match_suffix(info_layers, name)
+        new = BlockSparseLinear(layout, bias=old.bias is not None, backend=entry.get("backend", "auto"),
+                                device=old.weight.device, dtype=old.weight.dtype)
+        _replace(target, paths, old, new)
+    for name in masked_names:
+        try:
+            old = target.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{path}: layer {name!r} is not in {type(target).__name__}") from None
+        if type(old) not in (nn.Linear, nn.Embedding):
+            raise CheckpointError(f"{path}: {name} holds mask bits but is a {type(old).__name__}")
+        cls_ = MaskedEmbedding if type(old) is nn.Embedding else MaskedLinear
+        new = cls_.from_dense(old, mask=torch.ones(old.weight.shape, dtype=torch.bool))
+        shared = masks_by_weight.setdefault(id(old.weight), new.mask)
+        new.mask = shared                       # a tied decoder and the embeddings: one mask
+        _replace(target, paths, old, new)
+    # dtypes as saved (a BlockSparseLinear's "weight" is its values')
+    dtypes = {}
+    for k, v in tensors.items():
+        if k.endswith(".weight") and k[: -len(".weight")] in block_names:
+            dtypes[k[: -len(".weight")] + ".values"] = v
+        elif not k.endswith((".block_mask", ".mask_bits")):
+            dtypes[k] = v
+    _match_dtypes(target, dtypes)
+    try:
+        result = target.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match {type(target).__name__}: {' '.join(str(e).split())}") from None
+    loaded = set(tensors)
+    params = dict(target.named_parameters(remove_duplicate=False))
+    loaded_ids = {id(params[k]) for k in loaded if k in params}
+    missing = [k for k in result.missing_keys if not (k in params and id(params[k]) in loaded_ids)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{path} does not match {type(target).__name__}: missing {missing[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]}")
+    fused = [n for n in block_names if _match_suffix(info_layers, n).get("activation", "none") == "gelu"]
+    if fused:
+        try:
+            fuse_activations(target, names=fused)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: the fused GELU does not fit the model: {e}") from None
+    cfg = info.get("sparsity_config") if isinstance(info, dict) else None
+    set_sparsity_config(target, SparsityConfig.from_dict(cfg) if isinstance(cfg, dict) else None)
+    return target.eval()
+
+
+# ---- Trainer ---------------------------------------------------------------------------------------
+def _last_update_step(schedule, step: int) -> Optional[int]:
+    """The last step ``<= step`` at which ``schedule`` recomputes masks (None: none yet)."""
+    if step < schedule.start_step:
+        return None
+    if step >= schedule.end_step:
+        return schedule.end_step
+    return schedule.start_step + (step - schedule.start_step) // schedule.frequency * schedule.frequency
+
+
+def _callback_class():
+    from transformers import TrainerCallback
+
+    from .pruning import Pruner
+
+    class PruningCallback(TrainerCallback):
+        """Gradual magnitude pruning inside ``transformers.Trainer``.
+
+        ``PruningCallback(SparsityConfig(...))`` (or its fields as keyword arguments) prunes the
+        model on the config's cubic schedule — from ``schedule["initial_sparsity"]`` at
+        ``start_step`` to ``config.sparsity`` at ``end_step`` (``None``: the run's ``max_steps``),
+        every ``frequency`` optimizer steps — in block or unstructured mode, layer or global scope.
+        It uses Trainer's own optimizer and LR scheduler: pruning keeps every Parameter, and the
+        optimizer state follows (:func:`sparsebert.nn.sync_optimizer_state`). The sparsity and the
+        kept fraction are added to Trainer's logs (``state.log_history``, the progress printer).
+
+        Pass it to ``Trainer(..., callbacks=[cb])`` with the dense model: it sparsifies the model
+        (at the initial sparsity) when the Trainer is built, before the optimizer exists. A model
+        sparsified beforehand is used as it is. Resuming from a checkpoint restores the layouts
+        from the checkpoint's weights and carries on with the schedule at the checkpoint's step.
+        """
+
+        def __init__(self, config: Optional[SparsityConfig] = None, **kwargs):
+            if config is None:
+                config = SparsityConfig(**kwargs)
+            elif kwargs:
+                raise ValueError("give a SparsityConfig or its fields as keyword arguments, not both")
+            if not isinstance(config, SparsityConfig):
+                raise TypeError(f"expected a SparsityConfig, got {type(config).__name__}")
+            self.config = config
+            self.pruner = None
+            self.schedule = None
+
+        def prepare(self, model: nn.Module) -> nn.Module:
+            """Sparsify ``model`` in place at the schedule's initial sparsity (a model that already
+            has sparse layers of the config's mode is left as it is); returns it."""
+            layers = sparse_layers(model)
+            want = BlockSparseLinear if self.config.mode == "block" else (MaskedLinear, MaskedEmbedding)
+            if layers:
+                wrong = [n for n, m in layers if not isinstance(m, want)]
+                if wrong:
+                    raise ValueError(f"PruningCallback(mode={self.config.mode!r}): {wrong[0]} is a "
+                                     f"{type(model.get_submodule(wrong[0])).__name__}")
+            else:
+                import dataclasses
+                model = sparsify(model, dataclasses.replace(self.config, sparsity=self.config.initial_sparsity))
+            set_sparsity_config(model, self.config)
+            return model
+
+        def on_init_end(self, args, state, control, model=None, **kwargs):
+            if model is not None:
+                self.prepare(model)
+
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if not sparse_layers(model):
+                if self.config.mode == "block":
+                    raise RuntimeError(
+                        "PruningCallback: the model has no sparse layers, and in block mode they cannot be "
+                        "made once Trainer has built its optimizer; pass the callback to Trainer(callbacks=[...]) "
+                        "with model=, or call callback.prepare(model) before building the Trainer")
+                self.prepare(model)
+            set_sparsity_config(model, self.config)
+            self.schedule = self.config.cubic_schedule(max_steps=state.max_steps)
+            opt = getattr(optimizer, "optimizer", optimizer)   # accelerate's wrapper
+            self.pruner = Pruner(model, self.schedule, scope=self.config.scope, score=self.config.score,
+                                 optimizer=opt if isinstance(opt, torch.optim.Optimizer) else None,
+                                 seed=self.config.seed)
+            last = _last_update_step(self.schedule, state.global_step)
+            # On resume the checkpoint's weights brought the layouts of that step.
+            self.pruner.current_sparsity = (self.schedule.sparsity_at(last) if last is not None
+                                            else self.schedule.initial_sparsity)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.pruner is not None:
+                self.pruner.step(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.pruner is None or logs is None:
+                return
+            sparsity = round(self.pruner.sparsity(), 6)
+            extra = {"sparsity": sparsity, "kept_fraction": round(1.0 - sparsity, 6)}
+            logs.update(extra)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(extra)
+
+    PruningCallback.__module__ = __name__
+    PruningCallback.__qualname__ = "PruningCallback"
+    return PruningCallback
+
+
+_lazy = {}
+
+
+def __getattr__(name):
+    # PruningCallback subclasses transformers.TrainerCallback: built on first use, so importing
+    # sparsebert does not import the Trainer machinery.
+    if name == "PruningCallback":
+        if name not in _lazy:
+            _lazy[name] = _callback_class()
+        return _lazy[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -55,6 +55,8 @@ def _resolve_mask(weight: torch.Tensor, sparsity, mask, what: str) -> torch.Tens
 _shrinks = WeakIdKeyDictionary()   # values Parameter -> [(rows before, kept row indices), ...]
 _masked = WeakIdKeyDictionary()    # weight Parameter -> weakref to the masked layer using it
 _synced = weakref.WeakKeyDictionary()   # optimizer -> generation it was last synced at
+_resets = WeakIdKeyDictionary()    # values Parameter whose layout was replaced by a non-sub-layout
+_replaced = WeakIdKeyDictionary()  # dense weight Parameter that sparsify replaced -> its name
 _generation = [0]
 _hook = []
 
@@ -67,11 +69,43 @@ def _changed() -> None:
 
 def _sync_before_step(optimizer, args, kwargs) -> None:
     if _synced.get(optimizer) != _generation[0]:
+        _check_not_replaced(optimizer)
         sync_optimizer_state(optimizer)
+
+
+def note_replaced(param: torch.Tensor, name: str, by: str) -> None:
+    """Record that ``param`` (the weight of module ``name``) was replaced by a new sparse layer
+    whose own Parameter(s) now hold it: an optimizer that steps ``param`` from here on is training
+    a tensor the model no longer uses, and its step raises (see :func:`_check_not_replaced`)."""
+    _replaced[param] = (name, by)
+    _changed()
+
+
+def _check_not_replaced(optimizer) -> None:
+    if not _replaced:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            hit = _replaced.get(p)
+            if hit is not None:
+                name, by = hit
+                raise RuntimeError(
+                    f"{type(optimizer).__name__} steps {name or 'the weight'}, a Parameter that "
+                    f"sparsebert replaced by {by} (the model no longer uses it, and the new layer's "
+                    "Parameters are not in this optimizer): build the optimizer after sparsify "
+                    "(with Trainer: sparsify before Trainer(...), or let PruningCallback do it)")
 
 
 def _note_shrink(param: torch.Tensor, rows_before: int, keep: torch.Tensor) -> None:
     _shrinks.setdefault(param, []).append((rows_before, keep.cpu()))
+    _changed()
+
+
+def _note_reset(param: torch.Tensor) -> None:
+    """``param`` got a layout that is not a sub-layout of its old one (a state dict loaded):
+    optimizer state of another shape cannot be gathered and is dropped at the next step."""
+    _shrinks.pop(param, None)
+    _resets[param] = True
     _changed()
 
 
@@ -99,6 +133,11 @@ def sync_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             if not state:
                 continue
             shrinks = _shrinks.get(p)
+            if p in _resets and any(torch.is_tensor(v) and v.dim() > 0 and v.shape[0] != p.shape[0]
+                                    and (not shrinks or _rows_kept_since(shrinks, v.shape[0]) is None)
+                                    for v in state.values()):
+                del optimizer.state[p]     # restarts from scratch: nothing maps the old blocks
+                continue
             if shrinks:
                 for key, v in list(state.items()):
                     if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] != p.shape[0]:
@@ -155,6 +194,64 @@ def _sharing(cls, src: nn.Module, attrs) -> nn.Module:
     for attr in attrs:
         setattr(module, attr, getattr(src, attr))
     return module
+
+
+# ---- state dicts: the format a plain nn.Linear / nn.Embedding loader reads -------------------------
+# A sparse layer's state dict holds what the dense layer it replaces holds, under the same names
+# (``weight``, ``bias``), with the pruned weights exactly zero, plus its mask under a name of its
+# own: ``block_mask`` (bool ``[N // bn, K // bk]``) for a BlockSparseLinear, ``mask_bits`` (the
+# element mask bit-packed: uint8, row-major, most significant bit first, like numpy.packbits) for
+# the masked layers. So ``save_pretrained`` writes a plain folder (plain transformers loads it as
+# the dense model, reporting the masks as unused keys), and ``load_state_dict`` alone — what
+# Trainer's resume does — restores the exact sparse layer, whatever its layout was before.
+_BITS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 bytes, 8 entries each (row-major, most significant bit first)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    w = torch.tensor(_BITS, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * w).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of :func:`pack_bits` for a mask of ``shape``."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    if bits.dim() != 1 or bits.dtype != torch.uint8 or bits.numel() != (n + 7) // 8:
+        raise ValueError(f"mask bits are {bits.dtype} of shape {tuple(bits.shape)}, expected uint8 "
+                         f"of shape ({(n + 7) // 8},) for a mask of shape {tuple(shape)}")
+    w = torch.tensor(_BITS, dtype=torch.uint8, device=bits.device)
+    flat = (bits.unsqueeze(1) & w) != 0
+    return flat.reshape(-1)[:n].reshape(tuple(shape))
+
+
+def _masked_save(module, destination, prefix, keep_vars, base) -> None:
+    base._save_to_state_dict(module, destination, prefix, keep_vars)
+    mask = destination.pop(prefix + "mask")
+    destination[prefix + "mask_bits"] = pack_bits(mask.detach())
+
+
+def _masked_load(module, base, state_dict, prefix, local_metadata, strict, missing_keys,
+                 unexpected_keys, error_msgs) -> None:
+    bits_key, mask_key = prefix + "mask_bits", prefix + "mask"
+    if bits_key in state_dict:
+        try:
+            state_dict[mask_key] = unpack_bits(state_dict.pop(bits_key), module.weight.shape)
+        except ValueError as e:
+            error_msgs.append(f"{bits_key}: {e}")
+            return
+    elif mask_key not in state_dict and prefix + "weight" in state_dict:
+        # A plain nn.Linear/nn.Embedding state dict: the layer keeps its mask.
+        state_dict[mask_key] = module.mask.detach().clone()
+    base._load_from_state_dict(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                               unexpected_keys, error_msgs)
+    module.apply_mask_()
+    _note_mask(module.weight, module)
 
 
 class _MaskedMixin:
@@ -220,6 +317,12 @@ class MaskedLinear(nn.Linear, _MaskedMixin):
     def forward(self, x):
         return F.linear(x, self.masked_weight(), self.bias)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        _masked_save(self, destination, prefix, keep_vars, nn.Linear)
+
+    def _load_from_state_dict(self, *args):
+        _masked_load(self, nn.Linear, *args)
+
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the pruned weights zero (free to regrow from here on).
 
@@ -252,6 +355,12 @@ class MaskedEmbedding(nn.Embedding, _MaskedMixin):
         rows = F.embedding(ids, self.weight, self.padding_idx, None, 2.0,
                            self.scale_grad_by_freq, self.sparse)
         return torch.where(self.mask[ids], rows, 0.0)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        _masked_save(self, destination, prefix, keep_vars, nn.Embedding)
+
+    def _load_from_state_dict(self, *args):
+        _masked_load(self, nn.Embedding, *args)
 
     def to_dense(self) -> nn.Embedding:
         """A plain ``nn.Embedding`` sharing this layer's (masked, zeroed) weight Parameter."""
@@ -398,12 +507,64 @@ class BlockSparseLinear(nn.Module):
                 f"({self.density:.3f}), bias={self.bias is not None}, backend={self.backend!r}"
                 + (f", activation={self.activation!r}" if self.activation != "none" else ""))
 
-    # The layout is part of the state: saved as a block mask next to the values.
-    def get_extra_state(self):
-        return {"block_mask": self.layout.block_mask, "shape": self.layout.shape, "block": self.layout.block}
+    # ---- state dict: the dense layer's, plus the block mask ---------------------------------
+    # ``weight`` (the dense [N, K] weight, zeros in pruned blocks), ``bias``, ``block_mask``. Also
+    # read: ``values`` + ``block_mask`` (compact), ``values`` + ``_extra_state`` (sparsebert <=
+    # 0.1's format), and a plain nn.Linear's ``weight`` (projected on the current layout).
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        with torch.no_grad():
+            destination[prefix + "weight"] = self.dense_weight()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        destination[prefix + "block_mask"] = self.layout.block_mask.to(self.values.device)
 
-    def set_extra_state(self, state):
-        layout = BlockLayout.from_mask(state["block_mask"], tuple(state["block"]), tuple(state["shape"]))
-        if layout.nnz != self.values.shape[0]:
-            raise ValueError(f"state's layout keeps {layout.nnz} blocks but values has {self.values.shape[0]}")
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        wkey, vkey, mkey, ekey = (prefix + k for k in ("weight", "values", "block_mask", "_extra_state"))
+        layout = None
+        try:
+            if mkey in state_dict:
+                mask = state_dict.pop(mkey)
+                N, K = self.layout.shape
+                R, C = (tuple(mask.shape) + (0, 0))[:2] if mask.dim() == 2 else (0, 0)
+                if not (R and C and N % R == 0 and K % C == 0):
+                    raise ValueError(f"block mask of shape {tuple(mask.shape)} does not tile a ({N}, {K}) weight")
+                layout = BlockLayout.from_mask(mask.cpu(), (N // R, K // C), (N, K))
+            elif ekey in state_dict:
+                st = state_dict.pop(ekey)
+                layout = BlockLayout.from_mask(st["block_mask"], tuple(st["block"]), tuple(st["shape"]))
+            if layout is not None and layout.shape != self.layout.shape:
+                raise ValueError(f"state's layout is for a {layout.shape} weight, layer has {self.layout.shape}")
+        except (ValueError, TypeError, KeyError) as e:
+            error_msgs.append(f"{prefix}block_mask: {e}")
+            return
+        if wkey in state_dict and vkey not in state_dict:
+            w = state_dict.pop(wkey)
+            if tuple(w.shape) != self.layout.shape:
+                error_msgs.append(f"size mismatch for {wkey}: copying a param with shape {tuple(w.shape)}, "
+                                  f"the shape in the current model is {self.layout.shape}")
+                return
+            state_dict[vkey] = (layout or self.layout).gather(w)
+        if layout is not None:
+            v = state_dict.get(vkey)
+            if v is not None and v.shape[0] != layout.nnz:
+                error_msgs.append(f"{vkey}: {v.shape[0]} blocks but the block mask keeps {layout.nnz}")
+                return
+            self._take_layout(layout)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    @torch.no_grad()
+    def _take_layout(self, layout: BlockLayout) -> None:
+        """Adopt ``layout`` (any, not only a sub-layout), resizing ``values`` in place (the same
+        Parameter); its contents are about to be loaded."""
+        if layout == self.layout:
+            return
+        if layout.block == self.layout.block and not (layout.block_mask & ~self.layout.block_mask).any():
+            self.set_layout(layout)       # a sub-layout: optimizer state is gathered as in pruning
+            return
+        bn, bk = layout.block
+        p = self.values
+        _replace_data(p, p.new_zeros(layout.nnz, bn, bk), None)
         self.layout = layout
+        _note_reset(p)
