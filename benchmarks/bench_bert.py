@@ -37,6 +37,7 @@ Output: a table on stdout; with ``--out`` also ``bench_bert.json`` and ``bench_b
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -63,7 +64,7 @@ def _build(cfg, sparsity, block, device, dtype, optimized):
     import sparsebert
 
     torch.manual_seed(0)
-    model = BertForMaskedLM(cfg)
+    model = BertForMaskedLM(copy.deepcopy(cfg))     # own config: attention settings live there
     if sparsity is not None:
         sparsebert.sparsify(model, sparsity=sparsity, block=(block, block))
     model = model.to(device, dtype).train()

@@ -36,6 +36,7 @@ and so an optimizer already updates, only the kept blocks; masked layers keep de
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Optional
 
@@ -220,6 +221,17 @@ def _labels_position(model: nn.Module) -> Optional[int]:
 
 
 # ---- optimize / unoptimize --------------------------------------------------------------------
+def _own_config(model: nn.Module) -> None:
+    """Give ``model`` (and its submodules) a copy of its config. Hugging Face models built from
+    one config object share it, and the attention implementation is a field of the config: without
+    the copy, switching it here would switch every other model built from that config too."""
+    old = model.config
+    new = copy.deepcopy(old)
+    for m in model.modules():
+        if m.__dict__.get("config") is old:
+            m.config = new
+
+
 def _is_intermediate(parent: nn.Module) -> bool:
     return isinstance(getattr(parent, "dense", None), BlockSparseLinear) and hasattr(parent, "intermediate_act_fn")
 
@@ -256,6 +268,7 @@ def optimize(model: nn.Module, *, labelled_head: bool = True, sdpa: bool = True,
         current = getattr(model.config, "_attn_implementation", None)
         want = fused.register_attention() if dropout == "fast" else "sdpa"
         if current != want:
+            _own_config(model)
             model.set_attn_implementation(want)
             state["sdpa_from"] = current
     if dropout == "fast":

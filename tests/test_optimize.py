@@ -344,3 +344,15 @@ def test_padding_mask_through_the_registered_attention():
             layer.attention.self.dropout.p = 1e-12
         opt.train()
         torch.testing.assert_close(opt(input_ids=ids, attention_mask=am, labels=labels).loss, r.loss)
+
+
+def test_models_sharing_a_config_are_not_switched_together():
+    cfg = _config(dropout=0.1)
+    torch.manual_seed(0)
+    a, b = BertForMaskedLM(cfg), BertForMaskedLM(cfg)
+    assert a.config is b.config
+    optimize(a)
+    assert a.config._attn_implementation != "sdpa" and b.config._attn_implementation == "sdpa"
+    assert all(m.config is a.config for m in a.modules() if "config" in m.__dict__)
+    unoptimize(a)
+    assert a.config._attn_implementation == "sdpa"
