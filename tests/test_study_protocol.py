@@ -186,3 +186,20 @@ def test_interrupted_multi_seed_study_resumes(tmp_path, cache, monkeypatch):
     fresh = R.Study(tiny_preset(), tmp_path / "fresh", cache, progress=False, log=lambda m: None).run()
     strip = lambda rs: [{k: v for k, v in r.items() if "s_per_step" not in k} for r in rs]  # noqa: E731
     assert json.dumps(strip(fresh), sort_keys=True) == json.dumps(strip(rows), sort_keys=True)
+
+
+def test_worker_processes_fill_the_cache_and_timing_pass(tmp_path, cache):
+    p = tiny_preset(seeds=(0,), modes=("block",), levels=(0.0, 0.5))
+    seq = R.Study(p, tmp_path / "seq", cache, progress=False, log=lambda m: None).run()
+    logs = []
+    par = R.Study(replace(p, workers=2, time_steps=2), tmp_path / "par", cache, progress=False, log=logs.append)
+    rows = par.run()
+    # the main process found every run cached by the workers
+    assert par.counts["pretrain_trained"] == 0 and par.counts["finetune_trained"] == 0
+    assert par.counts["workers_pretrain_trained"] == 2 and par.counts["workers_finetune_trained"] == 2
+    # the same numbers (to float noise: the workers run with their own thread count)
+    def strip(rs):
+        rnd = lambda v: round(v, 3) if isinstance(v, float) else ([rnd(x) for x in v] if isinstance(v, list) else v)  # noqa: E731
+        return [{k: rnd(v) for k, v in r.items() if "s_per_step" not in k} for r in rs]
+    assert json.dumps(strip(rows), sort_keys=True) == json.dumps(strip(seq), sort_keys=True)
+    assert all(r["s_per_step_pretrain"] > 0 for r in rows)

@@ -60,6 +60,8 @@ class Preset:
     max_train: Optional[int] = None
     max_dev: Optional[int] = None
     amp: bool = True                            # bf16 autocast on CUDA (ignored on CPU)
+    workers: int = 1                            # >1: encoders run in that many processes (one GPU shared)
+    time_steps: int = 0                         # >0: time per step measured alone afterwards (see _time_steps)
     demo: bool = False
 
 
@@ -86,9 +88,10 @@ PRESETS: Dict[str, Preset] = {
         mlm_dev_blocks=512, extra_text=False,
         head=dict(blocks=4096, max_steps=400, batch_size=4096, lr=1e-2, eval_every=20, tol=0.005),
         pretrain=dict(steps=150, batch_size=64, lr=1e-4, ramp_fraction=0.5, prune_every=5, warmup_fraction=0.02),
-        finetune=dict(epochs=2.0, max_steps=120, batch_size=64, token_budget=4096, max_len=128,
+        finetune=dict(epochs=2.0, max_steps=100, batch_size=64, token_budget=4096, max_len=128,
                       warmup_fraction=0.1),
-        probe=dict(max_len=128, batch_tokens=16384), lrs=(1e-4,)),
+        probe=dict(max_len=128, batch_tokens=16384), lrs=(1e-4,), max_train=2000, max_dev=1000,
+        workers=8, time_steps=20),
 }
 
 
@@ -215,6 +218,49 @@ class EncoderSpec:
         return lab + (f" [{self.control}]" if self.control != "none" else "") + f" seed {self.seed}"
 
 
+def _worker(job) -> dict:
+    preset, out, cache_dir, device, indices, threads = job
+    torch.set_num_threads(threads)
+    st = Study(preset, out, cache_dir, device=device, progress=False, log=lambda m: None)
+    plan = st.encoder_plan()
+    probing = st.probe_config() is not None
+    for i in indices:
+        st.run_encoder(plan[i], st.finetune_plan(plan[i]), probing)
+    return {k: v for k, v in st.counts.items() if k.endswith("_trained")}
+
+
+def step_time(base_mlm, encoder, blocks, ids, device, amp, batch_size: int, steps: int) -> float:
+    """Seconds per MLM training step (forward, backward, AdamW) of ``encoder`` under ``base_mlm``'s
+    head, at its current mask: median of ``steps`` timed steps after 3 warm-up steps."""
+    import statistics
+
+    from .data import mask_tokens
+    from .training import make_adamw
+    mlm = copy.deepcopy(base_mlm)
+    mlm.bert = copy.deepcopy(encoder)
+    mlm.to(device).train()
+    opt = make_adamw([q for q in mlm.parameters() if q.requires_grad], 1e-5)
+    g = torch.Generator().manual_seed(0)
+    ts = []
+    for i in range(steps + 3):
+        x = blocks[torch.randint(len(blocks), (batch_size,), generator=g)]
+        inputs, labels = mask_tokens(x, ids["special"], ids["mask"], ids["vocab"], g)
+        inputs, labels = inputs.to(device), labels.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with _pt.autocast(device, amp):
+            loss = _pt.mlm_loss(mlm, inputs, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
 class Study:
     def __init__(self, preset: Preset, out_dir, cache_dir=None, device: str = "auto", progress: bool = True,
                  data: Optional[StudyData] = None, log: Callable[[str], None] = print):
@@ -240,28 +286,30 @@ class Study:
                 "extra_text": p.extra_text, "seed": 0}
 
     def encoder_plan(self) -> List[EncoderSpec]:
-        """Every encoder the study needs, per seed: dense (level 0) first, then each mode, block
-        size and level, then the random-pruning control, then the from-scratch baseline."""
+        """Every encoder the study needs: dense (level 0) first, then each mode, block size and
+        level, then the random-pruning control, then the from-scratch baseline; each for every seed."""
         p = self.p
         base = dict(p.pretrain)
         levels = [l for l in p.levels if l > 0]
         plan: List[EncoderSpec] = []
+        variants = [(m, b) for m in p.modes for b in (p.blocks if m == "block" else (None,))]
+        # seeds innermost: a study stopped part-way has every seed of the levels it finished
         for seed in p.seeds:
             plan.append(EncoderSpec("none", seed, PretrainConfig(mode="dense", sparsity=0.0, seed=seed, **base)))
-            variants = [(m, b) for m in p.modes for b in (p.blocks if m == "block" else (None,))]
+        for control in ("none", "random"):
+            if control == "random" and "random" not in p.controls:
+                continue
             for mode, blk in variants:
-                kw = dict(base, block=blk) if blk else base
+                if control == "random" and mode not in p.control_modes:
+                    continue
+                kw = dict(base, block=blk) if blk else dict(base)
+                if control == "random":
+                    kw["score"] = "random"
                 for l in levels:
-                    plan.append(EncoderSpec("none", seed, PretrainConfig(mode=mode, sparsity=l, seed=seed, **kw)))
-            if "random" in p.controls:
-                for mode, blk in variants:
-                    if mode not in p.control_modes:
-                        continue
-                    kw = dict(base, block=blk) if blk else base
-                    for l in levels:
-                        plan.append(EncoderSpec("random", seed, PretrainConfig(mode=mode, sparsity=l, score="random",
-                                                                               seed=seed, **kw)))
-            if "scratch" in p.controls:
+                    for seed in p.seeds:
+                        plan.append(EncoderSpec(control, seed, PretrainConfig(mode=mode, sparsity=l, seed=seed, **kw)))
+        if "scratch" in p.controls:
+            for seed in p.seeds:
                 plan.append(EncoderSpec("scratch", seed, None))
         return plan
 
@@ -417,6 +465,10 @@ class Study:
                   f"train loss {res['train_loss']:.3f}")
         return res
 
+    def _tick(self):
+        if self._bar is not None:
+            self._bar.update(1)
+
     def _say(self, msg):
         if self._bar is not None:
             self._bar.write(msg)
@@ -438,6 +490,80 @@ class Study:
             out["average"] = sum(out[t] for t in self.p.tasks) / len(self.p.tasks)
         return out
 
+    def run_encoder(self, spec: EncoderSpec, fl, probing: bool) -> List[dict]:
+        """Pre-train (or load) one encoder, probe it and fine-tune it; its per-seed records."""
+        p = self.p
+        records: List[dict] = []
+        key0 = self.pretrain_key(spec)
+        need = any(self.store.get("finetune", self.finetune_key(key0, f)) is None for _, f in fl) or (
+            probing and any(self.store.get("probe", self.probe_key(key0, t)) is None for t in p.tasks))
+        pres, enc, pkey = self.run_pretrain(spec, need_model=need)
+        self._tick()
+        cache_enc = {"enc": enc}
+
+        def encoder_fn(spec=spec, cache_enc=cache_enc):
+            if cache_enc["enc"] is None:
+                cache_enc["enc"] = self.run_pretrain(spec, need_model=True)[1]
+            return cache_enc["enc"]
+
+        probes = {}
+        if probing:
+            for t in p.tasks:
+                probes[t] = self.run_probe(pkey, encoder_fn, t, spec.label())["dev_score"]
+                self._tick()
+        for rk, fcfg in fl:
+            label = f"{rk[0]}{' %dx%d' % (rk[1], rk[1]) if rk[1] else ''} {100 * rk[2]:.0f}%" + \
+                    (f" [{rk[3]}]" if rk[3] != "none" else "") + f" seed {spec.seed}"
+            fres = self.run_finetune(pkey, encoder_fn, fcfg, label)
+            self._tick()
+            own_encoder = rk[3] in ("none", "random", "scratch", "deletion")
+            records.append({
+                "mode": rk[0], "block": rk[1], "sparsity": rk[2], "control": rk[3], "task": fcfg.task,
+                "seed": spec.seed, "lr": fcfg.lr, "dev_score": fres["dev_score"], "train_loss": fres["train_loss"],
+                "finetune_s_per_step": fres["seconds_per_step"],
+                # the probe reads the pre-trained encoder (a deletion run's is its pruned parent's)
+                "probe": probes.get(fcfg.task) if own_encoder else None,
+                "pretrain_dev_loss": pres.get("dev_mlm_loss") if own_encoder else None,
+                "pretrain_s_per_step": pres.get("seconds_per_step") if own_encoder else None,
+                "achieved_sparsity": (fres.get("linear_zero_fraction") if rk[3] == "finetune-prune"
+                                      else pres.get("sparsity"))})
+        del enc, cache_enc
+        return records
+
+    def _parallel(self, plan: List[EncoderSpec]) -> None:
+        """Fill the run cache with ``workers`` processes (spawned; on CUDA they share the GPU): each
+        takes every ``workers``-th encoder. The main process then finds every run cached."""
+        import multiprocessing as mp
+        n = min(self.p.workers, len(plan))
+        threads = max(1, (os.cpu_count() or 1) // n)
+        jobs = [(self.p, str(self.out), str(self.data.cache.root), str(self.device), list(range(i, len(plan), n)), threads)
+                for i in range(n)]
+        self._say(f"{len(plan)} encoders on {n} worker processes ({threads} CPU threads each)")
+        with mp.get_context("spawn").Pool(n) as pool:
+            for counts in pool.imap_unordered(_worker, jobs):
+                for k, v in counts.items():
+                    self.counts["workers_" + k] = self.counts.get("workers_" + k, 0) + v
+                self._say(f"worker done: {counts}")
+
+    def _time_steps(self, plan: List[EncoderSpec], records: List[dict]) -> None:
+        """Time per MLM training step of each (mode, block, level) at its final mask, measured alone
+        (after the workers: no sharing of the device), seed-0 encoders; replaces the records'
+        ``pretrain_s_per_step`` (which the workers measured while sharing the device)."""
+        train, _ = self._blocks()
+        times: Dict[tuple, float] = {}
+        for spec in plan:
+            k = (spec.mode, spec.block, spec.sparsity, spec.control)
+            if spec.cfg is None or k in times:
+                continue
+            enc = self.run_pretrain(spec, need_model=True)[1]
+            times[k] = step_time(self.base_model(), enc, train, self._ids, self.device, self.amp,
+                                 self.p.pretrain.get("batch_size", 16), self.p.time_steps)
+            self._say(f"step time {spec.label()}: {times[k]:.4f} s")
+        for r in records:
+            k = (r["mode"], r["block"], r["sparsity"], "none" if r["control"] == "deletion" else r["control"])
+            if k in times and r.get("pretrain_s_per_step") is not None:
+                r["pretrain_s_per_step"] = times[k]
+
     # ---- the whole study -----------------------------------------------------------------------
     def run(self) -> List[dict]:
         from tqdm.auto import tqdm
@@ -458,42 +584,13 @@ class Study:
         total = len(plan) + sum(len(v) for v in fplans) + (len(plan) * len(p.tasks) if probing else 0)
         self._bar = tqdm(total=total, desc="study runs", disable=not self.progress, dynamic_ncols=True)
         self.base_model()
+        if p.workers > 1 and len(plan) > 1:
+            self._parallel(plan)
         records: List[dict] = []
         for spec, fl in zip(plan, fplans):
-            key0 = self.pretrain_key(spec)
-            need = any(self.store.get("finetune", self.finetune_key(key0, f)) is None for _, f in fl) or (
-                probing and any(self.store.get("probe", self.probe_key(key0, t)) is None for t in p.tasks))
-            pres, enc, pkey = self.run_pretrain(spec, need_model=need)
-            self._bar.update(1)
-            cache_enc = {"enc": enc}
-
-            def encoder_fn(spec=spec, cache_enc=cache_enc):
-                if cache_enc["enc"] is None:
-                    cache_enc["enc"] = self.run_pretrain(spec, need_model=True)[1]
-                return cache_enc["enc"]
-
-            probes = {}
-            if probing:
-                for t in p.tasks:
-                    probes[t] = self.run_probe(pkey, encoder_fn, t, spec.label())["dev_score"]
-                    self._bar.update(1)
-            for rk, fcfg in fl:
-                label = f"{rk[0]}{' %dx%d' % (rk[1], rk[1]) if rk[1] else ''} {100 * rk[2]:.0f}%" + \
-                        (f" [{rk[3]}]" if rk[3] != "none" else "") + f" seed {spec.seed}"
-                fres = self.run_finetune(pkey, encoder_fn, fcfg, label)
-                self._bar.update(1)
-                own_encoder = rk[3] in ("none", "random", "scratch", "deletion")
-                records.append({
-                    "mode": rk[0], "block": rk[1], "sparsity": rk[2], "control": rk[3], "task": fcfg.task,
-                    "seed": spec.seed, "lr": fcfg.lr, "dev_score": fres["dev_score"], "train_loss": fres["train_loss"],
-                    "finetune_s_per_step": fres["seconds_per_step"],
-                    # the probe reads the pre-trained encoder (a deletion run's is its pruned parent's)
-                    "probe": probes.get(fcfg.task) if own_encoder else None,
-                    "pretrain_dev_loss": pres.get("dev_mlm_loss") if own_encoder else None,
-                    "pretrain_s_per_step": pres.get("seconds_per_step") if own_encoder else None,
-                    "achieved_sparsity": (fres.get("linear_zero_fraction") if rk[3] == "finetune-prune"
-                                          else pres.get("sparsity"))})
-            del enc, cache_enc
+            records += self.run_encoder(spec, fl, probing)
+        if p.time_steps:
+            self._time_steps(plan, records)
         self._bar.close()
         self._bar = None
         metrics = {t: ("accuracy" if self.task_data(t).spec.kind == "classification" else "pearson+spearman")
