@@ -372,6 +372,40 @@ class MaskedEmbedding(nn.Embedding, _MaskedMixin):
         return super().extra_repr() + f", density={self.density:.3f}"
 
 
+def _exporting() -> bool:
+    """True while torch.export (the dynamo ONNX exporter), the TorchScript ONNX exporter or
+    torch.jit.trace is tracing: the block-sparse layers then run as their dense equivalent."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _untraced():
+    """A context where torch ops run for real, outside the export tracer (fake tensors, proxies)."""
+    import contextlib
+    stack = contextlib.ExitStack()
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+        stack.enter_context(unset_fake_temporarily())
+        stack.enter_context(disable_proxy_modes_tracing())
+    except ImportError:   # pragma: no cover - older torch
+        pass
+    return stack
+
+
+def _export_scatter(layout: BlockLayout, values: torch.Tensor) -> torch.Tensor:
+    """``layout.scatter(values)`` for exporters: the block indices are built (and cached) for real
+    on the CPU outside the tracer, so they enter the graph as constants — never data-dependent
+    sizes, and never a traced tensor left in the layout's cache."""
+    with _untraced():
+        lt = layout.tensors("cpu")
+        rows, cols = lt.row_idx.long().clone(), lt.col_idx.long().clone()
+    N, K = layout.shape
+    bn, bk = layout.block
+    out = values.new_zeros(N // bn, K // bk, bn, bk)
+    out[rows.to(values.device), cols.to(values.device)] = values
+    return out.transpose(1, 2).reshape(N, K)
+
+
 class BlockSparseLinear(nn.Module):
     """A linear layer storing only its kept ``[bn, bk]`` weight blocks.
 
@@ -453,6 +487,17 @@ class BlockSparseLinear(nn.Module):
         return self.layout.scatter(self.values)
 
     def forward(self, x):
+        if _exporting():
+            # torch.export / torch.onnx.export / torch.jit.trace: the dense equivalent, which every
+            # exporter and runtime knows (the sparse kernels are sparsebert's own custom ops).
+            values, bias = self.values, self.bias
+            if torch.onnx.is_in_onnx_export() and not torch.compiler.is_exporting():
+                # The TorchScript exporter traces the state dict's tensors, where this layer has
+                # its dense `weight` rather than `values`: the weights go in as constants.
+                values = values.data
+                bias = None if bias is None else bias.data
+            y = F.linear(x, _export_scatter(self.layout, values), bias)
+            return F.gelu(y) if self.activation == "gelu" else y
         return bsr_linear(x, self.values, self.layout, self.bias, backend=self.backend,
                           activation=self.activation)
 

@@ -1,0 +1,36 @@
+"""README's "Use with Hugging Face" section: its code blocks run as written, in order, in one
+namespace (in a temporary folder)."""
+import os
+import re
+
+import pytest
+import torch
+
+README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+
+
+def _blocks():
+    text = open(README, encoding="utf-8").read()
+    section = text.split("## Use with Hugging Face", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def _autocast_supported() -> bool:
+    import importlib
+    return hasattr(importlib.import_module("sparsebert.ops.bsr_linear"), "_autocast_cast")
+
+
+def test_the_hugging_face_section_runs_as_written(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    blocks = _blocks()
+    assert len(blocks) >= 5 and any("PruningCallback" in b for b in blocks)
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    for code in blocks:
+        if "torch.autocast" in code and not _autocast_supported():
+            continue      # needs the op layer's autocast support
+        exec(compile(code, "README.md", "exec"), ns)
+    assert ns["trainer"].state.log_history[-1]["sparsity"] == pytest.approx(0.75, abs=0.01)
+    assert (tmp_path / "run" / "checkpoint-4" / "model.safetensors").is_file()
+    assert torch.allclose(torch.as_tensor(ns["logits"]),
+                          ns["same"](input_ids=ns["ids"]).logits.detach(), atol=1e-5)
