@@ -1,46 +1,81 @@
 """``sparsebert study | pretrain | finetune``: registered on the main CLI by :func:`add_subcommands`.
 
-Also runnable alone: ``python -m sparsebert.study.cli study --preset cpu-demo``.
+Also runnable alone: ``python -m sparsebert.study.cli study --preset cpu-demo``. Values follow the
+main command's conventions (``sparsebert --help``): a sparsity is a fraction in [0, 1) or a percent
+in (1, 100); a bad value or file is one line and exit status 2; unavailable data is status 3.
+
+``pretrain --out DIR`` writes ``DIR/encoder`` (a sparse checkpoint: safetensors, SHA-256 manifest),
+``DIR/tokenizer`` and ``DIR/pretrain.json``; ``finetune --checkpoint DIR`` reads them. Nothing is
+ever unpickled: an ``encoder.pt`` written by an older sparsebert is refused, not loaded.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from ..cli import (SPARSITY_HELP, UsageError, block_size, check_out_dir, device, positive_float, positive_int,
+                   require_device, run, sparsity, unit_fraction)
 
-def _levels(s: str):
-    v = float(s)
-    return v / 100.0 if v > 1.0 else v
+ENCODER = "encoder"                 # the sparse checkpoint folder inside a pretrain --out
+LEGACY_ENCODER = "encoder.pt"       # what older versions pickled there
+
+
+def _levels(s: str) -> float:
+    """A sparsity level (kept for callers of the old name): see :func:`sparsebert.cli.sparsity`."""
+    return sparsity(s)
+
+
+def _level_arg(text: str) -> float:
+    try:
+        return sparsity(text)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"argument --levels: {e}") from None
+
+
+def _backend(text: str) -> str:
+    from ..ops.backends import NAMES
+    if text != "auto" and text not in NAMES:
+        raise argparse.ArgumentTypeError(f"unknown backend {text!r}: choose auto or one of {', '.join(NAMES)}")
+    return text
+
+
+def _require_backend(name: str, dev) -> None:
+    if name == "auto":
+        return
+    from ..ops import backends
+    reason = backends.unavailable_reason(name, dev)
+    if reason is not None:
+        raise UsageError(f"--backend {name} cannot run on {dev}: {reason}")
 
 
 def _common(s):
     s.add_argument("--cache-dir", default=None, help="data/model cache (default ~/.cache/sparsebert or $SPARSEBERT_CACHE)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
-    s.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default: cores not busy with other work, at least 1)")
+    s.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads, at least 1 (default: cores not busy with other work, at least 1)")
 
 
 def _cmd_study(args) -> int:
+    require_device(args.device)
     from .pretrain import configure_threads
-    threads = configure_threads(args.threads)
     from .data import TASKS, DataUnavailable
     from .runner import PRESETS, Study
 
     p = PRESETS[args.preset]
     kw = {}
     if args.levels:
-        kw["levels"] = tuple(sorted(set([0.0] + [_levels(x) for x in args.levels])))
+        kw["levels"] = tuple(sorted(set([0.0] + [_level_arg(x) for x in args.levels])))
     if args.modes:
         kw["modes"] = tuple(args.modes)
     if args.tasks:
         bad = [t for t in args.tasks if t not in TASKS]
         if bad:
-            print(f"error: unknown task(s) {bad}; choose from {sorted(TASKS)}", file=sys.stderr)
-            return 2
+            raise UsageError(f"argument --tasks: unknown task(s) {', '.join(bad)}: choose from {', '.join(sorted(TASKS))}")
         kw["tasks"] = tuple(args.tasks)
     if args.controls is not None:
         kw["controls"] = tuple(c for c in args.controls if c != "none")
@@ -49,23 +84,31 @@ def _cmd_study(args) -> int:
     if args.from_scratch:
         kw["model"] = "scratch"
     p = replace(p, **kw)
-    out = Path(args.out or f"study_runs/{p.name}")
+    out = Path(check_out_dir(args.out or f"study_runs/{p.name}"))
+    threads = configure_threads(args.threads)
     print(f"torch CPU threads: {threads}")
     try:
         Study(p, out, args.cache_dir, device=args.device, progress=not args.no_progress).run()
     except DataUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"sparsebert: error: {e}", file=sys.stderr)
         return 3
     return 0
 
 
 def _cmd_pretrain(args) -> int:
-    from .pretrain import configure_threads
+    require_device(args.device)
+    out = Path(check_out_dir(args.out))
+    written = [n for n in (ENCODER, LEGACY_ENCODER, "pretrain.json") if (out / n).exists()]
+    if written and not args.force:
+        raise UsageError(f"--out {out} already holds a pretrain run ({', '.join(written)}): pass --force to "
+                         "replace it")
+    from .pretrain import configure_threads, pick_device
     configure_threads(args.threads)
-    import torch
+    dev = pick_device(args.device)
+    _require_backend(args.backend, dev)
 
     from .data import DataCache, DataUnavailable, load_mlm_text, mlm_blocks
-    from .pretrain import PretrainConfig, load_minilm_mlm, load_tokenizer, pick_device, pretrain, scratch_mlm, special_ids
+    from .pretrain import PretrainConfig, load_minilm_mlm, load_tokenizer, pretrain, save_encoder, scratch_mlm, special_ids
 
     cache = DataCache(args.cache_dir)
     try:
@@ -74,7 +117,7 @@ def _cmd_pretrain(args) -> int:
         mdir = cache.minilm_dir() if (not args.from_scratch or cache.has("minilm")) else None
         tok = load_tokenizer(mdir, texts=train_docs, vocab_dir=cache.root / "scratch-vocab")
     except DataUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"sparsebert: error: {e}", file=sys.stderr)
         return 3
     model = scratch_mlm(len(tok)) if args.from_scratch else load_minilm_mlm(mdir)
     mode = "dense" if args.sparsity == 0 else args.mode
@@ -82,42 +125,52 @@ def _cmd_pretrain(args) -> int:
                          batch_size=args.batch_size, lr=args.lr, ramp_fraction=args.ramp_fraction,
                          prune_every=args.prune_every, backend=args.backend)
     train = mlm_blocks(train_docs, tok, args.seq_len, args.max_blocks, seed=0)
-    dev = mlm_blocks(dev_docs, tok, args.seq_len, 128, seed=0)
-    res = pretrain(model, cfg, train, dev, special_ids(tok), pick_device(args.device), progress=not args.no_progress)
-    out = Path(args.out)
+    dev_blocks = mlm_blocks(dev_docs, tok, args.seq_len, 128, seed=0)
+    res = pretrain(model, cfg, train, dev_blocks, special_ids(tok), dev, progress=not args.no_progress)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.bert.cpu(), out / "encoder.pt")
+    save_encoder(model.bert.cpu(), out / ENCODER)
     tok.save_pretrained(str(out / "tokenizer"))
-    (out / "pretrain.json").write_text(json.dumps({"config": asdict(cfg), "result": res}, indent=1))
+    tmp = out / "pretrain.json.tmp"
+    tmp.write_text(json.dumps({"config": asdict(cfg), "result": res}, indent=1))
+    os.replace(tmp, out / "pretrain.json")
     print(f"dev MLM loss {res['dev_mlm_loss']:.3f}; sparsity {res['sparsity']:.3f}; "
-          f"{res['seconds_per_step']:.3f} s/step; saved encoder to {out / 'encoder.pt'}")
+          f"{res['seconds_per_step']:.3f} s/step; saved encoder to {out / ENCODER}")
     return 0
 
 
 def _cmd_finetune(args) -> int:
-    from .pretrain import configure_threads
+    require_device(args.device)
+    ckpt = Path(args.checkpoint)
+    enc_dir = ckpt / ENCODER
+    if not enc_dir.is_dir():
+        if (ckpt / LEGACY_ENCODER).exists():
+            raise UsageError(f"{ckpt / LEGACY_ENCODER} is a pickle written by an older sparsebert and is not loaded "
+                             "(unpickling a file can run any code in it): run `sparsebert pretrain` again to write "
+                             f"{enc_dir}, or, for a file you trust, convert it once with sparsebert.study.pretrain."
+                             f"save_encoder(torch.load(path, weights_only=False), '{enc_dir}')")
+        raise UsageError(f"{enc_dir} not found (write one with `sparsebert pretrain --out DIR`)")
+    if not (ckpt / "tokenizer").is_dir():
+        raise UsageError(f"{ckpt / 'tokenizer'} not found (written by `sparsebert pretrain --out DIR`)")
+    from .pretrain import configure_threads, pick_device
     configure_threads(args.threads)
-    import torch
 
     from .data import DataCache, DataUnavailable, load_task
-    from .finetune import FinetuneConfig, finetune
-    from .pretrain import load_tokenizer, pick_device
+    from .finetune import FinetuneConfig, finetune, load_encoder
+    from .pretrain import load_tokenizer
 
-    ckpt = Path(args.checkpoint)
-    if not (ckpt / "encoder.pt").exists():
-        print(f"error: {ckpt / 'encoder.pt'} not found (write one with `sparsebert pretrain --out DIR`)", file=sys.stderr)
-        return 2
-    try:
-        data = load_task(args.task, DataCache(args.cache_dir)).subset(args.max_train, args.max_dev)
-    except DataUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    enc = load_encoder(enc_dir)                 # verified safetensors checkpoint; CheckpointError if not
     tok = load_tokenizer(ckpt / "tokenizer")
-    enc = torch.load(ckpt / "encoder.pt", weights_only=False)
     control = {"none": "none", "deletion": "deletion", "finetune-prune": "prune"}[args.control]
+    if control == "prune" and args.sparsity == 0:
+        raise UsageError("--control finetune-prune needs --sparsity above 0")
     cfg = FinetuneConfig(task=args.task, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                          batch_size=args.batch_size, max_len=args.max_len, control=control,
                          prune_mode=args.mode, prune_sparsity=args.sparsity if control == "prune" else 0.0)
+    try:
+        data = load_task(args.task, DataCache(args.cache_dir)).subset(args.max_train, args.max_dev)
+    except DataUnavailable as e:
+        print(f"sparsebert: error: {e}", file=sys.stderr)
+        return 3
     res = finetune(enc, cfg, data, tok, pick_device(args.device), progress=not args.no_progress)
     res.pop("model", None)
     print(json.dumps(res, indent=1))
@@ -133,47 +186,50 @@ def add_subcommands(subparsers) -> None:
                                             "fine-tune, report (cached, resumable)")
     s.add_argument("--preset", choices=sorted(PRESETS), default="cpu-demo")
     s.add_argument("--out", default=None, help="output folder (default study_runs/<preset>)")
-    s.add_argument("--levels", nargs="+", default=None, help="sparsity levels, as fractions or percent (0 is always run)")
+    s.add_argument("--levels", nargs="+", default=None,   # checked by _cmd_study (kept as given here)
+                   help=f"sparsity levels, each {SPARSITY_HELP} (0 is always run)")
     s.add_argument("--modes", nargs="+", choices=["unstructured", "block"], default=None)
     s.add_argument("--tasks", nargs="+", default=None, help=f"from {sorted(TASKS)}")
     s.add_argument("--controls", nargs="*", choices=list(CONTROLS) + ["none"], default=None)
-    s.add_argument("--lrs", nargs="+", type=float, default=None, help="fine-tuning learning-rate grid")
+    s.add_argument("--lrs", nargs="+", type=positive_float, default=None, help="fine-tuning learning-rate grid")
     s.add_argument("--from-scratch", action="store_true", help="small random BERT instead of MiniLM")
     _common(s)
     s.set_defaults(func=_cmd_study)
 
     s = subparsers.add_parser("pretrain", help="one continued MLM pre-training run with gradual pruning")
     s.add_argument("--mode", choices=["unstructured", "block"], default="unstructured")
-    s.add_argument("--sparsity", type=_levels, default=0.0)
+    s.add_argument("--sparsity", type=sparsity, default=0.0, help=f"target sparsity: {SPARSITY_HELP} (0: dense)")
     s.add_argument("--score", choices=["magnitude", "random"], default="magnitude")
-    s.add_argument("--block", type=int, default=32)
-    s.add_argument("--steps", type=int, default=200)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--seq-len", type=int, default=128)
-    s.add_argument("--lr", type=float, default=1e-4)
-    s.add_argument("--ramp-fraction", type=float, default=0.1)
-    s.add_argument("--prune-every", type=int, default=10)
-    s.add_argument("--max-blocks", type=int, default=None, help="cap on MLM training blocks")
+    s.add_argument("--block", type=block_size, default=32, help="block side for --mode block (a multiple of 16, 16-256)")
+    s.add_argument("--steps", type=positive_int, default=200)
+    s.add_argument("--batch-size", type=positive_int, default=16)
+    s.add_argument("--seq-len", type=positive_int, default=128)
+    s.add_argument("--lr", type=positive_float, default=1e-4)
+    s.add_argument("--ramp-fraction", type=unit_fraction, default=0.1, help="in [0, 1]")
+    s.add_argument("--prune-every", type=positive_int, default=10)
+    s.add_argument("--max-blocks", type=positive_int, default=None, help="cap on MLM training blocks")
     s.add_argument("--extra-text", action="store_true", help="add Debian documentation to the MLM text")
     s.add_argument("--from-scratch", action="store_true")
-    s.add_argument("--backend", default="auto")
-    s.add_argument("--out", required=True)
+    s.add_argument("--backend", type=_backend, default="auto")
+    s.add_argument("--out", required=True, help="folder for encoder/, tokenizer/ and pretrain.json")
+    s.add_argument("--force", action="store_true", help="replace a pretrain run already in --out")
     _common(s)
     s.set_defaults(func=_cmd_pretrain)
 
     s = subparsers.add_parser("finetune", help="fine-tune a `sparsebert pretrain` output on one task, mask fixed")
     s.add_argument("--checkpoint", required=True, help="folder written by `sparsebert pretrain --out`")
     s.add_argument("--task", choices=sorted(TASKS), required=True)
-    s.add_argument("--lr", type=float, default=5e-5)
-    s.add_argument("--epochs", type=float, default=3.0)
-    s.add_argument("--max-steps", type=int, default=None)
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--max-len", type=int, default=128)
-    s.add_argument("--max-train", type=int, default=None)
-    s.add_argument("--max-dev", type=int, default=None)
+    s.add_argument("--lr", type=positive_float, default=5e-5)
+    s.add_argument("--epochs", type=positive_float, default=3.0)
+    s.add_argument("--max-steps", type=positive_int, default=None)
+    s.add_argument("--batch-size", type=positive_int, default=32)
+    s.add_argument("--max-len", type=positive_int, default=128)
+    s.add_argument("--max-train", type=positive_int, default=None)
+    s.add_argument("--max-dev", type=positive_int, default=None)
     s.add_argument("--control", choices=["none", "deletion", "finetune-prune"], default="none")
     s.add_argument("--mode", choices=["unstructured", "block"], default="unstructured", help="for --control finetune-prune")
-    s.add_argument("--sparsity", type=_levels, default=0.5, help="for --control finetune-prune")
+    s.add_argument("--sparsity", type=sparsity, default=0.5,
+                   help=f"for --control finetune-prune: {SPARSITY_HELP}")
     _common(s)
     s.set_defaults(func=_cmd_finetune)
 
@@ -181,8 +237,7 @@ def add_subcommands(subparsers) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="sparsebert-study")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args) or 0
+    return run(parser, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,325 @@
+"""The command line: one sparsity convention, one-line errors with exit status 2 (never a
+traceback), prune's local-vs-Hub rule and --force, and pretrain/finetune never unpickling."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import sparsebert
+from sparsebert import cli
+from sparsebert import checkpoint as C
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    """A tiny local Hugging Face model folder."""
+    from transformers import BertConfig, BertForSequenceClassification
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                     vocab_size=200, max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("hf") / "model"
+    torch.manual_seed(0)
+    BertForSequenceClassification(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    from sparsebert.study import data as D
+    from study_fixtures import make_fixture_cache
+
+    def refuse(*a, **k):
+        raise AssertionError("tests must not download")
+    monkeypatch.setattr(D.subprocess, "run", refuse)
+    make_fixture_cache(tmp_path / "cache", n_sentences=60, n_articles=6)
+    return tmp_path / "cache"
+
+
+def _run(capsys, *argv):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line_error(rc, err, *needles):
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [l for l in err.splitlines() if "error:" in l]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+# ---- the sparsity convention ----------------------------------------------------------------------
+@pytest.mark.parametrize("text,value", [("0", 0.0), ("0.5", 0.5), ("0.999", 0.999), ("50", 0.5), ("50%", 0.5),
+                                        ("1.5", 0.015), ("1%", 0.01), ("99.5", 0.995), ("0.5%", 0.005)])
+def test_sparsity_is_a_fraction_below_1_or_a_percent_above(text, value):
+    assert cli.sparsity(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text,match", [("1", "ambiguous"), ("1.0", "ambiguous"), ("100", "below 100"),
+                                        ("150", "below 100"), ("100%", "below 100"), ("-10", "out of range"),
+                                        ("-0.1", "out of range"), ("nan", "out of range"), ("inf", "out of range"),
+                                        ("half", "not a sparsity")])
+def test_a_sparsity_outside_the_convention_is_refused(text, match):
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError, match=match):
+        cli.sparsity(text)
+
+
+def test_help_states_the_convention(capsys):
+    rc, out, _ = _run(capsys, "--help")
+    assert rc == 0 and "a fraction in [0, 1)" in out and "percent in (1, 100)" in out
+    rc, out, _ = _run(capsys, "prune", "--help")
+    assert rc == 0 and "percent in (1, 100)" in out and "--force" in out
+
+
+# ---- bad values: one line, exit status 2 -----------------------------------------------------------
+BAD_ARGS = [
+    (["prune", "{src}", "--sparsity", "150", "--out", "{out}"], ["--sparsity", "150", "below 100"]),
+    (["prune", "{src}", "--sparsity", "1", "--out", "{out}"], ["--sparsity", "ambiguous"]),
+    (["prune", "{src}", "--sparsity", "-0.2", "--out", "{out}"], ["--sparsity", "-0.2"]),
+    (["prune", "{src}", "--sparsity", "0.5", "--block", "20", "--out", "{out}"], ["--block", "20", "multiple of 16"]),
+    (["prune", "{src}", "--sparsity", "0.5", "--block", "0", "--out", "{out}"], ["--block", "0"]),
+    (["prune", "{src}", "--sparsity", "0.5", "--block", "512", "--out", "{out}"], ["--block", "512", "256"]),
+    (["prune", "{src}", "--sparsity", "0.5", "--block", "48", "--out", "{out}"], ["(48, 48) does not divide", "(64, 64)"]),
+    (["study", "--levels", "150", "--out", "{out}"], ["--levels", "150", "below 100"]),
+    (["study", "--levels", "50", "-10", "--out", "{out}"], ["--levels", "-10", "out of range"]),
+    (["study", "--threads", "0", "--out", "{out}"], ["--threads", "0", "at least 1"]),
+    (["study", "--device", "tpu", "--out", "{out}"], ["--device", "tpu", "auto, cpu, cuda"]),
+    (["study", "--tasks", "poetry", "--out", "{out}"], ["--tasks", "poetry"]),
+    (["pretrain", "--sparsity", "150", "--out", "{out}"], ["--sparsity", "150"]),
+    (["pretrain", "--steps", "0", "--out", "{out}"], ["--steps", "0"]),
+    (["pretrain", "--ramp-fraction", "2", "--out", "{out}"], ["--ramp-fraction", "[0, 1]"]),
+    (["pretrain", "--backend", "tpu", "--out", "{out}"], ["--backend", "tpu"]),
+    (["pretrain", "--lr", "-1", "--out", "{out}"], ["--lr", "-1"]),
+    (["finetune", "--checkpoint", "{out}", "--task", "polarity", "--sparsity", "100"], ["--sparsity", "100"]),
+    (["finetune", "--checkpoint", "{out}", "--task", "polarity", "--batch-size", "0"], ["--batch-size", "0"]),
+    (["demo", "--levels", "0.5", "150"], ["--levels", "150"]),
+    (["demo", "--tokens", "0"], ["--tokens", "0"]),
+]
+
+
+@pytest.mark.parametrize("argv,needles", BAD_ARGS, ids=[" ".join(a[:1] + a[2:] if "{src}" in a else a).replace("{out}", "")
+                                                        for a, _ in BAD_ARGS])
+def test_bad_values_are_one_line_errors_with_status_2(tmp_path, src, capsys, argv, needles):
+    argv = [a.format(src=src, out=tmp_path / "out") for a in argv]
+    rc, _, err = _run(capsys, *argv)
+    _one_line_error(rc, err, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("cmd", [["study"], ["pretrain"], ["finetune", "--checkpoint", "x", "--task", "polarity"]])
+def test_a_missing_gpu_is_a_one_line_error(tmp_path, capsys, cmd):
+    rc, _, err = _run(capsys, *cmd, "--device", "cuda", *(["--out", tmp_path / "o"] if cmd[0] != "finetune" else []))
+    _one_line_error(rc, err, "--device cuda", "no CUDA GPU")
+
+
+@pytest.mark.parametrize("cmd", [["study"], ["pretrain"]])
+def test_out_naming_a_file_is_refused(tmp_path, capsys, cmd):
+    f = tmp_path / "file"
+    f.write_text("mine")
+    rc, _, err = _run(capsys, *cmd, "--out", f)
+    _one_line_error(rc, err, "--out", "is a file")
+    assert f.read_text() == "mine"
+
+
+# ---- prune -----------------------------------------------------------------------------------------
+def test_prune_accepts_a_percent_and_a_fraction_alike(tmp_path, src, capsys):
+    for s, out in (("50", "pct"), ("0.5", "frac"), ("50%", "sign")):
+        rc, stdout, err = _run(capsys, "prune", src, "--sparsity", s, "--out", tmp_path / out)
+        assert rc == 0, err
+        assert "sparsity 50%" in stdout and "0.500" in stdout
+    digest = lambda d: C.sha256_file(tmp_path / d / C.TENSORS)
+    assert digest("pct") == digest("frac") == digest("sign")
+
+
+def test_prune_refuses_to_overwrite_without_force(tmp_path, src, capsys):
+    out = tmp_path / "out"
+    assert _run(capsys, "prune", src, "--sparsity", "0.5", "--out", out)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc, _, err = _run(capsys, "prune", src, "--sparsity", "0.75", "--out", out)
+    _one_line_error(rc, err, str(out), "already holds a sparsebert checkpoint", "--force")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    rc, _, err = _run(capsys, "prune", src, "--sparsity", "0.75", "--out", out, "--force")
+    assert rc == 0, err
+    loaded = sparsebert.load_sparse(out)
+    assert loaded.bert.encoder.layer[0].attention.self.query.density == 0.25
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_prune_refuses_a_non_empty_folder_and_the_model_folder(tmp_path, src, capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "data.csv").write_text("1,2\n")
+    rc, _, err = _run(capsys, "prune", src, "--sparsity", "0.5", "--out", busy)
+    _one_line_error(rc, err, "already holds files", "--force")
+    rc, _, err = _run(capsys, "prune", src, "--sparsity", "0.5", "--out", src, "--force")
+    _one_line_error(rc, err, "is the model folder itself")
+    assert sorted(p.name for p in src.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_prune_out_naming_a_file_is_refused(tmp_path, src, capsys):
+    f = tmp_path / "ck"
+    f.write_text("mine")
+    rc, _, err = _run(capsys, "prune", src, "--sparsity", "0.5", "--out", f)
+    _one_line_error(rc, err, "--out", "is a file")
+    assert f.read_text() == "mine"
+
+
+def test_prune_reports_an_unwritable_output_in_one_line(tmp_path, src, capsys, monkeypatch):
+    def denied(model, path):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(C, "save_sparse", denied)
+    rc, _, err = _run(capsys, "prune", src, "--sparsity", "0.5", "--out", tmp_path / "ro" / "ck")
+    _one_line_error(rc, err, "Permission denied", str(tmp_path / "ro" / "ck"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_prune_into_a_read_only_folder_is_refused_before_any_work(tmp_path, src, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        rc, _, err = _run(capsys, "prune", src, "--sparsity", "0.5", "--out", ro / "ck")
+    finally:
+        ro.chmod(0o700)
+    _one_line_error(rc, err, "permission denied")
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    import transformers
+    calls = []
+
+    def offline(name, *a, **k):
+        calls.append(name)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find "
+                      "them in the cached files.\nCheck your internet connection or see how to run the library "
+                      "in offline mode at 'https://huggingface.co/docs/transformers/installation#offline-mode'.")
+    for cls in (transformers.AutoConfig, transformers.AutoModel):
+        monkeypatch.setattr(cls, "from_pretrained", offline)
+    return calls
+
+
+@pytest.mark.parametrize("arg", ["{tmp}/nothing", "./no-such-model-dir", "~/no-such-model-dir", "models/bert/base",
+                                 "../no-such-model-dir", "C:\\models\\bert"])
+def test_prune_on_a_missing_local_path_never_asks_the_hub(tmp_path, capsys, no_hub, arg):
+    arg = arg.format(tmp=tmp_path)
+    rc, _, err = _run(capsys, "prune", arg, "--sparsity", "0.5", "--out", tmp_path / "out")
+    _one_line_error(rc, err, "cannot load", arg, "no such folder")
+    assert no_hub == []
+
+
+@pytest.mark.parametrize("auto", [False, True])
+def test_prune_of_a_hub_id_offline_is_one_line(tmp_path, capsys, no_hub, auto):
+    rc, _, err = _run(capsys, "prune", "someorg/somemodel", "--sparsity", "0.5", "--out", tmp_path / "out",
+                      *(["--auto-model"] if auto else []))
+    _one_line_error(rc, err, "someorg/somemodel", "Hugging Face Hub", "couldn't connect")
+    assert no_hub == ["someorg/somemodel"]
+
+
+def test_a_relative_org_name_that_is_a_local_folder_stays_local(tmp_path, capsys, no_hub, monkeypatch):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = _run(capsys, "prune", "models/missing", "--sparsity", "0.5", "--out", tmp_path / "out")
+    _one_line_error(rc, err, "no such folder")
+    assert no_hub == []
+
+
+@pytest.mark.parametrize("exc,needle", [
+    (C.CheckpointError("corrupt checkpoint: x does not match its recorded SHA-256"), "corrupt checkpoint: x"),
+    (FileNotFoundError(2, "No such file or directory", "/data/x"), "No such file or directory: /data/x"),
+    (PermissionError(13, "Permission denied", "/ro/y"), "Permission denied: /ro/y"),
+    (ValueError("a value\nover two lines"), "a value over two lines"),
+])
+def test_user_errors_raised_by_a_command_are_one_line(capsys, exc, needle):
+    import argparse
+
+    def fail(args):
+        raise exc
+    p = argparse.ArgumentParser(prog="sparsebert")
+    p.set_defaults(func=fail)
+    rc = cli.run(p, [])
+    assert _one_line_error(rc, capsys.readouterr().err, needle).startswith("sparsebert: error: ")
+
+
+def test_a_bug_still_shows_its_traceback():
+    import argparse
+
+    def bug(args):
+        raise RuntimeError("a bug")
+    p = argparse.ArgumentParser(prog="sparsebert")
+    p.set_defaults(func=bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.run(p, [])
+
+
+# ---- pretrain / finetune: encoders as safetensors, pickles refused ---------------------------------
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _pretrain(capsys, cache, out, *extra):
+    return _run(capsys, "pretrain", "--from-scratch", "--mode", "block", "--sparsity", "50", "--steps", "2",
+                "--batch-size", "4", "--seq-len", "16", "--max-blocks", "20", "--ramp-fraction", "0.5",
+                "--prune-every", "1", "--out", out, "--cache-dir", cache, "--no-progress", "--threads", "1", *extra)
+
+
+FT = ["--task", "polarity", "--max-steps", "1", "--batch-size", "4", "--max-len", "16", "--max-train", "8",
+      "--max-dev", "8", "--no-progress", "--threads", "1"]
+
+
+def test_pretrain_writes_no_pickle_and_finetune_reads_it(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    rc, _, err = _pretrain(capsys, cache, out)
+    assert rc == 0, err
+    assert not list(out.rglob("*.pt")) and (out / "encoder" / C.MANIFEST).is_file()
+    rc, stdout, err = _run(capsys, "finetune", "--checkpoint", out, "--cache-dir", cache, *FT)
+    assert rc == 0, err
+    assert json.loads(stdout[stdout.rindex('{\n "dev_score"'):])["linear_zero_fraction"] >= 0.49
+
+
+def test_finetune_never_unpickles_an_encoder(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    assert _pretrain(capsys, cache, out)[0] == 0
+    legacy, marker = tmp_path / "legacy", tmp_path / "pwned"
+    legacy.mkdir()
+    shutil.copytree(out / "tokenizer", legacy / "tokenizer")
+    torch.save(_Payload(marker), legacy / "encoder.pt")        # what an older pretrain wrote, crafted
+    try:
+        rc, _, err = _run(capsys, "finetune", "--checkpoint", legacy, "--cache-dir", cache, *FT)
+    finally:
+        assert not marker.exists(), "the pickle was loaded: its code ran"
+    _one_line_error(rc, err, "encoder.pt", "pickle", "not loaded")
+    assert (legacy / "encoder.pt").exists()
+
+    if (out / "encoder").is_dir():                               # a pickle where the tensors belong
+        torch.save(_Payload(marker), out / "encoder" / C.TENSORS)
+        rc, _, err = _run(capsys, "finetune", "--checkpoint", out, "--cache-dir", cache, *FT)
+        _one_line_error(rc, err, "corrupt checkpoint", "SHA-256")
+        assert not marker.exists()
+
+
+def test_pretrain_refuses_to_overwrite_a_run_without_force(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    assert _pretrain(capsys, cache, out)[0] == 0
+    before = (out / "pretrain.json").read_bytes()
+    rc, _, err = _pretrain(capsys, cache, out)
+    _one_line_error(rc, err, "already holds a pretrain run", "--force")
+    assert (out / "pretrain.json").read_bytes() == before
+    rc, _, err = _pretrain(capsys, cache, out, "--force")
+    assert rc == 0, err
+
+
+def test_finetune_without_a_checkpoint_is_one_line(tmp_path, capsys):
+    rc, _, err = _run(capsys, "finetune", "--checkpoint", tmp_path / "nope", "--task", "polarity")
+    _one_line_error(rc, err, "not found", "sparsebert pretrain --out")
