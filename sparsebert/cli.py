@@ -1,4 +1,4 @@
-"""The ``sparsebert`` command (also ``python -m sparsebert``).
+"""The sparsebert command (also: python -m sparsebert).
 
 Conventions shared by every subcommand:
   sparsity   a fraction in [0, 1) (0.5) or a percent in (1, 100) (50, or 50%); a bare 1 is
