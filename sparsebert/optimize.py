@@ -27,7 +27,7 @@ What it changes, in place (all of it undone by :func:`unoptimize`):
 
 * **Cheaper CPU dropout** (``dropout="fast"``, default): CPU training dropout masks — hidden
   states and attention probabilities — drawn two elements per 64-bit random number
-  (:mod:`sparsebert.fused`): the same keep probability (to 2**-31), different random numbers, so
+  (:mod:`sparsebert.fused`): the same keep probability (to 2**-32), different random numbers, so
   a seeded run's losses match the unoptimized model's in distribution, not draw for draw
   (``dropout="torch"`` keeps PyTorch's dropout and its random numbers). Not used on GPUs.
 
