@@ -478,7 +478,9 @@ def _match_dtypes(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
 
 def load_sparse(path, model: Optional[nn.Module] = None) -> nn.Module:
     """Load a checkpoint written by :func:`save_sparse`, in eval mode (like ``from_pretrained``:
-    dropout off; call ``.train()`` to fine-tune).
+    dropout off; call ``.train()`` to fine-tune). A ``save_pretrained`` folder of a sparse model
+    (no ``sparsebert.json``; ``config.json`` with a ``"sparsebert"`` entry) is loaded by
+    :func:`sparsebert.from_pretrained`.
 
     Without ``model`` a fresh ``transformers`` model is built from the saved config; with
     ``model`` (same architecture, any module) a copy of it is converted and filled, and

@@ -280,3 +280,20 @@ def test_trainer_save_model_of_a_model_sparsified_beforehand(tmp_path, tiny_bert
     t.train()
     t.save_model(str(tmp_path / "final"))
     _same_sparse_model(model.eval(), sparsebert.from_pretrained(tmp_path / "final"))
+
+
+def test_a_state_dict_of_the_earlier_format_still_loads():
+    """sparsebert <= 0.1 saved `values` and an `_extra_state` dict (which safetensors cannot hold)."""
+    torch.manual_seed(0)
+    layer = BlockSparseLinear.from_dense(nn.Linear(64, 32), sparsity=0.5, block=16)
+    old = {"values": layer.values.detach().clone(), "bias": layer.bias.detach().clone(),
+           "_extra_state": {"block_mask": layer.layout.block_mask, "shape": layer.layout.shape,
+                            "block": layer.layout.block}}
+    other = BlockSparseLinear.from_dense(nn.Linear(64, 32), sparsity=0.0, block=16)
+    other.load_state_dict(old)
+    assert other.layout == layer.layout and torch.equal(other.values, layer.values)
+    assert set(layer.state_dict()) == {"weight", "bias", "block_mask"}
+    from safetensors.torch import load, save
+    back = BlockSparseLinear.from_dense(nn.Linear(64, 32), sparsity=0.0, block=16)
+    back.load_state_dict(load(save(layer.state_dict())))       # safetensors: no extra state
+    assert back.layout == layer.layout and torch.equal(back.values, layer.values)
