@@ -22,6 +22,8 @@ loss.backward(); opt.step(); opt.zero_grad()`` with ``torch.optim.AdamW`` (defau
 * ``compiled``: the loss computation through ``torch.compile(model)``;
 * models: ``dense`` and ``block{b} {s}%`` (``sparsebert.sparsify``, backend ``auto``).
 
+Both wall time and this process's CPU time (``time.process_time``) are recorded: on a shared
+machine with ``--threads 1`` the CPU time leaves out the time the process waited for a core.
 Timings are interleaved: per block size, one group of models (the dense baseline in every group)
 is timed round by round, one step of each model per round, medians reported; every speedup is
 against dense eager Hugging Face (``dense``/``full``/eager) of the same group. Each model draws
@@ -92,7 +94,7 @@ class Variant:
         g = torch.Generator().manual_seed(1)
         self.rng = g.get_state()
         self.cuda_rng = None
-        self.times, self.loss = [], float("nan")
+        self.times, self.cpu_times, self.loss = [], [], float("nan")
         was = model.training
         model.eval()                 # the check value: the loss at the start, without dropout
         with torch.no_grad():
@@ -126,10 +128,11 @@ class Variant:
 
     def timed_step(self, sync):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = self.step()
         sync()
         self.times.append(time.perf_counter() - t0)
+        self.cpu_times.append(time.process_time() - c0)
         self.loss = float(loss.detach())
 
     def memory(self, pruned):
@@ -179,9 +182,11 @@ def _time_inference(models, cfg, batches, seq, rounds, device):
     """{name: {batch: median seconds}} of ``model.bert(ids)`` in inference mode, interleaved."""
     sync = _sync(device)
     out = {name: {} for name in models}
+    cpu = {name: {} for name in models}
     for b in batches:
         ids, _ = _inputs(cfg, b, seq, device, seed=2)
         times = {name: [] for name in models}
+        ctimes = {name: [] for name in models}
         for m in models.values():
             m.eval()
         with torch.inference_mode():
@@ -190,15 +195,17 @@ def _time_inference(models, cfg, batches, seq, rounds, device):
             for _ in range(rounds):
                 for name, m in models.items():
                     sync()
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     m.bert(input_ids=ids)
                     sync()
                     times[name].append(time.perf_counter() - t0)
+                    ctimes[name].append(time.process_time() - c0)
         for m in models.values():
             m.train()
         for name in models:
             out[name][b] = statistics.median(times[name])
-    return out
+            cpu[name][b] = statistics.median(ctimes[name])
+    return out, cpu
 
 
 def _profile(variant, path, row_limit=25):
@@ -328,17 +335,20 @@ def main(argv=None):
                 v.timed_step(sync)
         base = next(v for v in variants if v.key == ("dense", "full", False))
         base_t = statistics.median(base.times)
+        base_c = statistics.median(base.cpu_times)
         for v in variants:
-            t = statistics.median(v.times)
+            t, c = statistics.median(v.times), statistics.median(v.cpu_times)
             spread = (max(v.times) - min(v.times)) / t if len(v.times) > 1 else 0.0
             row = dict(model=v.name, head=v.head, compiled=v.compiled, block=block,
                        tokens_per_s=batch * args.seq / t, ms_per_step=1e3 * t, spread=spread,
-                       speedup=base_t / t, loss=v.check_loss, train_loss=v.loss, times=v.times)
+                       speedup=base_t / t, cpu_ms_per_step=1e3 * c, cpu_speedup=base_c / c,
+                       loss=v.check_loss, train_loss=v.loss, times=v.times, cpu_times=v.cpu_times)
             if not args.no_memory:
                 row["peak_bytes"], row["pruned_state_bytes"] = v.memory(pruned)
             rows.append(row)
             print(f"  [{row['model']} {row['head']}{' compiled' if row['compiled'] else ''}] "
-                  f"{row['ms_per_step']:.0f} ms/step, {row['speedup']:.2f}x dense, spread {spread:.0%}, "
+                  f"{row['ms_per_step']:.0f} ms/step, {row['speedup']:.2f}x dense, spread {spread:.0%}; "
+                  f"CPU time {row['cpu_ms_per_step']:.0f} ms, {row['cpu_speedup']:.2f}x; "
                   f"loss {row['loss']:.4f}", flush=True)
         groups.append(dict(block=block, warmup_s=warm_s))
         if args.profile and block == (32 if 32 in args.block else args.block[0]):
@@ -355,24 +365,27 @@ def main(argv=None):
             for v in sorted(variants, key=lambda v: v.head != "masked"):
                 if not v.compiled and v.name != "dense":
                     models.setdefault(v.name, v.model)
-            lat = _time_inference(models, cfg, args.infer_batches, args.seq, args.infer_rounds, device)
+            lat, clat = _time_inference(models, cfg, args.infer_batches, args.seq, args.infer_rounds, device)
             for name, d in lat.items():
-                print(f"  [inference {name}] " + ", ".join(f"batch {b}: {1e3 * t:.1f} ms ({lat['dense'][b] / t:.2f}x)"
-                                                       for b, t in d.items()), flush=True)
+                print(f"  [inference {name}] " + ", ".join(
+                    f"batch {b}: {1e3 * t:.1f} ms ({lat['dense'][b] / t:.2f}x; CPU time "
+                    f"{1e3 * clat[name][b]:.1f} ms, {clat['dense'][b] / clat[name][b]:.2f}x)"
+                    for b, t in d.items()), flush=True)
                 for b, t in d.items():
-                    infer.append(dict(model=name, block=block, batch=b, ms=1e3 * t, speedup=lat["dense"][b] / t))
+                    infer.append(dict(model=name, block=block, batch=b, ms=1e3 * t, speedup=lat["dense"][b] / t,
+                                      cpu_ms=1e3 * clat[name][b], cpu_speedup=clat["dense"][b] / clat[name][b]))
         del variants
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     print(f"\n{'model':<16} {'head':<7} {'mode':<8} {'ms/step':>9} {'k tok/s':>8} {'× dense':>8} "
-          f"{'spread':>7} {'loss':>8} {'peak MB':>8} {'pruned-layer state MB':>22}")
+          f"{'spread':>7} {'CPU ms':>8} {'× (CPU)':>8} {'loss':>8} {'peak MB':>8} {'pruned-layer state MB':>22}")
     for r in rows:
         mem = (f"{r['peak_bytes'] / 2**20:>8.0f} {r['pruned_state_bytes'] / 2**20:>22.1f}"
                if "peak_bytes" in r else "")
         print(f"{r['model']:<16} {r['head']:<7} {'compile' if r['compiled'] else 'eager':<8} "
               f"{r['ms_per_step']:>9.1f} {r['tokens_per_s'] / 1e3:>8.2f} {r['speedup']:>7.2f}x "
-              f"{r['spread']:>6.0%} {r['loss']:>8.4f} {mem}")
+              f"{r['spread']:>6.0%} {r['cpu_ms_per_step']:>8.1f} {r['cpu_speedup']:>7.2f}x {r['loss']:>8.4f} {mem}")
     if infer:
         bs = sorted({r["batch"] for r in infer})
         print("\nencoder inference (model.bert, no head), ms (x dense of the same group)")
