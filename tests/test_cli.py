@@ -1,6 +1,7 @@
 """The command line: one sparsity convention, one-line errors with exit status 2 (never a
 traceback), prune's local-vs-Hub rule and --force, and pretrain/finetune never unpickling."""
 import json
+import re
 import os
 import shutil
 
@@ -323,3 +324,118 @@ def test_pretrain_refuses_to_overwrite_a_run_without_force(tmp_path, cache, caps
 def test_finetune_without_a_checkpoint_is_one_line(tmp_path, capsys):
     rc, _, err = _run(capsys, "finetune", "--checkpoint", tmp_path / "nope", "--task", "polarity")
     _one_line_error(rc, err, "not found", "sparsebert pretrain --out")
+
+
+# ---- prune says what it did: sizes, drift on real sentences, the tokenizer, a warning ---------------
+def _tiny_bert_with_tokenizer(path, init):
+    """A tiny BertModel folder with a word-level BERT tokenizer covering the built-in sentences."""
+    import re
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    words = sorted({w.lower() for s in cli.DRIFT_SENTENCES for w in re.findall(r"\w+|[^\w\s]", s)})
+    path.mkdir(parents=True)
+    vocab = path.parent / f"{path.name}-vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                     vocab_size=200, max_position_embeddings=64, initializer_range=init)
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(path)
+    BertTokenizerFast(str(vocab)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def robust(tmp_path_factory):
+    """Small initial weights: the residual stream dominates, pruning barely moves the outputs."""
+    return _tiny_bert_with_tokenizer(tmp_path_factory.mktemp("hf") / "robust", 0.02)
+
+
+@pytest.fixture(scope="module")
+def fragile(tmp_path_factory):
+    """Larger weights: pruning half of them changes the outputs a lot (like a pre-trained model)."""
+    return _tiny_bert_with_tokenizer(tmp_path_factory.mktemp("hf") / "fragile", 0.2)
+
+
+def _row(stdout, name):
+    lines = [l.split() for l in stdout.splitlines() if l.startswith(name + " ")]
+    assert len(lines) == 1, stdout
+    return lines[0]
+
+
+def test_prune_reports_parameters_bytes_drift_and_copies_the_tokenizer(tmp_path, robust, capsys):
+    from transformers import AutoTokenizer
+    out = tmp_path / "out"
+    rc, stdout, err = _run(capsys, "prune", robust, "--sparsity", "0.5", "--block", "16", "--out", out)
+    assert rc == 0, err
+    head = [l for l in stdout.splitlines() if l.startswith("layer ")][0]
+    assert head.split() == ["layer", "kind", "shape", "kept", "params", "dense", "params", "kept", "bytes", "dense",
+                            "bytes", "sparse"]
+    # 64x64 weight + 64 bias, half the 16x16 blocks kept: fp32 values 8 KiB + 16 mask bytes + bias
+    assert _row(stdout, "encoder.layer.0.attention.self.query")[1:] == [
+        "BlockSparseLinear", "(64,", "64)", "0.500", "4,160", "2,112", "16.2", "KiB", "8.3", "KiB"]
+    assert _row(stdout, "total")[3:] == ["0.500", "70,592", "35,776", "275.8", "KiB", "140.0", "KiB"]
+    assert "whole model: 88,256 parameters" in stdout and "53,440 kept" in stdout
+    assert "8 sentences tokenized with the model's tokenizer" in stdout
+    for what in ("token cosine", "sentence cosine", "pairwise cosine"):
+        assert float(_row(stdout, "  " + what)[2]) > 0.9
+    assert "tokenizer: tokenizer.json, tokenizer_config.json copied to" in stdout
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (robust / name).read_bytes()
+    assert AutoTokenizer.from_pretrained(out)("the cat slept")["input_ids"] == \
+        AutoTokenizer.from_pretrained(robust)("the cat slept")["input_ids"]
+    assert sparsebert.load_sparse(out).encoder.layer[0].attention.self.query.density == 0.5
+    assert "warning" not in err
+
+
+def test_prune_warns_plainly_when_the_outputs_drift_far(tmp_path, fragile, capsys):
+    rc, stdout, err = _run(capsys, "prune", fragile, "--sparsity", "0.5", "--block", "16", "--out", tmp_path / "o")
+    assert rc == 0, err
+    assert float(_row(stdout, "  sentence cosine")[2]) < cli.DRIFT_WARN_COSINE
+    warning = [l for l in err.splitlines() if "warning:" in l]
+    assert len(warning) == 1, err
+    for needle in ("sentence cosine to the original", "One-shot pruning of a pre-trained model without recovery "
+                   "training destroys its representations", "sparsebert pretrain", "sparsebert.hf.PruningCallback"):
+        assert needle in warning[0]
+    rc, _, err = _run(capsys, "prune", fragile, "--sparsity", "0", "--block", "16", "--out", tmp_path / "o0")
+    assert rc == 0 and "warning" not in err
+
+
+def test_prune_without_a_tokenizer_says_so_and_uses_random_ids(tmp_path, src, capsys):
+    out = tmp_path / "out"
+    rc, stdout, err = _run(capsys, "prune", src, "--sparsity", "0.5", "--out", out)
+    assert rc == 0, err
+    assert "random token ids" in stdout and "not real sentences" in stdout
+    assert f"tokenizer: none copied ({src} holds no tokenizer files)" in stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(C.CHECKPOINT_FILES)
+
+
+def test_drift_stats_measure_cosines_and_collapse():
+    torch.manual_seed(0)
+    mask = torch.ones(8, 5)
+    mask[0, 3:] = 0
+    h = torch.randn(8, 5, 32)
+    same = cli.drift_stats(h, h.clone(), mask)
+    assert same["token_cosine"] == pytest.approx(1) and same["sentence_cosine"] == pytest.approx(1)
+    assert same["pairwise_before"] == pytest.approx(same["pairwise_after"]) and same["warn"] == []
+    assert cli.drift_stats(h, -h, mask)["warn"][0].startswith("sentence cosine to the original -1.000")
+    # sentences spread around a common direction, then all mapped onto it: close to each original, collapsed
+    center = torch.randn(32) * 3
+    spread = center + torch.randn(8, 1, 32) + 0.1 * torch.randn(8, 5, 32)
+    collapsed = cli.drift_stats(spread, center.expand(8, 5, 32).clone(), mask)
+    assert collapsed["sentence_cosine"] >= cli.DRIFT_WARN_COSINE
+    assert collapsed["pairwise_after"] == pytest.approx(1) and collapsed["pairwise_before"] < 0.99
+    assert len(collapsed["warn"]) == 1 and "collapsed onto nearly one embedding" in collapsed["warn"][0]
+
+
+def test_size_table_counts_what_the_checkpoint_stores(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                     vocab_size=200, max_position_embeddings=64)
+    model = sparsebert.sparsify(BertForMaskedLM(cfg), sparsity=0.5, mode="unstructured")
+    rows = {r[0]: r for r in cli.size_table(model)}
+    q = rows["bert.encoder.layer.0.attention.self.query"]
+    assert q[4:] == (4160, 2048 + 64, 4160 * 4, 2048 * 4 + 4096 // 8 + 64 * 4)
+    dec = rows["cls.predictions.decoder"]               # tied to the word embeddings: its bias only
+    assert dec[1] == "MaskedLinear (tied)" and dec[4:] == (200, 200, 800, 800)
+    C.save_sparse(model, tmp_path / "ck")
+    assert sum(r[7] for r in rows.values()) < os.path.getsize(tmp_path / "ck" / C.TENSORS)
+
