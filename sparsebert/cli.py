@@ -278,10 +278,17 @@ def _drift_batch(model, tok, why_not):
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     limit = min(128, int(getattr(config, "max_position_embeddings", 0) or 128))
     if tok is not None:
-        enc = tok(list(DRIFT_SENTENCES), padding=True, truncation=True, max_length=limit, return_tensors="pt")
-        if not vocab or int(enc["input_ids"].max()) < vocab:
-            return dict(enc), f"{len(DRIFT_SENTENCES)} sentences tokenized with the model's tokenizer"
-        why_not = f"its tokenizer gives ids up to {int(enc['input_ids'].max())}, beyond the model's vocabulary of {vocab}"
+        try:
+            enc = dict(tok(list(DRIFT_SENTENCES), padding=True, truncation=True, max_length=limit,
+                           return_tensors="pt"))
+        except Exception as e:              # e.g. a tokenizer without a padding token
+            why_not = f"its tokenizer could not encode them ({' '.join(str(e).split()) or type(e).__name__})"
+        else:
+            enc.setdefault("attention_mask", torch.ones_like(enc["input_ids"]))
+            if not vocab or int(enc["input_ids"].max()) < vocab:
+                return enc, f"{len(DRIFT_SENTENCES)} sentences tokenized with the model's tokenizer"
+            why_not = (f"its tokenizer gives ids up to {int(enc['input_ids'].max())}, beyond the model's "
+                       f"vocabulary of {vocab}")
     n, length = RANDOM_IDS[0], min(RANDOM_IDS[1], limit)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, max(2, min(vocab or 1000, 30000)), (n, length), generator=g)
@@ -427,7 +434,10 @@ def _cmd_prune(args) -> int:
     model.eval()
     tok, no_tok = _load_tokenizer(source, where)
     batch, batch_text = _drift_batch(model, tok, no_tok)
-    before = _last_hidden(model, batch)
+    try:
+        before, no_drift = _last_hidden(model, batch), None
+    except Exception as e:                  # a model whose forward needs more than token ids
+        before, no_drift = None, f"the model's forward failed on them: {' '.join(str(e).split()) or type(e).__name__}"
     dense_params = sum(p.numel() for p in model.parameters())
     dense_bytes = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in model.state_dict().values()
                                                              if hasattr(t, "data_ptr")}.values())
@@ -436,7 +446,7 @@ def _cmd_prune(args) -> int:
                  scope=args.scope, score=args.score)
     except ValueError as e:
         raise UsageError(f"cannot prune {args.model_dir}: {e}") from None
-    drift = drift_stats(before, _last_hidden(model, batch), batch["attention_mask"])
+    drift = drift_stats(before, _last_hidden(model, batch), batch["attention_mask"]) if before is not None else None
     try:
         save_sparse(model, out)
         copied = _copy_tokenizer(tok, source, where, out) if tok is not None else []
@@ -465,18 +475,21 @@ def _cmd_prune(args) -> int:
           f"{_human_count(kept_params)} kept, {_human_bytes(os.path.getsize(os.path.join(out, TENSORS)))} "
           f"in {TENSORS}")
     print(f"overall kept fraction of pruned layers: {kept_w / max(weights, 1):.3f}")
-    print(f"output drift on {batch_text}, last hidden states vs the original model:")
-    print(f"  token cosine     {drift['token_cosine']:.3f}  (mean over tokens; 1: unchanged)")
-    print(f"  sentence cosine  {drift['sentence_cosine']:.3f}  (mean-pooled sentence embeddings; warning below "
-          f"{DRIFT_WARN_COSINE})")
-    print(f"  pairwise cosine  {drift['pairwise_after']:.3f}  between its sentences (original "
-          f"{drift['pairwise_before']:.3f}; 1: all collapsed onto one embedding)")
+    if drift is None:
+        print(f"output drift: not measured on {batch_text} ({no_drift})")
+    else:
+        print(f"output drift on {batch_text}, last hidden states vs the original model:")
+        print(f"  token cosine     {drift['token_cosine']:.3f}  (mean over tokens; 1: unchanged)")
+        print(f"  sentence cosine  {drift['sentence_cosine']:.3f}  (mean-pooled sentence embeddings; warning below "
+              f"{DRIFT_WARN_COSINE})")
+        print(f"  pairwise cosine  {drift['pairwise_after']:.3f}  between its sentences (original "
+              f"{drift['pairwise_before']:.3f}; 1: all collapsed onto one embedding)")
     if copied:
         print(f"tokenizer: {', '.join(copied)} copied to {out}")
     else:
         print(f"tokenizer: none copied ({no_tok})")
     print(f"saved to {out}")
-    if drift["warn"]:
+    if drift is not None and drift["warn"]:
         print(f"{PROG}: warning: the pruned model's outputs are far from the original's: "
               f"{'; '.join(drift['warn'])}. One-shot pruning of a pre-trained model without recovery training "
               f"destroys its representations at this level (sparsity {100 * args.sparsity:g}%). Prune gradually "

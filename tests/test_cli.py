@@ -409,6 +409,28 @@ def test_prune_without_a_tokenizer_says_so_and_uses_random_ids(tmp_path, src, ca
     assert sorted(p.name for p in out.iterdir()) == sorted(C.CHECKPOINT_FILES)
 
 
+def test_prune_still_saves_when_the_drift_cannot_be_measured(tmp_path, robust, capsys, monkeypatch):
+    def fails(model, batch):
+        raise RuntimeError("this model needs pixel_values")
+    monkeypatch.setattr(cli, "_last_hidden", fails)
+    rc, stdout, err = _run(capsys, "prune", robust, "--sparsity", "0.5", "--block", "16", "--out", tmp_path / "o")
+    assert rc == 0, err
+    assert "output drift: not measured on 8 sentences" in stdout and "needs pixel_values" in stdout
+    assert "warning" not in err and (tmp_path / "o" / "tokenizer.json").is_file()
+    sparsebert.load_sparse(tmp_path / "o")
+
+
+def test_a_tokenizer_that_cannot_encode_falls_back_to_random_ids_and_says_why(robust):
+    from transformers import BertModel
+
+    class NoPadding:
+        def __call__(self, *a, **k):
+            raise ValueError("Asking to pad but the tokenizer does not have a padding token.")
+    batch, what = cli._drift_batch(BertModel.from_pretrained(robust), NoPadding(), None)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (8, 16)
+    assert "random token ids" in what and "could not encode them" in what and "padding token" in what
+
+
 def test_drift_stats_measure_cosines_and_collapse():
     torch.manual_seed(0)
     mask = torch.ones(8, 5)
