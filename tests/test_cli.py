@@ -409,6 +409,19 @@ def test_prune_without_a_tokenizer_says_so_and_uses_random_ids(tmp_path, src, ca
     assert sorted(p.name for p in out.iterdir()) == sorted(C.CHECKPOINT_FILES)
 
 
+def test_prune_of_a_hub_model_saves_its_tokenizer(tmp_path, robust, capsys, monkeypatch):
+    from transformers import AutoTokenizer
+    monkeypatch.setattr(cli, "model_source", lambda arg: (str(robust), "hub"))   # as if fetched from the Hub
+    out = tmp_path / "out"
+    rc, stdout, err = _run(capsys, "prune", "org/robust", "--sparsity", "0.5", "--block", "16", "--out", out)
+    assert rc == 0, err
+    assert "8 sentences tokenized with the model's tokenizer" in stdout
+    line = [l for l in stdout.splitlines() if l.startswith("tokenizer: ")][0]
+    assert "tokenizer.json" in line and "tokenizer_config.json" in line and "copied to" in line
+    assert AutoTokenizer.from_pretrained(out)("the cat slept")["input_ids"] == \
+        AutoTokenizer.from_pretrained(robust)("the cat slept")["input_ids"]
+
+
 def test_prune_still_saves_when_the_drift_cannot_be_measured(tmp_path, robust, capsys, monkeypatch):
     def fails(model, batch):
         raise RuntimeError("this model needs pixel_values")
