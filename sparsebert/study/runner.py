@@ -1,6 +1,6 @@
 """The study: presets, orchestration, per-run caching (resume) and the summary.
 
-Every run (the MLM-head warm-up, each pre-training run, each fine-tuning run) is cached as
+Every run (the MLM head fit, each pre-training run, each probe, each fine-tuning run) is cached as
 ``<out>/runs/<kind>-<hash>.json`` keyed by the hash of everything that determines it (its config,
 the data settings and its parent run's hash); pre-training runs also keep the encoder, as a
 sparse checkpoint folder ``<kind>-<hash>.ckpt`` (safetensors, :func:`sparsebert.save_sparse`), for
