@@ -73,6 +73,10 @@ class Pruner:
         self.optimizer = optimizer
         self.generator = torch.Generator().manual_seed(seed)
         self.current_sparsity = 0.0
+        # called with the new keep masks (one per layer, in ``self.layers`` order) before they are
+        # applied; returns the masks to apply. ``sparsebert.distributed.install`` sets it to
+        # broadcast rank 0's decision, so every rank applies the same masks.
+        self.decision_hook = None
 
     # ---- one layer's scores, kept set and size -------------------------------------------------
     def _unit_scores(self, mod):
@@ -116,6 +120,8 @@ class Pruner:
                      for s, a in zip(scores, allowed)]
         else:
             keeps = global_masks(scores, sparsity, allowed, [self._unit_size(m) for _, m in self.layers])
+        if self.decision_hook is not None:
+            keeps = self.decision_hook(keeps)
         for (_, mod), keep in zip(self.layers, keeps):
             self._apply(mod, keep)
         if self.optimizer is not None:

@@ -95,46 +95,94 @@ def _cmd_study(args) -> int:
     return 0
 
 
+def _local_threads(threads):
+    """Under torchrun, default threads are shared among the ranks on this machine."""
+    if threads is None and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        n, local = os.cpu_count() or 1, int(os.environ["LOCAL_WORLD_SIZE"])
+        return max(1, n // local)
+    return threads
+
+
+def _set_dropout(model, p: float) -> None:
+    from torch import nn
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = p
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+
+
 def _cmd_pretrain(args) -> int:
     require_device(args.device)
     out = Path(check_out_dir(args.out))
+    from .pretrain import RESUME_DIR, has_train_state
     written = [n for n in (ENCODER, LEGACY_ENCODER, "pretrain.json") if (out / n).exists()]
-    if written and not args.force:
+    if args.resume:
+        if not has_train_state(out):
+            raise UsageError(f"--resume: {out / RESUME_DIR} holds no training state (written with --save-every)")
+    elif written and not args.force:
         raise UsageError(f"--out {out} already holds a pretrain run ({', '.join(written)}): pass --force to "
                          "replace it")
-    from .pretrain import configure_threads, pick_device
-    configure_threads(args.threads)
-    dev = pick_device(args.device)
+    elif has_train_state(out) and not args.force:
+        raise UsageError(f"--out {out} holds an unfinished pretrain run ({RESUME_DIR}/): pass --resume to continue "
+                         "it or --force to start over")
+    from .pretrain import configure_threads
+    from .. import distributed as D
+    configure_threads(_local_threads(args.threads))
+    ctx = D.setup(args.device)
+    dev = ctx.device
     _require_backend(args.backend, dev)
+    try:
+        return _pretrain_run(args, out, dev, ctx)
+    finally:
+        D.teardown()
 
+
+def _pretrain_run(args, out, dev, ctx) -> int:
+    from .. import distributed as D
     from .data import DataCache, DataUnavailable, load_mlm_text, mlm_blocks
     from .pretrain import PretrainConfig, load_minilm_mlm, load_tokenizer, pretrain, save_encoder, scratch_mlm, special_ids
 
     cache = DataCache(args.cache_dir)
-    try:
-        train_docs, dev_docs = load_mlm_text(cache, extra_text=args.extra_text)
-        # --from-scratch: MiniLM's tokenizer if its archive is already here, else a word vocabulary
-        mdir = cache.minilm_dir() if (not args.from_scratch or cache.has("minilm")) else None
-        tok = load_tokenizer(mdir, texts=train_docs, vocab_dir=cache.root / "scratch-vocab")
-    except DataUnavailable as e:
-        print(f"sparsebert: error: {e}", file=sys.stderr)
+    failed = None
+    for turn in ("main", "others"):    # rank 0 first (it may build the scratch vocabulary), then the rest
+        if (turn == "main") == ctx.main:
+            try:
+                train_docs, dev_docs = load_mlm_text(cache, extra_text=args.extra_text)
+                # --from-scratch: MiniLM's tokenizer if its archive is already here, else a word vocabulary
+                mdir = cache.minilm_dir() if (not args.from_scratch or cache.has("minilm")) else None
+                tok = load_tokenizer(mdir, texts=train_docs, vocab_dir=cache.root / "scratch-vocab")
+            except DataUnavailable as e:
+                failed = e
+        D.barrier()
+    if failed is not None:
+        print(f"sparsebert: error: {failed}", file=sys.stderr)
         return 3
     model = scratch_mlm(len(tok)) if args.from_scratch else load_minilm_mlm(mdir)
+    if args.dropout is not None:
+        _set_dropout(model, args.dropout)
     mode = "dense" if args.sparsity == 0 else args.mode
     cfg = PretrainConfig(mode=mode, sparsity=args.sparsity, score=args.score, block=args.block, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, ramp_fraction=args.ramp_fraction,
                          prune_every=args.prune_every, backend=args.backend)
     train = mlm_blocks(train_docs, tok, args.seq_len, args.max_blocks, seed=0)
     dev_blocks = mlm_blocks(dev_docs, tok, args.seq_len, 128, seed=0)
-    res = pretrain(model, cfg, train, dev_blocks, special_ids(tok), dev, progress=not args.no_progress)
-    out.mkdir(parents=True, exist_ok=True)
-    save_encoder(model.bert.cpu(), out / ENCODER)
-    tok.save_pretrained(str(out / "tokenizer"))
-    tmp = out / "pretrain.json.tmp"
-    tmp.write_text(json.dumps({"config": asdict(cfg), "result": res}, indent=1))
-    os.replace(tmp, out / "pretrain.json")
-    print(f"dev MLM loss {res['dev_mlm_loss']:.3f}; sparsity {res['sparsity']:.3f}; "
-          f"{res['seconds_per_step']:.3f} s/step; saved encoder to {out / ENCODER}")
+    if args.batch_size * ctx.world > len(train):
+        raise UsageError(f"--batch-size {args.batch_size} x {ctx.world} ranks = a global batch of "
+                         f"{args.batch_size * ctx.world}, more than the {len(train)} training blocks")
+    res = pretrain(model, cfg, train, dev_blocks, special_ids(tok), dev, progress=not args.no_progress,
+                   save_dir=out if args.save_every else None, save_every=args.save_every or 0,
+                   resume=args.resume)
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_encoder(model.bert.cpu(), out / ENCODER)
+        tok.save_pretrained(str(out / "tokenizer"))
+        tmp = out / "pretrain.json.tmp"
+        tmp.write_text(json.dumps({"config": asdict(cfg), "result": res}, indent=1))
+        os.replace(tmp, out / "pretrain.json")
+        print(f"dev MLM loss {res['dev_mlm_loss']:.3f}; sparsity {res['sparsity']:.3f}; "
+              f"{res['seconds_per_step']:.3f} s/step; saved encoder to {out / ENCODER}"
+              + (f" ({ctx.world} ranks, global batch {res['global_batch_size']})" if ctx.enabled else ""))
+    D.barrier()
     return 0
 
 
@@ -151,9 +199,17 @@ def _cmd_finetune(args) -> int:
         raise UsageError(f"{enc_dir} not found (write one with `sparsebert pretrain --out DIR`)")
     if not (ckpt / "tokenizer").is_dir():
         raise UsageError(f"{ckpt / 'tokenizer'} not found (written by `sparsebert pretrain --out DIR`)")
-    from .pretrain import configure_threads, pick_device
-    configure_threads(args.threads)
+    from .pretrain import configure_threads
+    from .. import distributed as D
+    configure_threads(_local_threads(args.threads))
+    ctx = D.setup(args.device)
+    try:
+        return _finetune_run(args, ckpt, enc_dir, ctx)
+    finally:
+        D.teardown()
 
+
+def _finetune_run(args, ckpt, enc_dir, ctx) -> int:
     from .data import DataCache, DataUnavailable, load_task
     from .finetune import FinetuneConfig, finetune, load_encoder
     from .pretrain import load_tokenizer
@@ -165,15 +221,26 @@ def _cmd_finetune(args) -> int:
         raise UsageError("--control finetune-prune needs --sparsity above 0")
     cfg = FinetuneConfig(task=args.task, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                          batch_size=args.batch_size, max_len=args.max_len, control=control,
-                         prune_mode=args.mode, prune_sparsity=args.sparsity if control == "prune" else 0.0)
-    try:
-        data = load_task(args.task, DataCache(args.cache_dir)).subset(args.max_train, args.max_dev)
-    except DataUnavailable as e:
-        print(f"sparsebert: error: {e}", file=sys.stderr)
+                         prune_mode=args.mode, prune_sparsity=args.sparsity if control == "prune" else 0.0,
+                         **({} if args.dropout is None else {"dropout": args.dropout}))
+    if args.dropout is not None:
+        _set_dropout(enc, args.dropout)
+    from .. import distributed as D
+    failed = None
+    for turn in ("main", "others"):    # rank 0 first (it may unpack the archives), then the rest
+        if (turn == "main") == ctx.main:
+            try:
+                data = load_task(args.task, DataCache(args.cache_dir)).subset(args.max_train, args.max_dev)
+            except DataUnavailable as e:
+                failed = e
+        D.barrier()
+    if failed is not None:
+        print(f"sparsebert: error: {failed}", file=sys.stderr)
         return 3
-    res = finetune(enc, cfg, data, tok, pick_device(args.device), progress=not args.no_progress)
+    res = finetune(enc, cfg, data, tok, ctx.device, progress=not args.no_progress)
     res.pop("model", None)
-    print(json.dumps(res, indent=1))
+    if ctx.main:
+        print(json.dumps(res, indent=1))
     return 0
 
 
@@ -202,7 +269,8 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--score", choices=["magnitude", "random"], default="magnitude")
     s.add_argument("--block", type=block_size, default=32, help="block side for --mode block (a multiple of 16, 16-256)")
     s.add_argument("--steps", type=positive_int, default=200)
-    s.add_argument("--batch-size", type=positive_int, default=16)
+    s.add_argument("--batch-size", type=positive_int, default=16,
+                   help="per-rank batch: under torchrun the global batch is this times the world size")
     s.add_argument("--seq-len", type=positive_int, default=128)
     s.add_argument("--lr", type=positive_float, default=1e-4)
     s.add_argument("--ramp-fraction", type=unit_fraction, default=0.1, help="in [0, 1]")
@@ -213,6 +281,13 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--backend", type=_backend, default="auto")
     s.add_argument("--out", required=True, help="folder for encoder/, tokenizer/ and pretrain.json")
     s.add_argument("--force", action="store_true", help="replace a pretrain run already in --out")
+    s.add_argument("--dropout", type=unit_fraction, default=None,
+                   help="dropout probability in [0, 1] (default: the model's; 0 makes runs on different "
+                        "numbers of ranks comparable)")
+    s.add_argument("--save-every", type=positive_int, default=None,
+                   help="write the full training state to --out/resume every this many steps (and at the end)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from --out/resume (any number of ranks; same global batch for the same result)")
     _common(s)
     s.set_defaults(func=_cmd_pretrain)
 
@@ -222,7 +297,8 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--lr", type=positive_float, default=5e-5)
     s.add_argument("--epochs", type=positive_float, default=3.0)
     s.add_argument("--max-steps", type=positive_int, default=None)
-    s.add_argument("--batch-size", type=positive_int, default=32)
+    s.add_argument("--batch-size", type=positive_int, default=32,
+                   help="per-rank batch: under torchrun the global batch is this times the world size")
     s.add_argument("--max-len", type=positive_int, default=128)
     s.add_argument("--max-train", type=positive_int, default=None)
     s.add_argument("--max-dev", type=positive_int, default=None)
@@ -230,6 +306,8 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--mode", choices=["unstructured", "block"], default="unstructured", help="for --control finetune-prune")
     s.add_argument("--sparsity", type=sparsity, default=0.5,
                    help=f"for --control finetune-prune: {SPARSITY_HELP}")
+    s.add_argument("--dropout", type=unit_fraction, default=None,
+                   help="dropout probability in [0, 1] for the encoder and the head (default: the encoder's, 0.1)")
     _common(s)
     s.set_defaults(func=_cmd_finetune)
 

@@ -197,11 +197,20 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
     over the last quarter of the steps), ``seconds_per_step``, ``steps`` and ``sparsity``
     (fraction of zero weights in the pruned matrices at the end); with ``return_model`` also the
     trained model under ``"model"``.
+
+    Under ``torchrun`` (:mod:`sparsebert.distributed` set up) the model runs in DDP; each step's
+    global batch (``batch_size`` × world size sequences, or the token budget × world size) is
+    drawn identically on every rank and split between them, the loss is the global batch's mean,
+    and with control ``"prune"`` the pruning decisions come from rank 0 (DDP rebuilt, ranks
+    verified identical after each pruning event).
     """
     import sparsebert
+    from sparsebert import distributed as D
     from sparsebert.hf import sparse_layers
     from sparsebert.pruning import CubicSchedule, Pruner
 
+    ctx = D.context()
+    world = ctx.world
     device = device or pick_device()
     torch.manual_seed(cfg.seed)
     spec = data.spec
@@ -218,7 +227,8 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
     dev_seqs = encode(tokenizer, [t for t, _ in data.dev], cfg.max_len)
     dev_y = [y for _, y in data.dev]
     g = torch.Generator().manual_seed(cfg.seed)
-    epoch_batches = lambda: batches(train_seqs, cfg.batch_size, cfg.token_budget, g)  # noqa: E731
+    budget = cfg.token_budget * world if cfg.token_budget else None
+    epoch_batches = lambda: batches(train_seqs, cfg.batch_size * world, budget, g)  # noqa: E731
     first = epoch_batches()
     steps_per_epoch = len(first)
     steps = max(1, int(round(cfg.epochs * steps_per_epoch)))
@@ -234,33 +244,49 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
         end = max(1, int(round(cfg.ramp_fraction * steps)))
         pruner = Pruner(model, CubicSchedule(0.0, cfg.prune_sparsity, 0, end, cfg.prune_every),
                         score=cfg.prune_score, optimizer=opt, seed=cfg.seed)
+        D.install(pruner)
+    net = D.wrap(model, model, opt, where="at the start")
+    if ctx.enabled and ctx.rank:
+        torch.manual_seed(cfg.seed + 7919 * ctx.rank)      # each rank its own dropout draws
 
     pad = tokenizer.pad_token_id
     ydtype = torch.long if spec.kind == "classification" else torch.float
     losses: List[float] = []
     train_time = 0.0
     queue = list(first)
-    bar = progress_bar(steps, desc, progress)
+    bar = progress_bar(steps, desc, progress and ctx.main)
     for step in range(1, steps + 1):
         if not queue:
             queue = epoch_batches()
         idx = queue.pop(0)
+        count, weight = len(idx), 1.0
+        if world > 1:               # this rank's contiguous part (sizes differ by at most one)
+            part = [c.tolist() for c in torch.tensor_split(torch.arange(count), world)][ctx.rank]
+            idx, weight = ([idx[i] for i in part], 1.0) if part else (idx[:1], 0.0)  # an empty part: weight 0
         ids, att = collate([train_seqs[i] for i in idx], pad)
         y = torch.tensor([train_y[i] for i in idx], dtype=ydtype, device=device)
         t0 = time.perf_counter()
         with autocast(device, amp):
-            out = model(ids.to(device), att.to(device)).float()
-        loss = F.cross_entropy(out, y) if spec.kind == "classification" else F.mse_loss(out.view(-1), y)
-        losses.append(optimizer_step(loss, opt, sched))
+            out = net(ids.to(device), att.to(device)).float()
+        if world > 1:   # the global batch's mean loss; DDP averages over ranks, hence × world
+            loss = (F.cross_entropy(out, y, reduction="sum") if spec.kind == "classification"
+                    else F.mse_loss(out.view(-1), y, reduction="sum")) * (weight * world / count)
+            losses.append(D.all_mean(optimizer_step(loss, opt, sched)))
+        else:
+            loss = F.cross_entropy(out, y) if spec.kind == "classification" else F.mse_loss(out.view(-1), y)
+            losses.append(optimizer_step(loss, opt, sched))
         del loss, out
-        if pruner is not None:
-            pruner.step(step)          # also clears pruned weights' AdamW state
+        if pruner is not None and pruner.step(step) and ctx.enabled:   # also clears pruned weights' AdamW state
+            net = D.rewrap(net, model, opt, where=f"after pruning at step {step}")
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
+    if ctx.enabled:
+        D.verify_identical(model, opt, where="at the end of fine-tuning")
+    del net
     dev = evaluate(model, dev_seqs, dev_y, spec.kind, pad, device, amp)
     tail = losses[-max(1, len(losses) // 4):]
     layers = sparse_layers(model)
@@ -274,6 +300,7 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
                        if i % max(1, len(losses) // 20) == 0 or i == len(losses) - 1],
         "linear_zero_fraction": zero_fraction(model),
         "sparse_layers": len(layers),
+        "world_size": world,
     }
     if return_model:
         result["model"] = model

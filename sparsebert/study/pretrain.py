@@ -163,19 +163,54 @@ def mlm_dev_loss(model: nn.Module, dev_blocks: torch.Tensor, ids: dict, device: 
     return total / max(1, count)
 
 
+class _MLMObjective(nn.Module):
+    """The training loss as a module (what DDP wraps): masked-LM cross-entropy summed over this
+    rank's masked positions and divided by ``count``, the global batch's masked positions (so the
+    gradient averaged over ranks is the one-process gradient of the global batch's mean loss)."""
+
+    def __init__(self, model: nn.Module, head_only: bool = False):
+        super().__init__()
+        self.model, self.head_only = model, head_only
+
+    def forward(self, inputs, labels, count):
+        sel = labels != -100
+        if self.head_only:
+            with torch.no_grad():
+                hidden = self.model.bert(input_ids=inputs).last_hidden_state
+        else:
+            hidden = self.model.bert(input_ids=inputs).last_hidden_state
+        logits = self.model.cls(hidden[sel])
+        return F.cross_entropy(logits.float(), labels[sel], reduction="sum") / count
+
+
+RESUME_DIR = "resume"
+
+
 def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, dev_blocks: torch.Tensor,
              ids: dict, device: Optional[torch.device] = None, amp: bool = False, progress: bool = True,
-             desc: str = "pretrain") -> dict:
+             desc: str = "pretrain", save_dir=None, save_every: int = 0, resume: bool = False) -> dict:
     """Train ``model`` (a ``BertForMaskedLM`` with a pooler) in place; returns the run's numbers.
 
     For modes other than ``dense`` the model is sparsified (at 0) and pruned gradually; the
     returned dict has ``dev_mlm_loss``, ``train_loss`` (mean of the last 10% of steps),
     ``seconds_per_step``, ``sparsity`` (achieved, over the pruned layers), ``mask_updates``
     (``[step, sparsity]`` at each mask recomputation) and a loss curve.
+
+    Under ``torchrun`` (:mod:`sparsebert.distributed` set up) each step's global batch is
+    ``cfg.batch_size`` × world size, drawn identically on every rank and split between them; the
+    objective runs in DDP (rebuilt after each layout change), pruning decisions come from rank 0
+    and every rank's model and optimizer state are compared after each pruning event
+    (``rank_checks`` in the result). With ``save_dir`` and ``save_every`` the full training state
+    (model, optimizer, schedule, data order, RNGs) is written by rank 0 every ``save_every`` steps
+    and at the end to ``save_dir/resume`` (:func:`save_train_state`); ``resume=True`` continues
+    from it, on any number of ranks.
     """
     import sparsebert
+    from sparsebert import distributed as D
     from sparsebert.pruning import CubicSchedule, Pruner
 
+    ctx = D.context()
+    world = ctx.world
     device = device or pick_device()
     torch.manual_seed(cfg.seed)
     model.to(device).train()
@@ -184,6 +219,10 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
         sparsebert.sparsify(model, 0.0, block=(cfg.block, cfg.block), mode=cfg.mode, scope=cfg.scope,
                             score=cfg.score, seed=cfg.seed, backend=cfg.backend)
         model.to(device)
+    state = None
+    if resume and save_dir is not None:
+        state = load_train_state(save_dir, model)
+        model.to(device).train()
     if cfg.head_only:
         emb = model.get_input_embeddings().weight
         for p in model.parameters():
@@ -201,43 +240,65 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
     if cfg.mode != "dense":
         schedule = CubicSchedule(0.0, cfg.sparsity, 0, cfg.ramp_end(), cfg.prune_every)
         pruner = Pruner(model, schedule, scope=cfg.scope, score=cfg.score, optimizer=opt, seed=cfg.seed)
+        D.install(pruner)
 
     g = torch.Generator().manual_seed(cfg.seed)
     n = len(train_blocks)
+    gbatch = cfg.batch_size * world
+    if gbatch > n:
+        raise ValueError(f"global batch {gbatch} (batch size {cfg.batch_size} x {world} ranks) exceeds the "
+                         f"{n} training blocks")
     perm = torch.randperm(n, generator=g)
-    pos = 0
+    pos, first = 0, 1
     losses: List[float] = []
     updates: List[List[float]] = []
+    checks: List[int] = []
     train_time = 0.0
-    bar = progress_bar(cfg.steps, desc, progress)
-    for step in range(1, cfg.steps + 1):
-        if pos + cfg.batch_size > n:
+    if state is not None:
+        first = _restore(state, opt, sched, pruner, g, device)
+        perm, pos = state["perm"], state["pos"]
+        losses, updates = state["losses"], state["updates"]
+        train_time = state["train_time"]
+    objective = _MLMObjective(model, cfg.head_only)
+    step_fn = D.wrap(objective, model, opt, where="at the start")
+    if ctx.enabled:
+        checks.append(first - 1)
+        if ctx.rank:
+            torch.manual_seed(cfg.seed + 7919 * ctx.rank + first)     # each rank its own dropout draws
+    bar = progress_bar(cfg.steps, desc, progress and ctx.main)
+    bar.update(first - 1)
+    for step in range(first, cfg.steps + 1):
+        if pos + gbatch > n:
             perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
+        idx = perm[pos:pos + gbatch]
+        pos += gbatch
         inputs, labels = mask_tokens(train_blocks[idx], ids["special"], ids["mask"], ids["vocab"], g, cfg.mask_prob)
+        count = max(1, int((labels != -100).sum()))
+        inputs, labels = D.shard(inputs, labels)
         t0 = time.perf_counter()
         with autocast(device, amp):
-            if cfg.head_only:
-                with torch.no_grad():
-                    hidden = model.bert(input_ids=inputs.to(device)).last_hidden_state
-                lab = labels.to(device)
-                sel = lab != -100
-                loss = F.cross_entropy(model.cls(hidden[sel]).float(), lab[sel])
-            else:
-                loss = mlm_loss(model, inputs.to(device), labels.to(device))
-        losses.append(optimizer_step(loss, opt, sched))
+            loss = step_fn(inputs.to(device), labels.to(device), count)
+        # DDP averages gradients over ranks: scale by the world size to get the global batch's
+        loss_value = optimizer_step(loss * world if world > 1 else loss, opt, sched)
+        losses.append(D.all_mean(loss_value) if world > 1 else loss_value)
         del loss
-        if cfg.head_only:
-            del hidden
         if pruner is not None and pruner.step(step):   # also clears pruned weights' AdamW state
             updates.append([step, round(pruner.sparsity(), 6)])
+            if ctx.enabled:
+                step_fn = D.rewrap(step_fn, model, opt, where=f"after pruning at step {step}")
+                checks.append(step)
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0
+        if save_dir is not None and save_every and (step % save_every == 0 or step == cfg.steps):
+            save_train_state(save_dir, model, opt, sched, pruner, g, perm, pos, step, losses, updates, train_time)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", sparsity=f"{pruner.sparsity():.2f}" if pruner else "0")
     bar.close()
+    if ctx.enabled:
+        D.verify_identical(model, opt, where="at the end")
+        checks.append(cfg.steps)
+    del step_fn
     tail = losses[-max(1, len(losses) // 10):]
     dev = mlm_dev_loss(model, dev_blocks, ids, device, amp=amp)
     every = max(1, len(losses) // 50)
@@ -250,4 +311,104 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
         "mask_updates": updates,
         "loss_curve": [[i + 1, round(l, 4)] for i, l in enumerate(losses) if i % every == 0 or i == len(losses) - 1],
         "steps": cfg.steps,
+        "world_size": world,
+        "global_batch_size": gbatch,
+        "rank_checks": checks,
+        "resumed_at": first - 1 if state is not None else None,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state (resume): safetensors + JSON, never a pickle; written by rank 0, atomically
+# ---------------------------------------------------------------------------------------------
+def _gen_state(g: torch.Generator) -> List[int]:
+    return g.get_state().tolist()
+
+
+def save_train_state(save_dir, model, opt, sched, pruner, g, perm, pos, step, losses, updates,
+                     train_time) -> Optional[Path]:
+    """Write ``save_dir/resume/step-NNNNNN/`` (model as a sparse checkpoint, optimizer state as
+    safetensors, the rest as JSON) and then point ``save_dir/resume/LATEST`` at it (an atomic
+    rename), removing older states. Rank 0 writes; every rank waits for it."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from sparsebert import distributed as D
+    from sparsebert.checkpoint import save_sparse
+    root = Path(save_dir) / RESUME_DIR
+    name = f"step-{step:06d}"
+    if D.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        d = root / name
+        save_sparse(model, d / "model")
+        sd = opt.state_dict()
+        tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items()
+                   for k, v in st.items() if torch.is_tensor(v)}
+        tensors["perm"] = perm.clone()
+        tmp = d / "optimizer.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, d / "optimizer.safetensors")
+        meta = {"step": step, "pos": pos, "param_groups": sd["param_groups"],
+                "scalars": {str(i): {k: v for k, v in st.items() if not torch.is_tensor(v)}
+                            for i, st in sd["state"].items()},
+                "scheduler": {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"},
+                "data_generator": _gen_state(g), "torch_rng": _gen_state(torch.default_generator),
+                "pruner": None if pruner is None else {"current_sparsity": pruner.current_sparsity,
+                                                       "generator": _gen_state(pruner.generator)},
+                "losses": losses, "updates": updates, "train_time": train_time}
+        tmp = d / "state.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, d / "state.json")
+        tmp = root / "LATEST.tmp"
+        tmp.write_text(name)
+        os.replace(tmp, root / "LATEST")
+        for old in root.glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    D.barrier()
+    return root / name
+
+
+def has_train_state(save_dir) -> bool:
+    return (Path(save_dir) / RESUME_DIR / "LATEST").is_file()
+
+
+def load_train_state(save_dir, model: nn.Module) -> dict:
+    """Read the state :func:`save_train_state` wrote, loading its model (layouts included) into
+    ``model``; returns the rest for :func:`pretrain` to restore."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from sparsebert.checkpoint import load_sparse
+    root = Path(save_dir) / RESUME_DIR
+    d = root / (root / "LATEST").read_text().strip()
+    saved = load_sparse(d / "model", model=model)      # a filled copy of ``model`` (verified files)
+    model.load_state_dict(saved.state_dict())           # layouts too (BlockSparseLinear adopts them)
+    del saved
+    meta = json.loads((d / "state.json").read_text())
+    tensors = load_file(str(d / "optimizer.safetensors"))
+    meta["perm"] = tensors.pop("perm")
+    meta["optimizer_tensors"] = tensors
+    return meta
+
+
+def _restore(state: dict, opt, sched, pruner, g, device) -> int:
+    """Restore optimizer, schedule, pruner and RNG state; returns the first step to run."""
+    st: Dict[int, dict] = {}
+    for key, v in state["optimizer_tensors"].items():
+        i, k = key.split(".", 1)
+        st.setdefault(int(i), {})[k] = v
+    for i, sc in state["scalars"].items():
+        st.setdefault(int(i), {}).update(sc)
+    opt.load_state_dict({"state": st, "param_groups": state["param_groups"]})
+    sched.load_state_dict(dict(state["scheduler"], lr_lambdas=[None] * len(opt.param_groups)))
+    if pruner is not None and state["pruner"] is not None:
+        pruner.current_sparsity = state["pruner"]["current_sparsity"]
+        pruner.generator.set_state(torch.tensor(state["pruner"]["generator"], dtype=torch.uint8))
+    g.set_state(torch.tensor(state["data_generator"], dtype=torch.uint8))
+    torch.default_generator.set_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    return int(state["step"]) + 1
