@@ -138,7 +138,7 @@ def _descendants(pid):
     return out
 
 
-def test_killed_run_resumes_to_same_result(runs, cache, tmp_path):
+def test_killed_run_resumes_to_same_result(runs, cache, tmp_path, capsys):
     one, two, _ = runs["block"]
     killed = tmp_path / "killed"
     p = subprocess.Popen(_torchrun() + _args(cache, killed, "block", 4), env=_env(), cwd=ROOT,
@@ -161,8 +161,9 @@ def test_killed_run_resumes_to_same_result(runs, cache, tmp_path):
     assert step < STEPS and not (killed / "pretrain.json").exists(), "the run finished before the kill"
     other = tmp_path / "killed-1rank"
     shutil.copytree(killed, other)
-    assert "--resume" in subprocess.run(_single() + _args(cache, killed, "block", 4), env=_env(), cwd=ROOT,
-                                        capture_output=True, text=True).stderr   # refused without --resume
+    from sparsebert.cli import main
+    assert main(_args(cache, killed, "block", 4)) == 2                           # refused without --resume
+    assert "--resume" in capsys.readouterr().err
     _run(_torchrun() + _args(cache, killed, "block", 4, "--resume"))             # 2 ranks again
     _run(_single() + _args(cache, other, "block", 8, "--resume"))                # 1 rank, same global batch
     for out in (killed, other):
@@ -176,7 +177,27 @@ MISMATCH = textwrap.dedent("""
     import sparsebert
     from sparsebert import distributed as D
     from sparsebert.study.pretrain import scratch_mlm
+    from sparsebert.pruning import OneShotSchedule, Pruner
     ctx = D.setup("cpu")
+    # 1. pruning decisions come from rank 0: rank 1's weights differ, its masks are still rank 0's
+    model = scratch_mlm(64, hidden=64, layers=1, heads=2, intermediate=128, max_position=32)
+    sparsebert.sparsify(model, 0.0, block=(32, 32), mode="block")
+    if ctx.rank == 1:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(torch.rand_like(p))
+    pruner = Pruner(model, OneShotSchedule(0.5, 1))
+    D.install(pruner)
+    pruner.prune_to(0.5)
+    masks = [m.layout.block_mask for _, m in pruner.layers]
+    got = [None] * ctx.world
+    torch.distributed.all_gather_object(got, masks)
+    assert all(torch.equal(a, b) for a, b in zip(got[0], got[1])), "masks differ"
+    try:
+        D.verify_identical(model)
+    except D.DistributedMismatchError as e:
+        print(f"rank {ctx.rank} VALUES {e}", flush=True)
+    # 2. a rank whose layout differs: a clear error on every rank, not a hang in DDP
     model = scratch_mlm(64, hidden=64, layers=1, heads=2, intermediate=128, max_position=32)
     sparsebert.sparsify(model, 0.5, block=(32, 32), mode="block")
     if ctx.rank == 1:                       # this rank drops one more block than rank 0
@@ -189,6 +210,7 @@ MISMATCH = textwrap.dedent("""
         D.wrap(model)
     except D.DistributedMismatchError as e:
         print(f"rank {ctx.rank} MISMATCH after {time.time() - t0:.2f}s: {e}", flush=True)
+        D.barrier()                         # both have printed before either exits
         D.teardown()
         sys.exit(17)
     print("no error", flush=True)
@@ -208,6 +230,8 @@ def test_mismatched_layout_is_a_clear_error(tmp_path):
     for line in lines:
         assert "rank 1 differs from rank 0 in layout bert.encoder.layer.0.intermediate.dense" in line
         assert float(line.split("after ")[1].split("s:")[0]) < 5
+    values = [line for line in p.stdout.splitlines() if "VALUES" in line]
+    assert len(values) == 2 and all("rank 1 differs from rank 0 in param" in v and "(values:" in v for v in values)
     assert wall < 100
 
 

@@ -170,7 +170,7 @@ def _pretrain_run(args, out, dev, ctx) -> int:
         raise UsageError(f"--batch-size {args.batch_size} x {ctx.world} ranks = a global batch of "
                          f"{args.batch_size * ctx.world}, more than the {len(train)} training blocks")
     res = pretrain(model, cfg, train, dev_blocks, special_ids(tok), dev, progress=not args.no_progress,
-                   save_dir=out if args.save_every else None, save_every=args.save_every or 0,
+                   save_dir=out if (args.save_every or args.resume) else None, save_every=args.save_every or 0,
                    resume=args.resume)
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
