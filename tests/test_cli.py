@@ -475,3 +475,57 @@ def test_size_table_counts_what_the_checkpoint_stores(tmp_path):
     C.save_sparse(model, tmp_path / "ck")
     assert sum(r[7] for r in rows.values()) < os.path.getsize(tmp_path / "ck" / C.TENSORS)
 
+
+# ---- help: every option says what it is, its default and unit; plain text ----------------------------
+def _subparsers(parser):
+    import argparse
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def _rendered_help(parser, action):
+    return parser._get_formatter()._expand_help(action)
+
+
+def test_every_option_of_every_subcommand_has_help_with_its_default():
+    import argparse
+    import re
+    missing = []
+    for name, sp in _subparsers(cli.build_parser()).items():
+        for a in sp._actions:
+            if isinstance(a, argparse._HelpAction) or not a.option_strings:
+                continue
+            opt = f"{name} {a.option_strings[0]}"
+            text = _rendered_help(sp, a) if a.help not in (None, argparse.SUPPRESS) else ""
+            if not text.strip():
+                missing.append(f"{opt}: no help")
+            elif a.required:
+                if "required" not in text:
+                    missing.append(f"{opt}: does not say it is required")
+            elif "default" not in text:
+                missing.append(f"{opt}: no default in {text!r}")
+            elif a.default not in (None, False):
+                said = text[text.index("default"):]
+                values = a.default if isinstance(a.default, (list, tuple)) else [a.default]
+                for v in values:
+                    if isinstance(v, str):
+                        ok = v in said
+                    else:
+                        nums = [float(x) for x in re.findall(r"\d+(?:\.\d+)?(?:e-?\d+)?", said)]
+                        ok = any(abs(n - v) <= 1e-12 or abs(n / 100 - v) <= 1e-12 for n in nums)
+                    if not ok:
+                        missing.append(f"{opt}: default {v!r} not stated in {said!r}")
+    assert not missing, "\n".join(missing)
+
+
+def test_help_texts_are_plain_text():
+    parser = cli.build_parser()
+    texts = {"sparsebert": parser.description}
+    for name, sp in _subparsers(parser).items():
+        assert sp.description, f"sparsebert {name} --help has no description"
+        texts[name] = sp.description
+        for a in sp._actions:
+            if a.help:
+                texts[f"{name} {'/'.join(a.option_strings) or a.dest}"] = _rendered_help(sp, a)
+    marked = {k: v for k, v in texts.items() if re.search(r"`|:(func|class|meth|mod):|\*\*|^\.\. ", v, re.M)}
+    assert not marked, marked

@@ -54,8 +54,10 @@ def _require_backend(name: str, dev) -> None:
 
 def _common(s):
     s.add_argument("--cache-dir", default=None, help="data/model cache (default ~/.cache/sparsebert or $SPARSEBERT_CACHE)")
-    s.add_argument("--device", type=device, default="auto", help="auto | cpu | cuda | cuda:N")
-    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--device", type=device, default="auto",
+                   help="where to run: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N "
+                        "(default auto)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars (default off: bars shown)")
     s.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads, at least 1 (default: cores not busy with other work, at least 1)")
 
@@ -251,61 +253,96 @@ def add_subcommands(subparsers) -> None:
 
     s = subparsers.add_parser("study", help="the paper's experiment at small scale: prune in pre-training, "
                                             "fine-tune, report (cached, resumable)")
-    s.add_argument("--preset", choices=sorted(PRESETS), default="cpu-demo")
-    s.add_argument("--out", default=None, help="output folder (default study_runs/<preset>)")
+    s.add_argument("--preset", choices=sorted(PRESETS), default="cpu-demo",
+                   help="the study's scale: cpu-demo (minutes on a CPU) or gpu (one GPU, hours) (default cpu-demo)")
+    s.add_argument("--out", default=None, help="output folder: run cache and report (default study_runs/<preset>)")
     s.add_argument("--levels", nargs="+", default=None,   # checked by _cmd_study (kept as given here)
-                   help=f"sparsity levels, each {SPARSITY_HELP} (0 is always run)")
-    s.add_argument("--modes", nargs="+", choices=["unstructured", "block"], default=None)
-    s.add_argument("--tasks", nargs="+", default=None, help=f"from {sorted(TASKS)}")
-    s.add_argument("--controls", nargs="*", choices=list(CONTROLS) + ["none"], default=None)
-    s.add_argument("--lrs", nargs="+", type=positive_float, default=None, help="fine-tuning learning-rate grid")
-    s.add_argument("--from-scratch", action="store_true", help="small random BERT instead of MiniLM")
+                   help=f"sparsity levels, each {SPARSITY_HELP}; 0 is always run (default: the preset's)")
+    s.add_argument("--modes", nargs="+", choices=["unstructured", "block"], default=None,
+                   help="pruning modes: unstructured (single weights) and/or block (default: the preset's)")
+    s.add_argument("--tasks", nargs="+", default=None,
+                   help=f"fine-tuning tasks, from {', '.join(sorted(TASKS))} (default: the preset's)")
+    s.add_argument("--controls", nargs="*", choices=list(CONTROLS) + ["none"], default=None,
+                   help="control runs: scratch (no pre-training), random (random masks), deletion (pruned "
+                        "weights free to regrow), finetune-prune (prune while fine-tuning); none or nothing: "
+                        "no controls (default: the preset's)")
+    s.add_argument("--lrs", nargs="+", type=positive_float, default=None,
+                   help="fine-tuning learning rates to try, each above 0 (default: the preset's)")
+    s.add_argument("--from-scratch", action="store_true",
+                   help="a small random BERT instead of MiniLM (default off: MiniLM)")
     _common(s)
     s.set_defaults(func=_cmd_study)
 
     s = subparsers.add_parser("pretrain", help="one continued MLM pre-training run with gradual pruning")
-    s.add_argument("--mode", choices=["unstructured", "block"], default="unstructured")
-    s.add_argument("--sparsity", type=sparsity, default=0.0, help=f"target sparsity: {SPARSITY_HELP} (0: dense)")
-    s.add_argument("--score", choices=["magnitude", "random"], default="magnitude")
-    s.add_argument("--block", type=block_size, default=32, help="block side for --mode block (a multiple of 16, 16-256)")
-    s.add_argument("--steps", type=positive_int, default=200)
+    s.add_argument("--mode", choices=["unstructured", "block"], default="unstructured",
+                   help="unstructured: single weights masked (the paper's setting); block: --block x --block "
+                        "blocks removed, BlockSparseLinear (default unstructured)")
+    s.add_argument("--sparsity", type=sparsity, default=0.0,
+                   help=f"target sparsity at the end of the ramp: {SPARSITY_HELP} (default 0: dense)")
+    s.add_argument("--score", choices=["magnitude", "random"], default="magnitude",
+                   help="which weights or blocks go: magnitude (the smallest) or random (a control) "
+                        "(default magnitude)")
+    s.add_argument("--block", type=block_size, default=32,
+                   help="block side in weights for --mode block: a multiple of 16 from 16 to 256 (default 32)")
+    s.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default 200)")
     s.add_argument("--batch-size", type=positive_int, default=16,
-                   help="per-rank batch: under torchrun the global batch is this times the world size")
-    s.add_argument("--seq-len", type=positive_int, default=128)
-    s.add_argument("--lr", type=positive_float, default=1e-4)
-    s.add_argument("--ramp-fraction", type=unit_fraction, default=0.1, help="in [0, 1]")
-    s.add_argument("--prune-every", type=positive_int, default=10)
-    s.add_argument("--max-blocks", type=positive_int, default=None, help="cap on MLM training blocks")
-    s.add_argument("--extra-text", action="store_true", help="add Debian documentation to the MLM text")
-    s.add_argument("--from-scratch", action="store_true")
-    s.add_argument("--backend", type=_backend, default="auto")
-    s.add_argument("--out", required=True, help="folder for encoder/, tokenizer/ and pretrain.json")
-    s.add_argument("--force", action="store_true", help="replace a pretrain run already in --out")
+                   help="sequences per step on each rank: under torchrun the global batch is this times the "
+                        "world size (default 16)")
+    s.add_argument("--seq-len", type=positive_int, default=128, help="tokens per MLM training sequence (default 128)")
+    s.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate, above 0 (default 1e-4)")
+    s.add_argument("--ramp-fraction", type=unit_fraction, default=0.1,
+                   help="fraction of --steps, in [0, 1], over which the sparsity ramps from 0 to --sparsity "
+                        "(cubic schedule) (default 0.1)")
+    s.add_argument("--prune-every", type=positive_int, default=10,
+                   help="steps between mask updates during the ramp (default 10)")
+    s.add_argument("--max-blocks", type=positive_int, default=None,
+                   help="at most this many MLM training sequences of --seq-len tokens (default: all the text)")
+    s.add_argument("--extra-text", action="store_true",
+                   help="add Debian documentation to the MLM text (default off)")
+    s.add_argument("--from-scratch", action="store_true",
+                   help="start from a small random BERT instead of MiniLM (MiniLM's tokenizer if cached, else "
+                        "a word vocabulary) (default off)")
+    s.add_argument("--backend", type=_backend, default="auto",
+                   help="sparse kernel backend: auto or a name that sparsebert info lists (default auto: the "
+                        "best one available here)")
+    s.add_argument("--out", required=True, help="required: folder for encoder/, tokenizer/ and pretrain.json")
+    s.add_argument("--force", action="store_true",
+                   help="replace a pretrain run already in --out (default off: refuse)")
     s.add_argument("--dropout", type=unit_fraction, default=None,
                    help="dropout probability in [0, 1] (default: the model's; 0 makes runs on different "
                         "numbers of ranks comparable)")
     s.add_argument("--save-every", type=positive_int, default=None,
-                   help="write the full training state to --out/resume every this many steps (and at the end)")
+                   help="write the full training state to --out/resume every this many steps and at the end "
+                        "(default: not written)")
     s.add_argument("--resume", action="store_true",
-                   help="continue from --out/resume (any number of ranks; same global batch for the same result)")
+                   help="continue from --out/resume (any number of ranks; same global batch for the same result) "
+                        "(default off: a new run)")
     _common(s)
     s.set_defaults(func=_cmd_pretrain)
 
-    s = subparsers.add_parser("finetune", help="fine-tune a `sparsebert pretrain` output on one task, mask fixed")
-    s.add_argument("--checkpoint", required=True, help="folder written by `sparsebert pretrain --out`")
-    s.add_argument("--task", choices=sorted(TASKS), required=True)
-    s.add_argument("--lr", type=positive_float, default=5e-5)
-    s.add_argument("--epochs", type=positive_float, default=3.0)
-    s.add_argument("--max-steps", type=positive_int, default=None)
+    s = subparsers.add_parser("finetune", help="fine-tune the output of sparsebert pretrain on one task, the mask fixed")
+    s.add_argument("--checkpoint", required=True, help="required: a folder written by sparsebert pretrain --out")
+    s.add_argument("--task", choices=sorted(TASKS), required=True, help="required: the task to fine-tune on")
+    s.add_argument("--lr", type=positive_float, default=5e-5, help="peak learning rate, above 0 (default 5e-5)")
+    s.add_argument("--epochs", type=positive_float, default=3.0,
+                   help="passes over the training examples, above 0 (default 3)")
+    s.add_argument("--max-steps", type=positive_int, default=None,
+                   help="at most this many optimizer steps (default: as many as --epochs take)")
     s.add_argument("--batch-size", type=positive_int, default=32,
-                   help="per-rank batch: under torchrun the global batch is this times the world size")
-    s.add_argument("--max-len", type=positive_int, default=128)
-    s.add_argument("--max-train", type=positive_int, default=None)
-    s.add_argument("--max-dev", type=positive_int, default=None)
-    s.add_argument("--control", choices=["none", "deletion", "finetune-prune"], default="none")
-    s.add_argument("--mode", choices=["unstructured", "block"], default="unstructured", help="for --control finetune-prune")
+                   help="examples per step on each rank: under torchrun the global batch is this times the "
+                        "world size (default 32)")
+    s.add_argument("--max-len", type=positive_int, default=128,
+                   help="tokens per example; longer ones are truncated (default 128)")
+    s.add_argument("--max-train", type=positive_int, default=None,
+                   help="at most this many training examples (default: all)")
+    s.add_argument("--max-dev", type=positive_int, default=None, help="at most this many dev examples (default: all)")
+    s.add_argument("--control", choices=["none", "deletion", "finetune-prune"], default="none",
+                   help="none: the mask held fixed; deletion: pruned weights start at zero but may regrow; "
+                        "finetune-prune: start dense and prune while fine-tuning (default none)")
+    s.add_argument("--mode", choices=["unstructured", "block"], default="unstructured",
+                   help="for --control finetune-prune: unstructured or block (default unstructured)")
     s.add_argument("--sparsity", type=sparsity, default=0.5,
-                   help=f"for --control finetune-prune: {SPARSITY_HELP}")
+                   help=f"for --control finetune-prune: the target sparsity, {SPARSITY_HELP} (default 0.5)")
     s.add_argument("--dropout", type=unit_fraction, default=None,
                    help="dropout probability in [0, 1] for the encoder and the head (default: the encoder's, 0.1)")
     _common(s)
