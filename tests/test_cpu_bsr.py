@@ -242,17 +242,17 @@ def test_meta_tensors_give_shapes():
     assert ops.grad_weight(meta(x), meta(dy), idx, 64, 96, 32, 32).shape == values.shape
 
 
-def test_transposed_weight_cache_sees_in_place_changes(monkeypatch):
-    """The forward caches the transposed weight blocks per values version: every in-place change
-    made through torch (optimizer step, copy_, masking under no_grad, a view of a bigger tensor)
-    must be seen, and a new tensor at a reused address must never hit a stale entry."""
+def test_forward_sees_in_place_changes():
+    """The forward reads `values` as they are at each call (no transposed copy is kept between
+    calls): in-place changes through torch (an optimizer step, masking under no_grad, a view of a
+    bigger tensor) and fresh tensors at reused addresses all give the reference result. Writes
+    that bypass the version counter (.data, numpy, fused optimizers): tests/test_cpu_wcache.py."""
     N, K, block = 128, 96, (32, 32)
     lay = _layout(N, K, block, 0.6, seed=3)
     lt = lay.tensors()
     x, _, values, bias = _inputs(37, N, K, lay, torch.float32)
     ref = lambda v: reference.forward(x, v, bias, lt)
     _close(cpu_bsr.forward(x, values, bias, lt), ref(values), torch.float32, K)
-    _close(cpu_bsr.forward(x, values, bias, lt), ref(values), torch.float32, K)  # cached
     values.mul_(-2.0)                                    # in place
     _close(cpu_bsr.forward(x, values, bias, lt), ref(values), torch.float32, K)
     p = torch.nn.Parameter(values.clone())
@@ -274,12 +274,59 @@ def test_transposed_weight_cache_sees_in_place_changes(monkeypatch):
         v = torch.full_like(values, float(i))
         _close(cpu_bsr.forward(x, v, bias, lt), ref(v), torch.float32, K)
         del v
-    monkeypatch.setenv("SPARSEBERT_CPU_WCACHE", "0")
-    _close(cpu_bsr.forward(x, values, bias, lt), ref(values), torch.float32, K)
-    monkeypatch.setenv("SPARSEBERT_CPU_WCACHE", "1")
-    monkeypatch.setenv("SPARSEBERT_CPU_WCACHE_MB", "0")  # too big to cache: still right
-    values.add_(1.0)
-    _close(cpu_bsr.forward(x, values, bias, lt), ref(values), torch.float32, K)
+
+
+FORWARD_KERNELS = ["dot", "tpanel", "panel"]
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic", "autovec"])
+@pytest.mark.parametrize("kernel", FORWARD_KERNELS)
+def test_every_forward_kernel(kernel, isa, monkeypatch):
+    """The three forward kernels (SPARSEBERT_CPU_FWD forces one; by default the token count picks)
+    on every kernel set: block widths with a compiled-in specialisation (16, 32, 64) and without
+    (48, 80), token counts around the register tiles (1 .. 4 tokens, 16-token vectors of tpanel),
+    a row block that keeps nothing, bias or none, GELU or none."""
+    monkeypatch.setenv("SPARSEBERT_CPU_ISA", isa)
+    try:
+        cpu_bsr.isa()
+    except RuntimeError as e:  # this CPU lacks the ISA
+        pytest.skip(str(e))
+    monkeypatch.setenv("SPARSEBERT_CPU_FWD", kernel)
+    for block in [(16, 16), (32, 32), (64, 64), (32, 48), (16, 80)]:
+        N, K = 4 * block[0], 5 * block[1]
+        mask = torch.rand(4, 5, generator=torch.Generator().manual_seed(sum(block))) < 0.6
+        mask[2] = False
+        lay = BlockLayout.from_mask(mask, block)
+        lt = lay.tensors()
+        for M in [1, 3, 5, 16, 17, 40]:
+            x, _, values, bias = _inputs(M, N, K, lay, torch.float32, seed=M)
+            for b in (bias, None):
+                want = reference.forward(x, values, b, lt)
+                _close(cpu_bsr.forward(x, values, b, lt), want, torch.float32, K)
+                _close(cpu_bsr.forward(x, values, b, lt, activation="gelu"),
+                       torch.nn.functional.gelu(want), torch.float32, K)
+
+
+@pytest.mark.parametrize("density", [0.05, 0.6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_forward_at_every_token_count(dtype, density):
+    """By default the forward kernel is picked by token count and row length (short rows at 5%,
+    long at 60%): every count from 0 to 70, across the switches, equals the reference."""
+    N, K, block = 192, 1024, (32, 32)
+    lay = _layout(N, K, block, density, seed=int(density * 100))
+    lt = lay.tensors()
+    f = lambda t: t.float()
+    for M in range(71):
+        x, _, values, bias = _inputs(M, N, K, lay, dtype, seed=M)
+        want = reference.forward(f(x), f(values), f(bias), lt).to(dtype)
+        _close(cpu_bsr.forward(x, values, bias, lt), want, dtype, K)
+
+
+def test_forward_kernel_choice_is_checked(monkeypatch):
+    lay, x, dy, values, bias = _args()
+    monkeypatch.setenv("SPARSEBERT_CPU_FWD", "fastest")
+    with pytest.raises(RuntimeError, match="SPARSEBERT_CPU_FWD must be"):
+        cpu_bsr.forward(x, values, bias, lay.tensors())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

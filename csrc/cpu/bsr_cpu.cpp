@@ -12,15 +12,22 @@
 //   [row_ptr R+1 | col_idx nnz | row_idx nnz | col_ptr C+1 | t_row_idx nnz | t_perm nnz].
 //
 // Work split (at::parallel_for over independent output tiles, no atomics):
-//   forward      run_panels: items (token tile of <= 256 tokens, chunk of output blocks), token
-//                tile first, so a thread keeps its input tile in L2 while it walks the output
-//                blocks; a wide input is cut into L2-sized groups, the output tile accumulated
-//                over them. Each output block Y[tile, r] accumulates in registers over the kept
-//                blocks of row r (CSR). W blocks are transposed to [bk, bn] so the inner loop
-//                is a broadcast-FMA over contiguous outputs; the transposed copy is cached per
-//                values tensor and version counter (transposed_weights below; 2-5% of a forward
-//                at 50% sparsity). Software prefetch by density; outputs of >= 8 MiB are
-//                written with non-temporal stores on their last pass (run_panels).
+//   forward      M >= 48 tokens: run_panels: items (token tile of <= 256 tokens, chunk of output
+//                blocks), token tile first, so a thread keeps its input tile in L2 while it walks
+//                the output blocks; a wide input is cut into L2-sized groups, the output tile
+//                accumulated over them. Each output block Y[tile, r] accumulates in registers
+//                over the kept blocks of row r (CSR). The inner loop is a broadcast-FMA over
+//                contiguous outputs, so it wants W blocks as [bk, bn]: each item transposes the
+//                blocks of an output block into its own scratch right before using them (in
+//                registers, VW x VW tiles; the copy stays in L1/L2). Software prefetch by
+//                density; outputs of >= 8 MiB are written with non-temporal stores on their last
+//                pass. Fewer tokens: forward_rows, per block row, `dot` (W as stored, one vector
+//                of k-lanes per token and output, reduced once at the end) or `tpanel` (x
+//                transposed, tokens in the vector lanes); see pick_forward.
+//                No transposed copy of W is ever kept between calls: every call reads `values`
+//                as it is then. (One used to be cached, keyed by the tensor's version counter;
+//                fused optimizers, `.data` and numpy writes change values without bumping it,
+//                and the forward then ran on old weights while the backward used new ones.)
 //   grad_input   the same panel kernel over the CSC index; W blocks are already [bn, bk] =
 //                [in, out] for this product, no packing.
 //   grad_weight  token chunks outer (both operands' chunks in L2), each thread owning a range
@@ -33,17 +40,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <c10/util/intrusive_ptr.h>
-
 #include <cstdint>
 #include <cstdlib>
-#if defined(__unix__) || defined(__APPLE__)
-#include <pthread.h>
-#endif
 #include <algorithm>
 #include <cstring>
-#include <list>
-#include <mutex>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -228,114 +228,6 @@ at::Tensor pack_panels(const at::Tensor& t, int64_t groups, int64_t b) {
   return out;
 }
 
-// [nnz, bn, bk] -> [nnz, bk, bn], in parallel (a few hundred us for a BERT-base weight).
-at::Tensor transpose_blocks(const at::Tensor& v) {
-  const int64_t nnz = v.size(0), bn = v.size(1), bk = v.size(2);
-  at::Tensor t = at::empty({nnz, bk, bn}, v.options());
-  const float* src = v.data_ptr<float>();
-  float* dst = t.data_ptr<float>();
-  // Grain: below ~256K floats it runs inline -- a parallel region costs more than the copy
-  // (and on a busy machine a scheduler tick, ~4 ms).
-  const int64_t grain = std::max<int64_t>(16, (1 << 18) / (bn * bk));
-  at::parallel_for(0, nnz, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float* s = src + i * bn * bk;
-      float* d = dst + i * bn * bk;
-      for (int64_t n = 0; n < bn; ++n)
-        for (int64_t k = 0; k < bk; ++k) d[k * bn + n] = s[n * bk + k];
-    }
-  });
-  return t;
-}
-
-// ---- cache of the transposed weight blocks (forward) ----------------------------------------
-// The forward needs W blocks as [bk, bn]; transposing them costs a few % of a forward at 50%
-// sparsity, paid on every call although the weights change only at optimizer steps. Cached per
-// fp32 `values` tensor, keyed on its TensorImpl, data pointer, shape and version counter: any
-// in-place change through torch (optimizer steps, copy_, masking under no_grad, load_state_dict)
-// bumps the version and forces a fresh transpose. A weak reference to the TensorImpl keeps its
-// address from being reused by another tensor while the entry lives, so a freed tensor can never
-// alias a new one. Not detected: writes that bypass the version counter (`values.data.copy_()`,
-// writes through data_ptr / numpy): set SPARSEBERT_CPU_WCACHE=0 if such code runs. Entries whose
-// tensor is gone are dropped; the total is capped (least recently used out) at
-// SPARSEBERT_CPU_WCACHE_MB (default 256).
-struct WtEntry {
-  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
-  const c10::TensorImpl* impl;
-  const void* data;
-  uint32_t version;
-  int64_t nnz, bn, bk;
-  at::Tensor wt;
-};
-
-bool wcache_enabled() {
-  const char* env = std::getenv("SPARSEBERT_CPU_WCACHE");
-  return !(env && env[0] == '0');
-}
-
-int64_t wcache_limit_bytes() {
-  const char* env = std::getenv("SPARSEBERT_CPU_WCACHE_MB");
-  return (env && env[0] != '\0' ? std::atoll(env) : 256) << 20;
-}
-
-std::mutex wcache_mutex;
-std::list<WtEntry> wcache;  // most recently used first
-
-// Held across fork() (see output_pool.cpp): a child must not inherit it locked.
-void wcache_fork_guard() {
-#if defined(__unix__) || defined(__APPLE__)
-  static const bool registered = [] {
-    pthread_atfork([] { wcache_mutex.lock(); }, [] { wcache_mutex.unlock(); },
-                   [] { wcache_mutex.unlock(); });
-    return true;
-  }();
-  (void)registered;
-#endif
-}
-
-at::Tensor transpose_blocks(const at::Tensor& v);
-
-at::Tensor transposed_weights(const at::Tensor& values) {
-  wcache_fork_guard();
-  if (values.scalar_type() != at::kFloat || values.is_inference() || !wcache_enabled() ||
-      values.numel() == 0)
-    return transpose_blocks(values.scalar_type() == at::kFloat ? values : values.to(at::kFloat));
-  const c10::TensorImpl* impl = values.unsafeGetTensorImpl();
-  const uint32_t version = impl->version_counter().current_version();
-  const int64_t nnz = values.size(0), bn = values.size(1), bk = values.size(2);
-  {
-    std::lock_guard<std::mutex> lock(wcache_mutex);
-    for (auto it = wcache.begin(); it != wcache.end();) {
-      if (it->owner.expired()) { it = wcache.erase(it); continue; }
-      if (it->impl == impl) {
-        if (it->data == values.data_ptr() && it->version == version && it->nnz == nnz &&
-            it->bn == bn && it->bk == bk) {
-          wcache.splice(wcache.begin(), wcache, it);
-          return wcache.front().wt;
-        }
-        it = wcache.erase(it);  // stale: the values changed
-        continue;
-      }
-      ++it;
-    }
-  }
-  at::Tensor wt = transpose_blocks(values);
-  const int64_t limit = wcache_limit_bytes();
-  const int64_t bytes = wt.numel() * 4;
-  if (bytes > limit) return wt;
-  std::lock_guard<std::mutex> lock(wcache_mutex);
-  int64_t total = bytes;
-  for (const auto& e : wcache) total += e.wt.numel() * 4;
-  while (total > limit && !wcache.empty()) {
-    total -= wcache.back().wt.numel() * 4;
-    wcache.pop_back();
-  }
-  wcache.push_front(WtEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
-                                values.getIntrusivePtr()),
-                            impl, values.data_ptr(), version, nnz, bn, bk, wt});
-  return wt;
-}
-
 at::Tensor as_f32(const at::Tensor& t) {
   return pooled_to(t, at::kFloat);
 }
@@ -365,7 +257,7 @@ void run_panels(const Kernels& kern, const float* in, int64_t ld_in, int64_t M,
                 const std::vector<const float*>& B, const std::vector<int64_t>& off,
                 const int32_t* in_blk, int64_t n_in_blocks, const int32_t* ptr,
                 int64_t n_out_blocks, int64_t bi, int64_t bo, const float* bias, float* out,
-                int64_t ld_out, bool gelu = false) {
+                int64_t ld_out, bool gelu = false, bool transpose_b = false) {
   if (M == 0) return;
   const int64_t threads = at::get_num_threads();
   const int64_t tm = std::min<int64_t>(256, M);
@@ -418,7 +310,21 @@ void run_panels(const Kernels& kern, const float* in, int64_t ld_in, int64_t M,
     panel = few ? kern.panel_pfw : kern.panel_pfo;
     panel_last = !nt ? panel : few ? kern.panel : kern.panel_nopf;
   }
+  // transpose_b: B[e] are [bo, bi] blocks, those of one output block consecutive in memory;
+  // each work item transposes the ones it needs into its thread's slice of `scratch` just
+  // before using them (they stay in L1/L2), instead of a transposed copy of all of W.
+  int64_t max_entries = 0;
+  if (transpose_b)
+    for (int64_t j = 0; j < n_out_blocks; ++j)
+      for (int64_t g = 0; g < G; ++g)
+        max_entries = std::max(max_entries, gptr[j * (G + 1) + g + 1] - gptr[j * (G + 1) + g]);
+  const int64_t slice = max_entries * bi * bo;
+  at::Tensor scratch = transpose_b ? pooled_empty({threads, std::max<int64_t>(slice, 1)}) : at::Tensor();
+  std::vector<const float*> tB(transpose_b ? threads * max_entries : 0);
   at::parallel_for(0, tiles * chunks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tid = transpose_b ? at::get_thread_num() : 0;
+    float* mine = transpose_b ? scratch.data_ptr<float>() + tid * slice : nullptr;
+    const float** myB = transpose_b ? tB.data() + tid * max_entries : nullptr;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t0 = (item / chunks) * tm, s = item % chunks;
       const int64_t rows = std::min(tm, M - t0);
@@ -428,12 +334,82 @@ void run_panels(const Kernels& kern, const float* in, int64_t ld_in, int64_t M,
           const int64_t e0 = gptr[j * (G + 1) + g], e1 = gptr[j * (G + 1) + g + 1];
           if (g > 0 && e0 == e1) continue;  // nothing to add; g == 0 always writes (bias or 0)
           const bool last = g == glast[j];
-          (last ? panel_last : panel)(in + t0 * ld_in, ld_in, rows, B.data() + e0, off.data() + e0,
+          const float* const* Bj = B.data() + e0;
+          if (transpose_b && e1 > e0) {
+            kern.transpose(B[e0], e1 - e0, bo, bi, mine);
+            for (int64_t e = 0; e < e1 - e0; ++e) myB[e] = mine + e * bi * bo;
+            Bj = myB;
+          }
+          (last ? panel_last : panel)(in + t0 * ld_in, ld_in, rows, Bj, off.data() + e0,
                                       e1 - e0, bi, bo, bias ? bias + j * bo : nullptr,
                                       out + t0 * ld_out + j * bo, ld_out, g > 0, gelu && last,
                                       nt && last);
         }
       }
+    }
+  });
+}
+
+// ---- which forward kernel ---------------------------------------------------------------------
+// No kernel reads a transposed copy of W kept from an earlier call: each reads `values` as it is
+// now (see the note at the top of this file). By token count M (measured, benchmarks/RESULTS.md,
+// "stale weights" section; 1 thread, old cached forward = 1.00):
+//  * dot (M < 16, or M < 48 with long rows): W as stored, reductions over k; W is read once.
+//  * tpanel (16 <= M < 48, short rows, i.e. fewer than 128 kept k per output): x transposed
+//    (tiny at this M), W broadcast as stored; dot's reductions would cost more than the products.
+//  * panel (M >= 48): the register-blocked panel kernel over W blocks transposed by each work
+//    item just before use (run_panels, transpose_b), so the copy stays in L1/L2.
+// SPARSEBERT_CPU_FWD=dot|tpanel|panel forces one (tests, benchmarks).
+enum class Fwd { kPanel, kDot, kTpanel };
+
+Fwd pick_forward(int64_t M, int64_t R, int64_t nnz, int64_t bk) {
+  const char* env = std::getenv("SPARSEBERT_CPU_FWD");
+  if (env && env[0] != '\0') {
+    const std::string want = env;
+    if (want == "dot") return Fwd::kDot;
+    if (want == "tpanel") return Fwd::kTpanel;
+    TORCH_CHECK(want == "panel", "sparsebert_cpu: SPARSEBERT_CPU_FWD must be dot, tpanel or panel, got '",
+                want, "'");
+    return Fwd::kPanel;
+  }
+  if (M >= 48) return Fwd::kPanel;
+  if (M < 16) return Fwd::kDot;
+  const bool long_rows = nnz * bk >= 128 * R;  // mean kept k per output >= 128
+  return long_rows ? Fwd::kDot : Fwd::kTpanel;
+}
+
+// y[:, r*bn : (r+1)*bn] for every block row r, in parallel over block rows, by kern.dot (x as
+// is) or kern.tpanel (x transposed first).
+void forward_rows(const Kernels& kern, bool transposed, const float* x, int64_t M, int64_t K,
+                  const float* v, const Index& ix, int64_t bn, int64_t bk, const float* bias,
+                  float* y, int64_t N, bool gelu) {
+  if (M == 0) return;
+  at::Tensor xt;
+  int64_t ld = K;
+  const float* in = x;
+  if (transposed) {  // xt [K, M rounded up to the vector width], zero-padded
+    ld = (M + kern.lanes - 1) / kern.lanes * kern.lanes;
+    xt = pooled_empty({K, ld});
+    float* xtp = xt.data_ptr<float>();
+    const int64_t cols = K / kern.lanes;  // in vectors
+    const int64_t grain = std::max<int64_t>(1, (1 << 17) / (ld * kern.lanes));  // inline below 128K floats
+    at::parallel_for(0, cols, grain, [&](int64_t begin, int64_t end) {
+      kern.transpose_rows(x + begin * kern.lanes, M, (end - begin) * kern.lanes, K,
+                          xtp + begin * kern.lanes * ld, ld);
+    });
+    in = xtp;
+  }
+  std::vector<int64_t> off(ix.nnz);
+  for (int64_t e = 0; e < ix.nnz; ++e) off[e] = int64_t(ix.col_idx[e]) * bk * (transposed ? ld : 1);
+  // Below ~512K multiply-adds (a few us) one thread does it all: a parallel region costs more.
+  const int64_t macs = M * std::max<int64_t>(ix.nnz, 1) * bn * bk;
+  const int64_t grain = macs < (int64_t(1) << 19) ? ix.R : 1;
+  const auto fn = transposed ? kern.tpanel : kern.dot;
+  at::parallel_for(0, ix.R, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t e0 = ix.row_ptr[r];
+      fn(in, ld, M, v + e0 * bn * bk, off.data() + e0, ix.row_ptr[r + 1] - e0, bn, bk,
+         bias ? bias + r * bn : nullptr, y + r * bn, N, gelu);
     }
   });
 }
@@ -459,22 +435,32 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const std::opt
   const Index ix = parse_index(index, nnz, N, K, bn, bk, /*csr=*/true, /*csc=*/false);
   const Kernels kern = select_kernels();
 
-  const bool pack = pack_enabled(false);
-  const at::Tensor xf = pack ? pack_panels(x, K / bk, bk) : as_f32(x);  // [C, M, bk] or [M, K]
-  const at::Tensor wt = transposed_weights(values);  // [nnz, bk, bn], cached per values version
   at::Tensor bf;
   if (bias.has_value()) bf = as_f32(*bias);
   at::Tensor y = pooled_empty({M, N});
+  const Fwd how = pick_forward(M, ix.R, nnz, bk);
+  if (how != Fwd::kPanel) {
+    const at::Tensor xf = as_f32(x), vf = as_f32(values);
+    forward_rows(kern, how == Fwd::kTpanel, xf.data_ptr<float>(), M, K, vf.data_ptr<float>(), ix,
+                 bn, bk, bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>(), N,
+                 activation == "gelu");
+    return pooled_to(y, x.scalar_type());
+  }
+
+  const bool pack = pack_enabled(false);
+  const at::Tensor xf = pack ? pack_panels(x, K / bk, bk) : as_f32(x);  // [C, M, bk] or [M, K]
+  const at::Tensor vf = as_f32(values);  // [nnz, bn, bk]; run_panels transposes the blocks it uses
 
   std::vector<const float*> B(nnz);
   std::vector<int64_t> off(nnz);
-  const float* w = wt.data_ptr<float>();
+  const float* w = vf.data_ptr<float>();
   for (int64_t i = 0; i < nnz; ++i) {
-    B[i] = w + i * bk * bn;
+    B[i] = w + i * bn * bk;
     off[i] = int64_t(ix.col_idx[i]) * (pack ? M * bk : bk);
   }
   run_panels(kern, xf.data_ptr<float>(), pack ? bk : K, M, B, off, ix.col_idx, ix.C, ix.row_ptr, ix.R, bk, bn,
-             bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>(), N, activation == "gelu");
+             bf.defined() ? bf.data_ptr<float>() : nullptr, y.data_ptr<float>(), N, activation == "gelu",
+             /*transpose_b=*/true);
   return pooled_to(y, x.scalar_type());
 }
 

@@ -38,6 +38,24 @@ struct Kernels {
   decltype(panel) panel_pfw;
   // The panel kernel that prefetches only the output lines.
   decltype(panel) panel_pfo;
+  // dst[b] = src[b]^T for n_blocks consecutive row-major [bn, bk] blocks (dst blocks [bk, bn]);
+  // bn and bk multiples of 16.
+  void (*transpose)(const float* src, int64_t n_blocks, int64_t bn, int64_t bk, float* dst);
+  // Forward of one block row without transposed weights (for few tokens):
+  //   out[m, n] = bias[n] + sum_e x[m, x_off[e] : x_off[e] + bk] . w[e][n, 0:bk]
+  // for m < M, n < bn; w[e] = w + e * bn * bk is the row's e-th kept block as stored ([bn, bk]);
+  // bias may be null; gelu: the exact GELU applied before the store.
+  void (*dot)(const float* x, int64_t ld_x, int64_t M, const float* w, const int64_t* x_off,
+              int64_t ne, int64_t bn, int64_t bk, const float* bias, float* out, int64_t ld_out,
+              bool gelu);
+  // The same product with the input transposed: xt [K, ld_xt] (ld_xt a multiple of `lanes`,
+  // zero past M), xt_off[e] = (first input column of block e) * ld_xt.
+  decltype(dot) tpanel;
+  // dst[c, r] = src[r, c], r < rows, c < cols (a multiple of `lanes`); dst columns past rows,
+  // up to the next multiple of `lanes`, are zeroed.
+  void (*transpose_rows)(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst,
+                         int64_t ld_dst);
+  int64_t lanes;  // floats per vector (tpanel's token granule)
 };
 
 // Register-blocked micro-kernels (GCC vector extensions, one TU per ISA).

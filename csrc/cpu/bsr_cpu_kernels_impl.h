@@ -271,10 +271,248 @@ void sdd(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M
   }
 }
 
+// ---- dot: the forward without transposed weights (few tokens) ------------------------------
+//   out[m, n] = bias[n] + sum_e x[m, x_off[e] : x_off[e] + bk] . W_e[n, 0:bk]
+// for one block row: W_e = w + e * bn * bk are its kept blocks as stored ([bn, bk] row-major,
+// so row n of a block is contiguous in k). Register tile: DT tokens x DU outputs, DT * DU = VW,
+// each (token, output) a vector of VW k-lanes accumulated over every kept block of the row;
+// one horizontal reduction per tile at the end (reduce_lanes: the VW accumulators -> one vector
+// of their sums, DU outputs of each token side by side), then bias, GELU and the stores.
+// Per k-vector: DT loads of x, DU loads of W, VW FMAs. Loop order: DU output rows outer, the
+// tokens inner, so that slice of W (DU rows of every kept block of the row) is reused from L1
+// across all tokens and W is read from memory once per call.
+#ifndef SB_DOT_T
+#define SB_DOT_T (SB_VW >= 16 ? 4 : 2)
+#endif
+constexpr int DT = SB_DOT_T;
+constexpr int DU = VW / DT;
+
+// c[j] = a[j] + a[j + H] where (j & H) == 0, b[j - H] + b[j] elsewhere: a and b folded by H,
+// side by side (two-input shuffles: vpermt2ps on AVX-512). The same masks as transpose_stage.
+template <int H>
+inline vec fold_pair(vec a, vec b) {
+  ivec lo, hi;
+#pragma GCC unroll 16
+  for (int j = 0; j < VW; ++j) {
+    lo[j] = (j & H) ? VW + j - H : j;
+    hi[j] = (j & H) ? VW + j : j + H;
+  }
+  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+}
+
+template <int H>
+inline void fold_level(vec* v, int n) {  // n vectors -> n / 2
+#pragma GCC unroll 16
+  for (int i = 0; i < n / 2; ++i) v[i] = fold_pair<H>(v[2 * i], v[2 * i + 1]);
+}
+
+constexpr int bit_reverse(int j, int bits) {
+  int r = 0;
+  for (int b = 0; b < bits; ++b) r |= ((j >> b) & 1) << (bits - 1 - b);
+  return r;
+}
+
+// Lane i of the result = the sum of the VW lanes of acc[i]. log2(VW) levels of fold_pair; the
+// level of fold H decides bit log2(VW / H) - 1 of which input a lane ends up holding, so feeding
+// the inputs in bit-reversed order puts acc[i] in lane i.
+inline vec reduce_lanes(const vec* acc) {
+  constexpr int bits = VW == 16 ? 4 : VW == 8 ? 3 : VW == 4 ? 2 : 1;
+  vec v[VW];
+#pragma GCC unroll 16
+  for (int i = 0; i < VW; ++i) v[i] = acc[bit_reverse(i, bits)];
+  if constexpr (VW >= 16) fold_level<VW / 2>(v, VW);
+  if constexpr (VW >= 8) fold_level<VW >= 16 ? 4 : VW / 2>(v, VW >= 16 ? VW / 2 : VW);
+  if constexpr (VW >= 4) fold_level<2>(v, 4);
+  fold_level<1>(v, 2);
+  return v[0];
+}
+
+// BK > 0: the block width known at compile time (the W rows of a tile are then immediate
+// offsets from one pointer); 0: bk at run time.
+template <int BK>
+void dot_bk(const float* x, int64_t ld_x, int64_t M, const float* w, const int64_t* x_off,
+            int64_t ne, int64_t bn, int64_t bk_rt, const float* bias, float* out,
+            int64_t ld_out, bool gelu) {
+  const int64_t bk = BK > 0 ? BK : bk_rt;
+  const int64_t stride = bn * bk;  // between the kept blocks of the row
+  for (int64_t n0 = 0; n0 < bn; n0 += DU) {  // bn is a multiple of 16, hence of DU
+    const float* wn = w + n0 * bk;
+    vec b = vec{};  // lane t * DU + u: bias[n0 + u]
+    if (bias)
+#pragma GCC unroll 16
+      for (int i = 0; i < VW; ++i) b[i] = bias[n0 + i % DU];
+    for (int64_t m = 0; m < M; m += DT) {
+      const int64_t rows = M - m < DT ? M - m : DT;
+      const float* xr[DT];  // past the last token: repeat it (computed, not stored)
+#pragma GCC unroll 16
+      for (int t = 0; t < DT; ++t) xr[t] = x + (m + (t < rows ? t : rows - 1)) * ld_x;
+      vec acc[VW];  // acc[t * DU + u]
+#pragma GCC unroll 16
+      for (int i = 0; i < VW; ++i) acc[i] = vec{};
+      for (int64_t e = 0; e < ne; ++e) {
+        const int64_t o = x_off[e];
+        const float* we = wn + e * stride;
+#pragma GCC unroll 4
+        for (int64_t k = 0; k < bk; k += VW) {
+          vec xv[DT];
+#pragma GCC unroll 16
+          for (int t = 0; t < DT; ++t) xv[t] = load(xr[t] + o + k);
+#pragma GCC unroll 16
+          for (int u = 0; u < DU; ++u) {
+            const vec wv = load(we + u * bk + k);
+#pragma GCC unroll 16
+            for (int t = 0; t < DT; ++t) acc[t * DU + u] += xv[t] * wv;
+          }
+        }
+      }
+      vec r = reduce_lanes(acc) + b;
+      if (gelu) r = vgelu(r);
+      float lanes[VW];
+      store(lanes, r);
+      for (int t = 0; t < rows; ++t)
+        std::memcpy(out + (m + t) * ld_out + n0, lanes + t * DU, sizeof(float) * DU);
+    }
+  }
+}
+
+void dot(const float* x, int64_t ld_x, int64_t M, const float* w, const int64_t* x_off,
+         int64_t ne, int64_t bn, int64_t bk, const float* bias, float* out, int64_t ld_out,
+         bool gelu) {
+  switch (bk) {
+    case 16: return dot_bk<16>(x, ld_x, M, w, x_off, ne, bn, bk, bias, out, ld_out, gelu);
+    case 32: return dot_bk<32>(x, ld_x, M, w, x_off, ne, bn, bk, bias, out, ld_out, gelu);
+    case 64: return dot_bk<64>(x, ld_x, M, w, x_off, ne, bn, bk, bias, out, ld_out, gelu);
+    default: return dot_bk<0>(x, ld_x, M, w, x_off, ne, bn, bk, bias, out, ld_out, gelu);
+  }
+}
+
+// ---- transpose: dst block [bk, bn] = src block [bn, bk]^T, for n_blocks consecutive blocks ----
+// VW x VW tiles transposed in registers: log2(VW) stages, each swapping the off-diagonal
+// sub-blocks of size S of every 2S x 2S block with two-input shuffles (vpermt2ps on AVX-512).
+template <int S>
+inline void transpose_stage(vec* r) {
+  ivec lo, hi;
+#pragma GCC unroll 16
+  for (int j = 0; j < VW; ++j) {
+    lo[j] = (j & S) ? VW + j - S : j;
+    hi[j] = (j & S) ? VW + j : j + S;
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < VW; ++i) {
+    if (i & S) continue;
+    const vec a = r[i], b = r[i + S];
+    r[i] = __builtin_shuffle(a, b, lo);
+    r[i + S] = __builtin_shuffle(a, b, hi);
+  }
+}
+
+inline void transpose_tile(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  vec r[VW];
+#pragma GCC unroll 16
+  for (int i = 0; i < VW; ++i) r[i] = load(src + i * ld_src);
+  if constexpr (VW >= 16) transpose_stage<8>(r);
+  if constexpr (VW >= 8) transpose_stage<4>(r);
+  transpose_stage<2>(r);
+  transpose_stage<1>(r);
+#pragma GCC unroll 16
+  for (int i = 0; i < VW; ++i) store(dst + i * ld_dst, r[i]);
+}
+
+void transpose(const float* src, int64_t n_blocks, int64_t bn, int64_t bk, float* dst) {
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const float* s = src + b * bn * bk;
+    float* d = dst + b * bn * bk;
+    for (int64_t n0 = 0; n0 < bn; n0 += VW)    // bn, bk: multiples of 16, hence of VW
+      for (int64_t k0 = 0; k0 < bk; k0 += VW) transpose_tile(s + n0 * bk + k0, bk, d + k0 * bn + n0, bn);
+  }
+}
+
+// dst[c, r] = src[r, c] for r < rows, c < cols (cols a multiple of VW); dst columns rows ..
+// round_up(rows, VW) - 1 are zeroed. For the input of tpanel: x [M, K] -> xt [K, Mp].
+void transpose_rows(const float* src, int64_t rows, int64_t cols, int64_t ld_src, float* dst,
+                    int64_t ld_dst) {
+  static const float zeros[VW] = {};
+  for (int64_t r0 = 0; r0 < rows; r0 += VW) {
+    if (r0 + VW <= rows) {
+      for (int64_t c0 = 0; c0 < cols; c0 += VW)
+        transpose_tile(src + r0 * ld_src + c0, ld_src, dst + c0 * ld_dst + r0, ld_dst);
+      continue;
+    }
+    for (int64_t c0 = 0; c0 < cols; c0 += VW) {
+      vec r[VW];
+#pragma GCC unroll 16
+      for (int i = 0; i < VW; ++i) r[i] = load(r0 + i < rows ? src + (r0 + i) * ld_src + c0 : zeros);
+      if constexpr (VW >= 16) transpose_stage<8>(r);
+      if constexpr (VW >= 8) transpose_stage<4>(r);
+      transpose_stage<2>(r);
+      transpose_stage<1>(r);
+#pragma GCC unroll 16
+      for (int i = 0; i < VW; ++i) store(dst + (c0 + i) * ld_dst + r0, r[i]);
+    }
+  }
+}
+
+// ---- tpanel: the forward without transposed weights, tokens in the vector lanes ---------------
+//   out[m, n] = bias[n] + sum_e sum_k W_e[n, k] * xt[xt_off[e] + k * ld_xt + m]
+// for one block row, m < M, n < bn: W_e = w + e * bn * bk its kept blocks as stored, xt the input
+// transposed ([K, ld_xt], ld_xt a multiple of VW, zero past M), xt_off[e] = (first column of block
+// e) * ld_xt. Register tile: VW outputs (rows of W, broadcast from memory) x VW tokens (one
+// vector of xt); the finished tile is transposed in registers (transpose_tile's stages) so each
+// token's VW outputs are one contiguous store, with bias and GELU. Per k: 1 load of xt, VW
+// broadcasts of W, VW FMAs. W is read as stored, once per call for each VW-token column.
+template <int BK>
+void tpanel_bk(const float* xt, int64_t ld_xt, int64_t M, const float* w, const int64_t* xt_off,
+               int64_t ne, int64_t bn, int64_t bk_rt, const float* bias, float* out,
+               int64_t ld_out, bool gelu) {
+  const int64_t bk = BK > 0 ? BK : bk_rt;
+  const int64_t stride = bn * bk;
+  for (int64_t n0 = 0; n0 < bn; n0 += VW) {  // bn is a multiple of 16, hence of VW
+    const float* wn = w + n0 * bk;
+    const vec b = bias ? load(bias + n0) : vec{};
+    for (int64_t m0 = 0; m0 < M; m0 += VW) {
+      vec acc[VW];
+#pragma GCC unroll 16
+      for (int i = 0; i < VW; ++i) acc[i] = vec{};
+      for (int64_t e = 0; e < ne; ++e) {
+        const float* a = wn + e * stride;
+        const float* xb = xt + xt_off[e] + m0;
+#pragma GCC unroll 4
+        for (int64_t k = 0; k < bk; ++k) {
+          const vec xv = load(xb + k * ld_xt);
+#pragma GCC unroll 16
+          for (int i = 0; i < VW; ++i) acc[i] += xv * a[i * bk + k];
+        }
+      }
+      if constexpr (VW >= 16) transpose_stage<8>(acc);
+      if constexpr (VW >= 8) transpose_stage<4>(acc);
+      transpose_stage<2>(acc);
+      transpose_stage<1>(acc);
+      const int64_t rows = M - m0 < VW ? M - m0 : VW;
+      for (int64_t j = 0; j < rows; ++j) {
+        vec r = acc[j] + b;
+        if (gelu) r = vgelu(r);
+        store(out + (m0 + j) * ld_out + n0, r);
+      }
+    }
+  }
+}
+
+void tpanel(const float* xt, int64_t ld_xt, int64_t M, const float* w, const int64_t* xt_off,
+            int64_t ne, int64_t bn, int64_t bk, const float* bias, float* out, int64_t ld_out,
+            bool gelu) {
+  switch (bk) {
+    case 16: return tpanel_bk<16>(xt, ld_xt, M, w, xt_off, ne, bn, bk, bias, out, ld_out, gelu);
+    case 32: return tpanel_bk<32>(xt, ld_xt, M, w, xt_off, ne, bn, bk, bias, out, ld_out, gelu);
+    case 64: return tpanel_bk<64>(xt, ld_xt, M, w, xt_off, ne, bn, bk, bias, out, ld_out, gelu);
+    default: return tpanel_bk<0>(xt, ld_xt, M, w, xt_off, ne, bn, bk, bias, out, ld_out, gelu);
+  }
+}
+
 }  // namespace
 
 Kernels SB_KERNELS_FN() {
-  return Kernels{&panel<1>, &sdd<true>, SB_NAME, &panel<0>, &sdd<false>, &panel<3>, &panel<2>};
+  return Kernels{&panel<1>, &sdd<true>, SB_NAME, &panel<0>, &sdd<false>, &panel<3>, &panel<2>, &transpose, &dot, &tpanel,
+                 &transpose_rows, VW};
 }
 
 }  // namespace sparsebert_cpu

@@ -7,12 +7,13 @@ AVX2 and a baseline build (``SPARSEBERT_CPU_ISA`` overrides), threaded with ``at
 Blocks: both sizes multiples of 16, at most 256. Dtypes: float32; bfloat16 is converted to
 float32 around the kernels (fp32 accumulation). See ``csrc/cpu/bsr_cpu.cpp`` for the design.
 
-The forward caches its transposed copy of ``values`` (fp32) per tensor and version counter, so
-in-place updates made through torch (optimizer steps, ``copy_``, masking under ``no_grad``) are
-seen; writes that bypass the version counter (``values.data.copy_(...)``, numpy views) are not:
-set ``SPARSEBERT_CPU_WCACHE=0`` where such code runs. ``SPARSEBERT_CPU_WCACHE_MB`` caps the cache
-(default 256 MB, least recently used out); ``SPARSEBERT_CPU_PREFETCH`` forces a prefetch variant
-(experiments).
+The forward reads ``values`` as they are at every call: no transposed copy of the weights is kept
+between calls, so no way of updating them (optimizer steps, fused optimizers, ``.data``, numpy
+views) can be served stale. By token count it uses one of three kernels (``csrc/cpu/bsr_cpu.cpp``,
+``pick_forward``): with few tokens, dot products over the blocks as stored, or the input
+transposed with the tokens in the vector lanes; otherwise the panel kernel, whose work items
+transpose the blocks they need just before use. ``SPARSEBERT_CPU_FWD=dot|tpanel|panel`` forces
+one and ``SPARSEBERT_CPU_PREFETCH`` a prefetch variant (tests, experiments).
 
 Outputs come from a small caching allocator in ``csrc/cpu/output_pool.cpp``: a fresh
 multi-megabyte tensor costs a page fault per few pages on first touch, up to a quarter of a
