@@ -2,6 +2,7 @@
 PruningCallback, SparsityConfig, and the optimizer-built-before-sparsify error."""
 import copy
 import json
+import math
 import os
 
 import pytest
@@ -297,3 +298,32 @@ def test_a_state_dict_of_the_earlier_format_still_loads():
     back = BlockSparseLinear.from_dense(nn.Linear(64, 32), sparsity=0.0, block=16)
     back.load_state_dict(load(save(layer.state_dict())))       # safetensors: no extra state
     assert back.layout == layer.layout and torch.equal(back.values, layer.values)
+
+
+@pytest.mark.parametrize("mode", ["block", "unstructured"])
+def test_trainer_bf16_trains_a_sparse_model(tmp_path, tiny_bert_config, mode):
+    # Trainer(bf16=True) runs the forward under CPU autocast: the sparse layers must take bf16
+    # inputs with fp32 weights (they raised "values dtype torch.float32 does not match x dtype
+    # torch.bfloat16" before), train (the loss falls, fp32 master weights change, pruned weights
+    # stay exactly zero) and save.
+    cfg = SparsityConfig(mode=mode, sparsity=0.5, block=32,
+                         schedule={"initial_sparsity": 0.5, "start_step": 0, "end_step": 0, "frequency": 1})
+    t = _trainer(tmp_path / "run", tiny_bert_config, PruningCallback(cfg), bf16=True, use_cpu=True)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.train()
+    layers = sparse_layers(t.model)
+    assert layers
+    changed = 0
+    for name, m in layers:
+        if mode == "block":
+            assert m.values.dtype == torch.float32
+            changed += not torch.equal(m.values.detach(), before[f"{name}.values"])
+        else:
+            assert m.weight.dtype == torch.float32
+            assert torch.count_nonzero(m.weight[~m.mask]) == 0, name
+    if mode == "block":   # (a layer may get an exactly zero gradient: a head whose query and key
+        # blocks are all pruned gives scores constant over keys, so its softmax ignores them)
+        assert changed >= 0.75 * len(layers), f"only {changed}/{len(layers)} block layers trained"
+    losses = [h["loss"] for h in t.state.log_history if "loss" in h] or [t.state.log_history[-1]["train_loss"]]
+    assert all(math.isfinite(x) for x in losses)
+    assert (tmp_path / "run" / "checkpoint-3" / "model.safetensors").is_file()
