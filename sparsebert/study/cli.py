@@ -254,7 +254,7 @@ def add_subcommands(subparsers) -> None:
     s = subparsers.add_parser("study", help="the paper's experiment at small scale: prune in pre-training, "
                                             "fine-tune, report (cached, resumable)")
     s.add_argument("--preset", choices=sorted(PRESETS), default="cpu-demo",
-                   help="the study's scale: cpu-demo (minutes on a CPU) or gpu (one GPU, hours) (default cpu-demo)")
+                   help="the study's scale: cpu-demo (minutes on a CPU) or gpu (one GPU, sized for about 6 minutes on an H200; not yet measured) (default cpu-demo)")
     s.add_argument("--out", default=None, help="output folder: run cache and report (default study_runs/<preset>)")
     s.add_argument("--levels", nargs="+", default=None,   # checked by _cmd_study (kept as given here)
                    help=f"sparsity levels, each {SPARSITY_HELP}; 0 is always run (default: the preset's)")
