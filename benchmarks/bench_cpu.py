@@ -99,6 +99,9 @@ def build(provider: str, mode: str, case: Case) -> Union[Callable[[], object], s
         except Exception as e:  # noqa: BLE001
             return f"torch BSR unavailable: {type(e).__name__}: {e}"
         return lambda: F.linear(x, wb, case.bias)
+    if provider == "cpu_base":
+        fn = build("cpu", mode, case)
+        return fn if isinstance(fn, str) else with_baseline(fn)
     if provider in ("reference", "cpu"):
         from sparsebert.ops import backends
         reason = backends.unavailable_reason(provider, "cpu")
@@ -119,6 +122,55 @@ def build(provider: str, mode: str, case: Case) -> Union[Callable[[], object], s
             xg.grad = v.grad = b.grad = None
         return sparse_fwd_bwd
     raise ValueError(f"unknown provider {provider!r}")
+
+
+# ---- a baseline build: another commit's CPU kernels, loaded beside this build's --------------
+BASELINE_NS = "sparsebert_cpu_base"
+
+
+def build_baseline(commit: str, build_dir: str) -> str:
+    """Compile the CPU kernels (``csrc/cpu``) of git ``commit`` as a separate library whose ops live
+    under ``torch.ops.sparsebert_cpu_base`` (the namespace renamed, so they load beside this
+    build's), with the flags of setup.py; load it and return its path. For before/after timings
+    interleaved in one process (``cpu_table.py --baseline``)."""
+    import subprocess
+    from torch.utils import cpp_extension
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src_dir = os.path.join(build_dir, "src")
+    os.makedirs(src_dir, exist_ok=True)
+    names = subprocess.run(["git", "ls-tree", "--name-only", commit, "csrc/cpu/"], cwd=root, check=True,
+                           capture_output=True, text=True).stdout.split()
+    sources = []
+    for name in names:
+        text = subprocess.run(["git", "show", f"{commit}:{name}"], cwd=root, check=True,
+                              capture_output=True, text=True).stdout
+        path = os.path.join(src_dir, os.path.basename(name))
+        with open(path, "w") as f:
+            f.write(text.replace("sparsebert_cpu", BASELINE_NS))
+        if path.endswith(".cpp"):
+            sources.append(path)
+    cpp_extension.load(name=BASELINE_NS, sources=sources, build_directory=build_dir, is_python_module=False,
+                       extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"],
+                       extra_ldflags=["-fopenmp"])
+    lib = os.path.join(build_dir, f"{BASELINE_NS}.so")
+    torch.ops.load_library(lib)
+    return lib
+
+
+def with_baseline(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` (a ``cpu`` provider, a model with cpu layers) run on the baseline build's kernels:
+    the cpu backend's op namespace is swapped for the call."""
+    from sparsebert.ops import cpu_bsr
+    ops = getattr(torch.ops, BASELINE_NS)
+
+    def run():
+        saved = cpu_bsr._require
+        cpu_bsr._require = lambda: ops
+        try:
+            return fn()
+        finally:
+            cpu_bsr._require = saved
+    return run
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], rounds: int = 7, warmup: int = 1,

@@ -1,13 +1,16 @@
 """The CPU benchmark grid of ``bench_cpu.py`` as a Markdown table (paste into RESULTS).
 
     .venv/bin/python benchmarks/cpu_table.py [--rounds 7] [--quick] [--no-e2e | --e2e-only] [--providers dense,cpu]
-                                         [--tokens 2048] [--modes fwd,fwd_bwd]
+                                         [--tokens 2048] [--modes fwd,fwd_bwd] [--threads N] [--baseline COMMIT]
 
 Per (shape, block, sparsity, mode) the providers are timed interleaved, round by round, and the
 median is reported: time, speedup over dense F.linear and fraction of the ideal, where
 ideal = dense time x kept fraction (1.0 = the sparse kernel is exactly as efficient as dense).
 Then, unless --no-e2e, a MiniLM-size BertModel end to end: inference (dense, 90% block-sparse
 with and without the fused GELU) and a training step (forward, backward, AdamW, plain and fused).
+``--baseline COMMIT`` compiles that commit's CPU kernels under another op namespace and adds them,
+interleaved, as provider ``cpu_base`` and as ``@base`` rows of the end-to-end tables (before/after
+on the same load).
 """
 from __future__ import annotations
 
@@ -63,15 +66,17 @@ def kernel_table(rounds: int, providers, shapes, blocks, sparsities, modes, M: i
                               flush=True)
 
 
-def e2e_train_table(rounds: int):
+def e2e_train_table(rounds: int, baseline: bool = False):
     """A training step (forward, backward into every parameter, AdamW step) of the same model,
     with the default (for-loop) AdamW and with ``fused=True`` (what the study's loops use; it
     updates the weights without bumping their version counter). Each row trains its own model."""
     ids = bc.bert_inputs()
     rows = {"dense": (None, False), "cpu, 90% 32×32": (0.9, False),
             "dense, fused AdamW": (None, True), "cpu, 90% 32×32, fused AdamW": (0.9, True)}
+    if baseline:
+        rows.update({"cpu@base, 90% 32×32": (0.9, False), "cpu@base, 90% 32×32, fused AdamW": (0.9, True)})
 
-    def runner(sparsity, fused):
+    def runner(sparsity, fused, base):
         m = bc.build_bert(sparsity).train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=fused)
 
@@ -79,8 +84,8 @@ def e2e_train_table(rounds: int):
             m(input_ids=ids).last_hidden_state.square().mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return run
-    t = bc.time_interleaved({k: runner(*v) for k, v in rows.items()}, rounds=rounds)
+        return bc.with_baseline(run) if base else run
+    t = bc.time_interleaved({k: runner(*v, "@base" in k) for k, v in rows.items()}, rounds=rounds)
     print("\nSame model, training step (forward + backward + AdamW), dropout on, fp32\n")
     print("| model | ms / step | tokens/s | × dense (same optimizer) |")
     print("|---|---:|---:|---:|")
@@ -89,17 +94,19 @@ def e2e_train_table(rounds: int):
         print(f"| {k} | {v * 1e3:.1f} | {ids.numel() / v:,.0f} | {dense / v:.2f} |")
 
 
-def e2e_table(rounds: int):
+def e2e_table(rounds: int, baseline: bool = False):
     ids = bc.bert_inputs()
     models = {"dense": bc.build_bert(None), "cpu, 90% 32×32": bc.build_bert(0.9),
               "cpu, 90% 32×32, GELU not fused": bc.build_bert(0.9, fuse_activation=False)}
+    if baseline:
+        models["cpu@base, 90% 32×32"] = models["cpu, 90% 32×32"]
 
-    def runner(m):
+    def runner(m, base):
         def run():
             with torch.inference_mode():
                 m(input_ids=ids)
-        return run
-    t = bc.time_interleaved({k: runner(m) for k, m in models.items()}, rounds=rounds)
+        return bc.with_baseline(run) if base else run
+    t = bc.time_interleaved({k: runner(m, "@base" in k) for k, m in models.items()}, rounds=rounds)
     e = bc.E2E
     print(f"\nEnd to end: BertModel hidden {e['hidden']}, {e['layers']} layers, intermediate "
           f"{e['intermediate']}, batch {e['batch']} x seq {e['seq']}, inference, fp32\n")
@@ -118,8 +125,17 @@ def main():
     ap.add_argument("--e2e-only", action="store_true")
     ap.add_argument("--tokens", type=int, default=bc.M_TOKENS, help="M, the tokens per call")
     ap.add_argument("--modes", default=",".join(bc.MODES), help="fwd,fwd_bwd")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--baseline", metavar="COMMIT",
+                    help="also time this commit's CPU kernels (built under another op namespace)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     providers = args.providers.split(",")
+    if args.baseline:
+        import tempfile
+        bc.build_baseline(args.baseline, os.path.join(tempfile.gettempdir(), f"sparsebert_cpu_base_{args.baseline}"))
+        providers.insert(providers.index("cpu") if "cpu" in providers else len(providers), "cpu_base")
     blocks, sparsities = bc.BLOCKS, bc.SPARSITIES
     if args.quick:
         blocks, sparsities = [32], [0.5, 0.9]
@@ -132,14 +148,15 @@ def main():
     print(f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), cpu kernels: {isa}, "
           f"{datetime.datetime.now():%Y-%m-%d %H:%M}, M = {args.tokens}, fp32, "
-          f"median of {args.rounds} interleaved rounds\n")
+          f"median of {args.rounds} interleaved rounds"
+          + (f", cpu_base = the kernels of {args.baseline}" if args.baseline else "") + "\n")
     t0 = time.time()
     if not args.e2e_only:
         kernel_table(args.rounds, providers, bc.SHAPES, blocks, sparsities, args.modes.split(","),
                      M=args.tokens)
     if not args.no_e2e:
-        e2e_table(args.rounds)
-        e2e_train_table(args.rounds)
+        e2e_table(args.rounds, bool(args.baseline))
+        e2e_train_table(args.rounds, bool(args.baseline))
     print(f"\n({time.time() - t0:.0f} s)")
 
 
