@@ -352,11 +352,12 @@ void run_panels(const Kernels& kern, const float* in, int64_t ld_in, int64_t M,
 
 // ---- which forward kernel ---------------------------------------------------------------------
 // No kernel reads a transposed copy of W kept from an earlier call: each reads `values` as it is
-// now (see the note at the top of this file). By token count M (measured, benchmarks/RESULTS.md,
-// "stale weights" section; 1 thread, old cached forward = 1.00):
+// now (see the note at the top of this file). By token count M (measured against the old cached
+// forward: benchmarks/RESULTS.md, "CPU backend — run F", how the replacement was chosen):
 //  * dot (M < 16, or M < 48 with long rows): W as stored, reductions over k; W is read once.
 //  * tpanel (16 <= M < 48, short rows, i.e. fewer than 128 kept k per output): x transposed
-//    (tiny at this M), W broadcast as stored; dot's reductions would cost more than the products.
+//    (tiny at this M), W broadcast as stored (on such rows dot's reductions cost up to half as
+//    much as its products).
 //  * panel (M >= 48): the register-blocked panel kernel over W blocks transposed by each work
 //    item just before use (run_panels, transpose_b), so the copy stays in L1/L2.
 // SPARSEBERT_CPU_FWD=dot|tpanel|panel forces one (tests, benchmarks).
