@@ -22,3 +22,11 @@ def random_layout(R, C, density, block, seed=0):
     from sparsebert import BlockLayout
     g = torch.Generator().manual_seed(seed)
     return BlockLayout.from_mask(torch.rand(R, C, generator=g) < density, block)
+
+
+def skip_unavailable(backend):
+    """Skip the test when the named backend cannot run on this machine's CPU ("auto" always can)."""
+    import pytest
+    from sparsebert.ops import backends
+    if backend != "auto" and backends.unavailable_reason(backend, "cpu") is not None:
+        pytest.skip(backends.unavailable_reason(backend, "cpu"))

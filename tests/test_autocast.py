@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from sparsebert import BlockSparseLinear, bsr_linear
 from sparsebert.ops import backends
 
-from conftest import random_layout
+from conftest import random_layout, skip_unavailable
 
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
 
@@ -17,10 +17,6 @@ def _rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
-
-def _skip_unavailable(backend):
-    if backend != "auto" and backends.unavailable_reason(backend, "cpu") is not None:
-        pytest.skip(backends.unavailable_reason(backend, "cpu"))
 
 
 def _params(seed=0, M=11):
@@ -56,7 +52,7 @@ def _assert_like_linear(out, ref, dtype=torch.bfloat16):
 
 @pytest.mark.parametrize("backend", ["auto", "reference", "dense", "cpu", "triton"])
 def test_matches_linear_under_autocast(backend):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     lay, x, v, b = _params(seed=1)
     out = _run(lambda x, v, b: bsr_linear(x, v, lay, b, backend=backend), x, v, b)
     _assert_like_linear(out, _run(_dense(lay), x, v, b))
@@ -126,7 +122,7 @@ def test_no_autocast_leaves_dtypes_alone():
 @pytest.mark.parametrize("backend", ["auto", "reference", "cpu"])
 @pytest.mark.parametrize("where", ["inside", "outside"])
 def test_compiled_under_autocast(backend, where):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     torch._dynamo.reset()
     lay, x, v, b = _params(seed=7)
 

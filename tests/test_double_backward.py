@@ -9,14 +9,10 @@ import torch
 from sparsebert import bsr_linear
 from sparsebert.ops import backends
 
-from conftest import random_layout
+from conftest import random_layout, skip_unavailable
 
 BACKENDS = ["reference", "dense", "cpu", "triton", "auto"]
 
-
-def _skip_unavailable(backend):
-    if backend != "auto" and backends.unavailable_reason(backend, "cpu") is not None:
-        pytest.skip(backends.unavailable_reason(backend, "cpu"))
 
 
 def _problem(dtype, seed=0, M=7):
@@ -84,7 +80,7 @@ def test_gradgradcheck_float64_custom_op():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_order_matches_dense(backend, monkeypatch):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     if backend == "auto" and backends.unavailable_reason("cpu", "cpu") is None:
         # auto as it is on CPU when the compiled kernels win (the zero second-order grads)
         monkeypatch.setattr(backends, "_time_ops", lambda mod, *a, **k: {
@@ -102,7 +98,7 @@ def test_second_order_matches_dense(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_second_order_through_the_custom_ops(backend):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     lay, inputs, probes = _problem(torch.float32, seed=6)
     idx = lay.index()
 

@@ -6,16 +6,13 @@ import torch
 
 from sparsebert import BlockLayout, bsr_linear
 from sparsebert.ops import backends, dense
+from conftest import skip_unavailable
 
 BACKENDS = ["reference", "dense", "cpu", "triton"]
 # the Triton interpreter runs tl.dot on numpy, which warns on NaN
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 BN, BK = 16, 16
 
-
-def _skip_unavailable(backend):
-    if backends.unavailable_reason(backend, "cpu") is not None:
-        pytest.skip(backends.unavailable_reason(backend, "cpu"))
 
 
 def _layout():
@@ -83,7 +80,7 @@ def _reference(lay, x, v, b, dy):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_functions_follow_the_contract(backend):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     lay = _layout()
     x, v, b, dy = _inputs(lay)
     ey, edx, edw = _expected(lay, x, dy)
@@ -100,7 +97,7 @@ def test_backend_functions_follow_the_contract(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_through_bsr_linear(backend):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     lay = _layout()
     x, v, b, dy = _inputs(lay, seed=1)
     ey, edx, edw = _expected(lay, x, dy)
@@ -115,7 +112,7 @@ def test_through_bsr_linear(backend):
 @pytest.mark.parametrize("winner", ["dense", "cpu", "reference"])
 def test_auto_gives_the_same_answer_whichever_backend_it_picks(winner, monkeypatch):
     if winner != "reference":
-        _skip_unavailable(winner)
+        skip_unavailable(winner)
     monkeypatch.setattr(backends, "_candidates", lambda device: ("cpu", "dense", "reference"))
     monkeypatch.setattr(backends, "_time_ops", lambda mod, *a, **k: {
         op: (1.0 if mod.NAME == winner else 2.0) for op in backends._OPS})
@@ -156,7 +153,7 @@ def test_dense_takes_the_structural_path_only_for_non_finite_inputs(monkeypatch)
 def test_triton_merged_variant_does_not_leak_through_zero_filled_blocks(monkeypatch):
     """The R > 1 DSD variants merge the column lists of R output blocks (zero-filling missing
     ones); with a non-finite input they fall back to R = 1."""
-    _skip_unavailable("triton")
+    skip_unavailable("triton")
     from sparsebert.ops import triton_bsr as tb
     lay = _layout()
     x, v, b, dy = _inputs(lay, seed=3)

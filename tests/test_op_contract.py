@@ -6,14 +6,10 @@ import torch
 from sparsebert import bsr_linear
 from sparsebert.ops import backends, reference
 
-from conftest import random_layout
+from conftest import random_layout, skip_unavailable
 
 BACKENDS = ["reference", "dense", "cpu", "triton"]
 
-
-def _skip_unavailable(backend):
-    if backend != "auto" and backends.unavailable_reason(backend, "cpu") is not None:
-        pytest.skip(backends.unavailable_reason(backend, "cpu"))
 
 
 def _problem(seed=0, M=13):
@@ -25,7 +21,7 @@ def _problem(seed=0, M=13):
 
 @pytest.mark.parametrize("backend", BACKENDS + ["auto"])
 def test_non_contiguous_inputs_reach_every_backend_contiguous(backend):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     lay, x, v, b = _problem(seed=1)
     ref = bsr_linear(x, v, lay, b, backend="reference")
     # strided views of the same numbers: a bias slice, a transposed x, permuted value blocks
