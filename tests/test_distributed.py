@@ -179,6 +179,8 @@ MISMATCH = textwrap.dedent("""
     from sparsebert.study.pretrain import scratch_mlm
     from sparsebert.pruning import OneShotSchedule, Pruner
     ctx = D.setup("cpu")
+    # each rank reports to its own file: lines two processes print to one pipe can interleave
+    log = open(f"{sys.argv[1]}/rank{ctx.rank}.txt", "w", buffering=1)
     # 1. pruning decisions come from rank 0: rank 1's weights differ, its masks are still rank 0's
     model = scratch_mlm(64, hidden=64, layers=1, heads=2, intermediate=128, max_position=32)
     sparsebert.sparsify(model, 0.0, block=(32, 32), mode="block")
@@ -196,7 +198,7 @@ MISMATCH = textwrap.dedent("""
     try:
         D.verify_identical(model)
     except D.DistributedMismatchError as e:
-        print(f"rank {ctx.rank} VALUES {e}", flush=True)
+        print(f"rank {ctx.rank} VALUES {e}", file=log)
     # 2. a rank whose layout differs: a clear error on every rank, not a hang in DDP
     model = scratch_mlm(64, hidden=64, layers=1, heads=2, intermediate=128, max_position=32)
     sparsebert.sparsify(model, 0.5, block=(32, 32), mode="block")
@@ -209,11 +211,12 @@ MISMATCH = textwrap.dedent("""
     try:
         D.wrap(model)
     except D.DistributedMismatchError as e:
-        print(f"rank {ctx.rank} MISMATCH after {time.time() - t0:.2f}s: {e}", flush=True)
+        print(f"rank {ctx.rank} MISMATCH after {time.time() - t0:.2f}s: {e}", file=log)
+        log.close()
         D.barrier()                         # both have printed before either exits
         D.teardown()
         sys.exit(17)
-    print("no error", flush=True)
+    print("no error", file=log)
 """)
 
 
@@ -221,16 +224,17 @@ def test_mismatched_layout_is_a_clear_error(tmp_path):
     script = tmp_path / "mismatch.py"
     script.write_text(MISMATCH)
     t0 = time.time()
-    p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", str(script)], env=_env(),
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", str(script), str(tmp_path)],
+                       env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=120)
     wall = time.time() - t0
     assert p.returncode != 0
-    lines = [line for line in p.stdout.splitlines() if "MISMATCH" in line]
-    assert len(lines) == 2, p.stdout + p.stderr[-3000:]          # every rank raises, none hangs
+    out = [(tmp_path / f"rank{r}.txt").read_text() if (tmp_path / f"rank{r}.txt").exists() else "" for r in (0, 1)]
+    lines = [line for text in out for line in text.splitlines() if "MISMATCH" in line]
+    assert len(lines) == 2, "\n".join(out) + p.stdout + p.stderr[-3000:]     # every rank raises, none hangs
     for line in lines:
         assert "rank 1 differs from rank 0 in layout bert.encoder.layer.0.intermediate.dense" in line
         assert float(line.split("after ")[1].split("s:")[0]) < 5
-    values = [line for line in p.stdout.splitlines() if "VALUES" in line]
+    values = [line for text in out for line in text.splitlines() if "VALUES" in line]
     assert len(values) == 2 and all("rank 1 differs from rank 0 in param" in v and "(values:" in v for v in values)
     assert wall < 100
 
