@@ -11,6 +11,15 @@ structural path of :mod:`reference` only when it is not finite. ``grad_weight`` 
 it computes every entry of ``dyᵀ x`` from one column of each and gathers the kept blocks, the same
 entries a block-sparse kernel computes.
 
+A **full** layout (every block kept, so no structural zero) skips the check: a dense product then
+multiplies exactly the entries the structural one does. It also needs no scatter: its blocks are
+all there in row-major order, so the dense weight is one permuting copy of ``values``
+(``[R, C, bn, bk] -> [R, bn, C, bk]``), and the weight gradient one permuting copy back. On the
+MiniLM-size shapes (384x384 .. 1536x384, 32x32 blocks, one thread) that copy took 0.04-0.2 ms
+against 0.2-0.9 ms for the zero-fill + scatter + copy of a partial layout (``RESULTS.md``,
+issue #14, run G). The copy is made on every call and dropped: no dense weight outlives a call,
+so no update of ``values`` (fused optimizers, ``.data`` writes) can be served stale.
+
 Cost of the check, CPU (one thread, best of 15; ``benchmarks`` shapes, M = 2048 tokens): 0.4-1.6%
 of the fp32 GEMM, 2-7% of the (faster) bf16 GEMM. On CUDA it is one host sync per call (the
 ``bool()`` of a device scalar); while a CUDA graph is being captured no sync is allowed, so the
@@ -32,10 +41,22 @@ def unavailable_reason(device: torch.device | None = None) -> str | None:
     return None
 
 
+def is_full(lt: LayoutTensors) -> bool:
+    """Every block kept (then ``values[r * C + c]`` is block ``(r, c)``: row-major order)."""
+    return lt.nnz == lt.n_row_blocks * lt.n_col_blocks
+
+
 def densify_values(values, lt: LayoutTensors):
-    out = values.new_zeros(lt.n_row_blocks, lt.n_col_blocks, lt.bn, lt.bk)
-    out[lt.row_idx.long(), lt.col_idx.long()] = values
-    return out.transpose(1, 2).reshape(lt.N, lt.K)
+    """The dense ``[N, K]`` weight (zeros in pruned blocks), a new tensor on every call."""
+    R, C = lt.n_row_blocks, lt.n_col_blocks
+    if is_full(lt):
+        src = values
+    else:
+        # one flat index per kept block: a 1-D index_copy_ is several times cheaper than the
+        # 2-D advanced-index assignment
+        src = values.new_zeros(R * C, lt.bn, lt.bk)
+        src.index_copy_(0, lt.row_idx.long() * C + lt.col_idx.long(), values)
+    return src.view(R, C, lt.bn, lt.bk).transpose(1, 2).reshape(lt.N, lt.K)
 
 
 def has_nonfinite(t: torch.Tensor) -> bool:
@@ -49,17 +70,19 @@ def has_nonfinite(t: torch.Tensor) -> bool:
 
 
 def forward(x, values, bias, lt: LayoutTensors):
-    if has_nonfinite(x):
+    if not is_full(lt) and has_nonfinite(x):
         return reference.forward(x, values, bias, lt)
     return F.linear(x, densify_values(values, lt), bias)
 
 
 def grad_input(dy, values, lt: LayoutTensors):
-    if has_nonfinite(dy):
+    if not is_full(lt) and has_nonfinite(dy):
         return reference.grad_input(dy, values, lt)
     return dy @ densify_values(values, lt)
 
 
 def grad_weight(x, dy, lt: LayoutTensors):
     dw = (dy.t() @ x).reshape(lt.n_row_blocks, lt.bn, lt.n_col_blocks, lt.bk).transpose(1, 2)
-    return dw[lt.row_idx.long(), lt.col_idx.long()].contiguous()
+    if is_full(lt):
+        return dw.reshape(lt.nnz, lt.bn, lt.bk)      # all blocks, row-major: one copy
+    return dw.reshape(-1, lt.bn, lt.bk).index_select(0, lt.row_idx.long() * lt.n_col_blocks + lt.col_idx.long())
