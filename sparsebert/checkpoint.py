@@ -16,6 +16,9 @@ Saving is atomic: the checkpoint is written into a temporary folder beside the t
 into place only when complete, so a failed save leaves a previous checkpoint there as it was.
 Files in the target folder that are not part of a checkpoint (a tokenizer, notes) are kept.
 
+:func:`load_sparse` also takes a ``save_pretrained`` folder of a sparse model and a
+``sparsebert pretrain --out`` folder (it loads the ``encoder/`` checkpoint inside): :func:`resolve`.
+
 Version-1 checkpoints (no manifest; ``sparsebert.json`` records the tensor file's SHA-256 only)
 still load, with a warning that their JSON files are not covered.
 """
@@ -47,6 +50,7 @@ META = "sparsebert.json"
 CONFIG = "config.json"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "sparsebert-manifest"
+PRETRAIN_ENCODER = "encoder"       # the checkpoint inside a `sparsebert pretrain --out` folder
 CHECKPOINT_FILES = (TENSORS, META, CONFIG, MANIFEST)   # replaced by a save; anything else is kept
 KINDS = ("block", "masked_linear", "masked_embedding")
 ACTIVATIONS = ("none", "gelu")
@@ -476,11 +480,42 @@ def _match_dtypes(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
             mod._buffers[buf] = t.to(v.dtype)
 
 
+def resolve(path) -> tuple:
+    """What the folder ``path`` holds: ``(kind, folder to load)``, by the first rule that applies:
+
+    1. ``path/sparsebert.json`` exists: a :func:`save_sparse` checkpoint, ``("sparse", path)``;
+    2. ``path/config.json`` has a ``"sparsebert"`` entry: a ``save_pretrained`` folder of a sparse
+       model, ``("hf", path)``;
+    3. ``path/encoder/`` is a folder: the output of ``sparsebert pretrain --out path`` (``encoder/``,
+       ``tokenizer/``, ``pretrain.json``), whose checkpoint is ``("sparse", path/encoder)``.
+
+    Anything else raises :class:`CheckpointError` naming ``path`` and the three kinds. Nothing is
+    verified here: the loaders check every file against the manifest."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise CheckpointError(f"{path} is not a sparsebert checkpoint: it is a file, not a folder")
+        raise CheckpointError(f"no sparsebert checkpoint at {path}: the folder is missing"
+                              + _interrupted_save_hint(path))
+    if os.path.isfile(os.path.join(path, META)):
+        return "sparse", path
+    if _is_hf_folder(path):
+        return "hf", path
+    encoder = os.path.join(path, PRETRAIN_ENCODER)
+    if os.path.isdir(encoder):
+        return "sparse", encoder
+    raise CheckpointError(f"{path} is not a sparsebert checkpoint: it has no {META} (save_sparse), no "
+                          f"{CONFIG} with a \"sparsebert\" entry (save_pretrained of a sparse model) and no "
+                          f"{PRETRAIN_ENCODER}/ folder (sparsebert pretrain --out)")
+
+
 def load_sparse(path, model: Optional[nn.Module] = None) -> nn.Module:
     """Load a checkpoint written by :func:`save_sparse`, in eval mode (like ``from_pretrained``:
-    dropout off; call ``.train()`` to fine-tune). A ``save_pretrained`` folder of a sparse model
-    (no ``sparsebert.json``; ``config.json`` with a ``"sparsebert"`` entry) is loaded by
-    :func:`sparsebert.from_pretrained`.
+    dropout off; call ``.train()`` to fine-tune). ``path`` may also be a ``save_pretrained``
+    folder of a sparse model (no ``sparsebert.json``; ``config.json`` with a ``"sparsebert"``
+    entry: loaded by :func:`sparsebert.from_pretrained`) or a ``sparsebert pretrain --out``
+    folder (its ``encoder/`` checkpoint is loaded: the ``BertModel`` with its pooler); see
+    :func:`resolve` for the rule.
 
     Without ``model`` a fresh ``transformers`` model is built from the saved config; with
     ``model`` (same architecture, any module) a copy of it is converted and filled, and
@@ -491,8 +526,8 @@ def load_sparse(path, model: Optional[nn.Module] = None) -> nn.Module:
     """
     from safetensors.torch import load_file
 
-    path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, META)) and _is_hf_folder(path):
+    kind, path = resolve(path)
+    if kind == "hf":
         from .hf import from_pretrained
         return from_pretrained(path, model=model)
     meta = _read_meta(path, need_config=model is None)

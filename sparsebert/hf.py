@@ -514,8 +514,9 @@ def _match_suffix(info_layers: dict, name: str):
 
 def from_pretrained(path, model: Optional[nn.Module] = None) -> nn.Module:
     """Load a sparse model from a ``save_pretrained`` folder (or a :func:`~sparsebert.save_sparse`
-    one), exactly as it was saved: the same layers, layouts, masks, fused activations and dtypes,
-    in eval mode.
+    one, or a ``sparsebert pretrain --out`` folder: its ``encoder/``; the rule is
+    :func:`sparsebert.checkpoint.resolve`), exactly as it was saved: the same layers, layouts,
+    masks, fused activations and dtypes, in eval mode.
 
     The sparse layers are found from the state dict (a ``block_mask`` next to a ``weight`` is a
     :class:`BlockSparseLinear`, a ``mask_bits`` a masked layer); ``config.json``'s ``"sparsebert"``
@@ -528,12 +529,15 @@ def from_pretrained(path, model: Optional[nn.Module] = None) -> nn.Module:
 
     import transformers
 
-    from .checkpoint import META, CheckpointError, _match_dtypes, load_sparse
+    from .checkpoint import META, CheckpointError, _is_hf_folder, _match_dtypes, load_sparse, resolve
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, META)):
         return load_sparse(path, model=model)
     if not os.path.isdir(path):
         raise CheckpointError(f"no checkpoint folder at {path}")
+    if not _is_hf_folder(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        kind, folder = resolve(path)        # a pretrain --out folder, or an error naming the kinds
+        return load_sparse(folder, model=model)
     tensors = _read_hf_tensors(path)
     if model is None:
         try:

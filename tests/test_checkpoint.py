@@ -158,6 +158,43 @@ def test_loading_a_file_or_nothing_says_so(tmp_path):
         sparsebert.load_sparse(tmp_path / "nowhere")
 
 
+# ---- a `sparsebert pretrain --out` folder ----------------------------------------------------------
+def _pretrain_out(root, model):
+    """What `sparsebert pretrain --out root` writes: encoder/ (a sparse checkpoint of the BertModel),
+    tokenizer/, pretrain.json (the real command is run in tests/test_distributed.py)."""
+    sparsebert.save_sparse(model, root / "encoder")
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    (root / "pretrain.json").write_text(json.dumps({"config": {}, "result": {}}))
+    return root
+
+
+@pytest.mark.parametrize("mode", ["block", "unstructured"])
+@pytest.mark.parametrize("loader", ["load_sparse", "from_pretrained"])
+def test_a_pretrain_output_folder_loads_its_encoder(tmp_path, tiny_bert_config, mode, loader):
+    model = _model(tiny_bert_config, mode)
+    out = _pretrain_out(tmp_path / "run", model)
+    load = getattr(sparsebert, loader)
+    got = load(out)
+    assert type(got) is BertModel and not got.training
+    assert torch.equal(_out(got), _out(model))
+    assert torch.equal(_out(load(out, model=BertModel(tiny_bert_config))), _out(model))
+    assert C.resolve(out) == ("sparse", os.fspath(out / "encoder"))
+    (out / "encoder" / "config.json").write_text("{}")            # still verified against the manifest
+    with pytest.raises(CheckpointError, match="config.json does not match"):
+        load(out)
+
+
+@pytest.mark.parametrize("loader", ["load_sparse", "from_pretrained"])
+def test_a_folder_of_no_known_kind_is_an_error_naming_it(tmp_path, loader):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError) as e:
+        getattr(sparsebert, loader)(tmp_path)
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path} is not a sparsebert checkpoint") and "\n" not in msg
+    assert "sparsebert.json" in msg and "save_pretrained" in msg and "encoder/" in msg
+
+
 # ---- malformed metadata -------------------------------------------------------------------------
 def _set(path, value):
     def edit(meta):
