@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import time
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -17,7 +18,7 @@ from ..layout import LayoutTensors
 _MODULES = {
     "reference": "sparsebert.ops.reference",
     "dense": "sparsebert.ops.dense",
-    "triton": "sparsebert.ops.triton_bsr",
+    "triton": "sparsebert.ops.triton",
     "cuda": "sparsebert.ops.cuda_bsr",
     "cpu": "sparsebert.ops.cpu_bsr",
 }
@@ -145,7 +146,12 @@ def choose(x, values, layout, train: bool = False) -> str:
     if key in _choice_cache:
         return _choice_cache[key]
     lt = layout if isinstance(layout, LayoutTensors) else layout.tensors(x.device)
-    usable = [n for n in _candidates(x.device) if unsupported_reason(n, x, values, lt) is None]
+    reasons = {n: unsupported_reason(n, x, values, lt) for n in _candidates(x.device)}
+    usable = [n for n, r in reasons.items() if r is None]
+    if not any(n != "dense" for n in usable):
+        skipped = "; ".join(f"{n}: {r}" for n, r in reasons.items() if r is not None)
+        _warn_once(f"sparsebert auto: no sparse backend can run these inputs ({skipped}); "
+                   f"using {usable[0] if usable else 'reference'}")
     if not usable:
         usable = ["reference"]
     if len(usable) == 1:
@@ -156,9 +162,13 @@ def choose(x, values, layout, train: bool = False) -> str:
         for n in usable:
             try:
                 times[n] = _time_ops(get(n), x.detach(), values.detach(), lt, train)
-            except Exception:   # a backend that fails here is simply not chosen
-                continue
+            except Exception as e:   # not chosen, and said so once
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                _warn_once(f"sparsebert auto: backend {n!r} raised while being timed and is not "
+                           f"chosen ({type(e).__name__}: {msg})")
     if not times:
+        _warn_once("sparsebert auto: every candidate backend failed while being timed; "
+                   "using the reference backend")
         choice = "reference"
     else:
         # A sparse kernel must beat dense by a margin: single timings are noisy, and a wrong
@@ -169,6 +179,16 @@ def choose(x, values, layout, train: bool = False) -> str:
         choice = best[0] if not train or len(set(best)) == 1 else ",".join(best)
     _choice_cache[key] = choice
     return choice
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str) -> None:
+    """``auto`` never falls back silently: each distinct reason is a warning, once per process."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def clear_auto_cache() -> None:
