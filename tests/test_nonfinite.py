@@ -148,17 +148,3 @@ def test_dense_takes_the_structural_path_only_for_non_finite_inputs(monkeypatch)
     # fp16: a finite tensor whose sum overflows fp16 is still seen as finite (fp32 accumulation).
     big = torch.full((64, 64), 60000.0, dtype=torch.float16)
     assert not dense.has_nonfinite(big) and dense.has_nonfinite(big.clone().fill_(float("inf")))
-
-
-def test_triton_merged_variant_does_not_leak_through_zero_filled_blocks(monkeypatch):
-    """The R > 1 DSD variants merge the column lists of R output blocks (zero-filling missing
-    ones); with a non-finite input they fall back to R = 1."""
-    skip_unavailable("triton")
-    from sparsebert.ops import triton_bsr as tb
-    lay = _layout()
-    x, v, b, dy = _inputs(lay, seed=3)
-    ey, edx, _ = _expected(lay, x, dy)
-    ry, rdx, _ = _reference(lay, x, v, b, dy)
-    lt = lay.tensors()
-    _check("triton g2r2 forward", tb.forward(x, v, b, lt, variant="g2r2m128w4s3"), ey, ry)
-    _check("triton g2r2 grad_input", tb.grad_input(dy, v, lt, variant="g2r2m128w4s3"), edx, rdx)

@@ -1,7 +1,9 @@
 """Triton backend on a real GPU at BERT-base sizes (run on the GPU machine: ``pytest -m gpu``).
 
-Same checks as tests/test_triton_bsr.py (fp64 reference, relative error within 2x the
-reference's own same-dtype error), at M=4096/16384 and 768/3072 shapes.
+Same checks as tests/test_triton.py (fp64 reference, relative error within 2x the
+reference's own same-dtype error), at M=4096/16384 and 768/3072 shapes, with the configs the
+backend picks on this GPU (tuned.json, else autotuning or, with SPARSEBERT_TRITON_AUTOTUNE=0, the
+first default), and every shipped config once.
 """
 import pytest
 import torch
@@ -22,13 +24,13 @@ FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}
 def tb():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    from sparsebert.ops import triton_bsr
-    reason = triton_bsr.unavailable_reason(torch.device("cuda"))
+    import sparsebert.ops.triton as triton_backend
+    reason = triton_backend.unavailable_reason(torch.device("cuda"))
     if reason:
         pytest.skip(reason)
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
-    yield triton_bsr
+    yield triton_backend
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
@@ -99,6 +101,8 @@ def test_other_blocks_and_edges_gpu(tb, block):
             y = tb.forward(x, values, bias, lt)
             dx = tb.grad_input(dy, values, lt)
             dw = tb.grad_weight(x, dy, lt)
+            dw2, db = tb.grad_weight_bias(x, dy, lt)
+            assert torch.equal(dw, dw2) and db.shape == (N,)
             assert y.shape == (M, N) and dx.shape == (M, K) and dw.shape == (layout.nnz, block, block)
             if M:
                 x64, v64, dy64 = x.double(), values.double(), dy.double()
@@ -123,27 +127,22 @@ def test_tf32_flag_gpu(tb):
     assert rel_err(y, ref.forward(x.double(), values.double(), None, lt)) < 5e-3
 
 
-def _variant_params():
-    """The specs the backend uses by default (legacy is covered above); every spec the tuning
-    benchmark times with SPARSEBERT_TEST_ALL_VARIANTS=1 (slow: each compiles)."""
-    import os
-    import sys
-    if os.environ.get("SPARSEBERT_TEST_ALL_VARIANTS") == "1":
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-        import triton_variants as tv
-        return [(op, block, spec) for block in (32, 64) for op in tv.OPS for spec in tv.families(op, block)]
-    from sparsebert.ops import triton_bsr
-    used = {(op, block, spec) for (op, block), rows in triton_bsr._VARIANT_TABLE.items()
-            for _, spec in rows if block in (32, 64)}
-    used |= {(op, block, spec) for (op, _K, _N, block, _s), spec in triton_bsr._VARIANT_OVERRIDES.items()}
-    return sorted(p for p in used if p[2] != "legacy")
+def _configs():
+    from sparsebert.ops.triton import dsd, sdd
+    return ([("dsd", i) for i in range(len(dsd.CONFIGS))] + [("sdd", i) for i in range(len(sdd.CONFIGS))])
 
 
-@pytest.mark.parametrize("op,block,spec", _variant_params(), ids=lambda v: str(v))
-def test_every_variant_gpu(tb, op, block, spec):
-    """Every spec timed by benchmarks/triton_variants.py is correct on the GPU (odd M, an empty row
-    block, 90 % and 50 % sparsity) — so the benchmark's winners can go straight into the table."""
+@pytest.mark.parametrize("kind,i", _configs(), ids=lambda v: str(v))
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_every_config_gpu(tb, kind, i, block):
+    """Every shipped config is correct on the GPU (odd M, an empty row block, 50 % and 90 %), so
+    whatever benchmarks/tune_triton.py or the autotuner picks is correct."""
+    from sparsebert.ops.triton import dsd, sdd
     K, N, dtype = 768, 3072, torch.bfloat16
+    cfg = (dsd.CONFIGS if kind == "dsd" else sdd.CONFIGS)[i]
+    elem = 2
+    if kind == "dsd" and dsd.fit(cfg, elem, block, block) is None:
+        pytest.skip(f"{cfg} does not fit block {block}")
     for M, sparsity in ((4093, 0.5), (2047, 0.9)):
         layout = layout_for(N, K, block, sparsity, seed=block)
         lt = layout.tensors("cuda")
@@ -153,14 +152,14 @@ def test_every_variant_gpu(tb, op, block, spec):
         bias = torch.randn(N, device="cuda").to(dtype)
         dy = torch.randn(M, N, device="cuda").to(dtype)
         x64, v64, b64, dy64 = (t.double() for t in (x, values, bias, dy))
-        tag = f"{op} {spec} b{block} M={M} s={sparsity}"
-        if op == "forward":
-            out, lowp, r64 = (tb.forward(x, values, bias, lt, variant=spec),
-                              ref.forward(x, values, bias, lt), ref.forward(x64, v64, b64, lt))
-        elif op == "grad_input":
-            out, lowp, r64 = (tb.grad_input(dy, values, lt, variant=spec),
-                              ref.grad_input(dy, values, lt), ref.grad_input(dy64, v64, lt))
+        tag = f"{kind} {cfg} b{block} M={M} s={sparsity}"
+        if kind == "dsd":
+            check(tb.forward(x, values, bias, lt, activation="gelu", config=cfg),
+                  F.gelu(ref.forward(x, values, bias, lt).float()).to(dtype),
+                  F.gelu(ref.forward(x64, v64, b64, lt)), dtype, f"forward {tag}")
+            check(tb.grad_input(dy, values, lt, config=cfg), ref.grad_input(dy, values, lt),
+                  ref.grad_input(dy64, v64, lt), dtype, f"grad_input {tag}")
         else:
-            out, lowp, r64 = (tb.grad_weight(x, dy, lt, variant=spec),
-                              ref.grad_weight(x, dy, lt), ref.grad_weight(x64, dy64, lt))
-        check(out, lowp, r64, dtype, tag)
+            dw, db = tb.grad_weight_bias(x, dy, lt, config=cfg)
+            check(dw, ref.grad_weight(x, dy, lt), ref.grad_weight(x64, dy64, lt), dtype, f"dw {tag}")
+            check(db, dy.float().sum(0).to(dtype), dy64.sum(0), dtype, f"dbias {tag}")
