@@ -166,11 +166,34 @@ def _cmd_info(args) -> int:
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+# The Hub's owner-less ids are its old canonical models (bert-base-uncased, gpt2, roberta-base,
+# t5-small): lower case, with a '-' or a digit. Any other bare word (tiny-bret is fetched, models
+# or MyModel are not) is taken as a mistyped local folder.
+LEGACY_HUB_ID = re.compile(r"(?=.*[-0-9])[a-z0-9]+([-.][a-z0-9]+)*")
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set (as huggingface_hub reads them)."""
+    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds ``repo_id``'s config.json (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:                       # not a valid repo id, no huggingface_hub
+        return False
 
 
 def model_source(arg: str):
-    """``(where, "local")`` for an existing folder, ``(arg, "hub")`` for a bare Hub id (``name`` or
-    ``org/name``) that is not a local path; anything else is a :class:`UsageError`."""
+    """``(where, "local")`` for an existing folder, ``(arg, "hub")`` for a Hub id that is not a
+    local path; anything else is a :class:`UsageError`, before any Hub request.
+
+    A Hub id is ``org/name``, or a bare ``name`` of the form of the Hub's owner-less ids
+    (:data:`LEGACY_HUB_ID`: ``bert-base-uncased``, ``gpt2``) or already in the local Hugging Face
+    cache. With ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set, only a cached id is taken."""
     path = os.path.expanduser(arg)
     if os.path.isdir(path):
         return path, "local"
@@ -178,9 +201,16 @@ def model_source(arg: str):
         raise UsageError(f"cannot load a model from {arg}: it is a file; give a Hugging Face model folder "
                          "(with config.json) or a Hub id such as org/name")
     first = arg.split("/", 1)[0]
-    if HUB_ID.fullmatch(arg) and ".." not in arg and not ("/" in arg and os.path.isdir(first)):
-        return arg, "hub"
-    raise UsageError(f"cannot load a model from {arg}: no such folder")
+    if not (HUB_ID.fullmatch(arg) and ".." not in arg and not ("/" in arg and os.path.isdir(first))):
+        raise UsageError(f"cannot load a model from {arg}: no such folder")
+    cached = _hub_cached(arg)
+    if _hub_offline() and not cached:
+        raise UsageError(f"cannot load {arg}: no such folder, and the Hugging Face Hub is off (HF_HUB_OFFLINE) "
+                         "and its local cache does not hold it")
+    if "/" not in arg and not cached and not LEGACY_HUB_ID.fullmatch(arg):
+        raise UsageError(f"cannot load a model from {arg}: no such folder (a Hugging Face Hub id is org/name, "
+                         "e.g. google-bert/bert-base-uncased)")
+    return arg, "hub"
 
 
 def _load_hf_model(source: str, where: str, auto_model: bool):
@@ -519,8 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prune", help="prune a Hugging Face model (a local folder, or a Hub id) and save a "
                                      "sparse checkpoint",
                        description=PRUNE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("model_dir", help="a local model folder (with config.json), or a Hub id such as org/name "
-                                     "(only a bare id that is not a local path is fetched from the Hub)")
+    s.add_argument("model_dir", help="a local model folder (with config.json), or a Hugging Face Hub id: org/name, "
+                                     "or an owner-less one such as bert-base-uncased or gpt2 (fetched only when no "
+                                     "such local path exists; with HF_HUB_OFFLINE set, only from the local cache)")
     s.add_argument("--sparsity", type=sparsity, required=True,
                    help=f"required: fraction of the weights to remove, in each pruned layer (--scope layer) or "
                         f"over all of them (--scope global): {SPARSITY_HELP}")

@@ -197,6 +197,9 @@ def test_prune_into_a_read_only_folder_is_refused_before_any_work(tmp_path, src,
 def no_hub(monkeypatch):
     import transformers
     calls = []
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):       # the machine's setting must not decide
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(cli, "_hub_cached", lambda repo_id: False)   # nor its Hugging Face cache
 
     def offline(name, *a, **k):
         calls.append(name)
@@ -223,6 +226,39 @@ def test_prune_of_a_hub_id_offline_is_one_line(tmp_path, capsys, no_hub, auto):
                       *(["--auto-model"] if auto else []))
     _one_line_error(rc, err, "someorg/somemodel", "Hugging Face Hub", "couldn't connect")
     assert no_hub == ["someorg/somemodel"]
+
+
+@pytest.mark.parametrize("arg", ["mymodel", "Models", "my_model", "checkpoint.best"])
+def test_prune_of_a_bare_word_that_is_no_hub_id_never_asks_the_hub(tmp_path, capsys, no_hub, arg):
+    rc, _, err = _run(capsys, "prune", arg, "--sparsity", "0.5", "--out", tmp_path / "out")
+    assert "fetching" not in err
+    _one_line_error(rc, err, f"cannot load a model from {arg}: no such folder", "org/name")
+    assert no_hub == []
+
+
+@pytest.mark.parametrize("arg", ["bert-base-uncased", "gpt2", "tiny-bret"])
+def test_a_bare_name_shaped_like_an_owner_less_hub_id_is_fetched(tmp_path, capsys, no_hub, arg):
+    rc, _, err = _run(capsys, "prune", arg, "--sparsity", "0.5", "--out", tmp_path / "out")
+    _one_line_error(rc, err, arg, "Hugging Face Hub did not provide it")
+    assert no_hub == [arg]
+
+
+@pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+@pytest.mark.parametrize("arg", ["someorg/somemodel", "bert-base-uncased", "mymodel"])
+def test_offline_an_uncached_name_is_one_line_without_a_hub_attempt(tmp_path, capsys, no_hub, monkeypatch,
+                                                                     var, arg):
+    monkeypatch.setenv(var, "1")
+    rc, _, err = _run(capsys, "prune", arg, "--sparsity", "0.5", "--out", tmp_path / "out")
+    assert "fetching" not in err
+    _one_line_error(rc, err, f"cannot load {arg}: no such folder", "HF_HUB_OFFLINE", "cache")
+    assert no_hub == []
+
+
+def test_offline_a_cached_hub_id_is_loaded_from_the_cache(tmp_path, capsys, no_hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(cli, "_hub_cached", lambda repo_id: repo_id == "mymodel")
+    rc, _, err = _run(capsys, "prune", "mymodel", "--sparsity", "0.5", "--out", tmp_path / "out")
+    assert rc == 2 and no_hub == ["mymodel"]           # handed to transformers (which reads its cache)
 
 
 def test_a_relative_org_name_that_is_a_local_folder_stays_local(tmp_path, capsys, no_hub, monkeypatch):
