@@ -32,6 +32,14 @@ SUPPORTED_BLOCKS = (16, 32, 64, 128)
 SMEM_BUDGET = 227 * 1024          # H100/H200 per-block maximum (bytes)
 
 
+def acc_fits_registers(rows: int, cols: int, num_warps: int, per_thread: int = 64) -> bool:
+    """Whether an fp32 ``[rows, cols]`` accumulator leaves ptxas room: at most ``per_thread``
+    values per thread. Set from the sm_90a compile (``python -m sparsebert.ops.triton.inspect``):
+    128x128 accumulators on 4 warps (128 per thread) spilled in bf16, 64 per thread did not, except
+    the fp32 (TF32) input gradient, which spilled at 64 and not at 32."""
+    return rows * cols <= per_thread * 32 * num_warps
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

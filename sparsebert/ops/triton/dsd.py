@@ -58,11 +58,19 @@ def smem_bytes(cfg: dict, elem: int, BO: int, BR: int) -> int:
 
 
 def fit(cfg: dict, elem: int, BO: int, BR: int):
-    """``cfg`` shrunk until it fits in shared memory (fewer stages, then a smaller M tile), or None
-    when it cannot; SWAP configs need BO >= 64 (wgmma's M side)."""
+    """``cfg`` adapted to the blocks, or None when it cannot be: more warps (then a smaller M
+    tile) until the accumulator fits in registers, fewer stages (then a smaller M tile) until the
+    buffers fit in shared memory; SWAP configs need BO >= 64 (wgmma's M side)."""
     if cfg["SWAP"] and BO < 64:
         return None
     cfg = dict(cfg)
+    while not C.acc_fits_registers(cfg["BLOCK_M"], BO, cfg["num_warps"], 64 if elem <= 2 else 32):
+        if cfg["num_warps"] < 8:
+            cfg["num_warps"] *= 2
+        elif cfg["BLOCK_M"] > 64:
+            cfg["BLOCK_M"] //= 2
+        else:
+            return None
     while smem_bytes(cfg, elem, BO, BR) > C.SMEM_BUDGET:
         if cfg["num_stages"] > 2:
             cfg["num_stages"] -= 1

@@ -50,7 +50,20 @@ def smem_bytes(cfg: dict, elem: int, BN: int, BK: int) -> int:
 
 
 def fit(cfg: dict, elem: int, BN: int, BK: int):
+    """``cfg`` adapted to the block, or None. With ``BN < 64`` the group is widened to
+    ``G*BK >= 64`` so that the transposed accumulator gets wgmma (64-row M side); then a narrower
+    group or more warps until the accumulator fits in registers, and fewer stages, a narrower
+    group, a smaller M tile until the buffers fit in shared memory."""
     cfg = dict(cfg)
+    if BN < 64 and cfg["G"] * BK < 64:
+        cfg["G"] = 64 // BK
+    while not C.acc_fits_registers(BN, cfg["G"] * BK, cfg["num_warps"]):
+        if cfg["G"] > 1 and (BN >= 64 or cfg["G"] * BK > 64):
+            cfg["G"] //= 2
+        elif cfg["num_warps"] < 8:
+            cfg["num_warps"] *= 2
+        else:
+            return None
     while smem_bytes(cfg, elem, BN, BK) > C.SMEM_BUDGET:
         if cfg["num_stages"] > 2:
             cfg["num_stages"] -= 1
