@@ -92,3 +92,20 @@ def make_fixture_cache(root, n_sentences: int = 120, n_articles: int = 12, seed:
     with tarfile.open(d / "vaderSentiment-3.3.2.tar.gz", "w:gz") as tar:
         _add(tar, "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz", inner.getvalue())
     return root
+
+
+def tiny_study_preset(**kw):
+    """A study preset small enough for tests: a 2-layer random BERT on the fixture cache, dense +
+    unstructured and block at 50%, one seed, polarity."""
+    from dataclasses import replace
+
+    from sparsebert.study.runner import Preset
+    p = Preset(name="test", description="test", levels=(0.0, 0.5), modes=("unstructured", "block"),
+               tasks=("polarity",), model="scratch",
+               scratch=dict(hidden=64, layers=2, heads=2, intermediate=128, max_position=64),
+               seq_len=16, mlm_train_blocks=40, mlm_dev_blocks=4,
+               head=dict(blocks=40, max_steps=3, batch_size=64, eval_every=1),
+               pretrain=dict(steps=6, batch_size=8, prune_every=1, ramp_fraction=0.5, backend="reference"),
+               finetune=dict(epochs=1, max_steps=3, batch_size=8, max_len=16),
+               lrs=(1e-3,), max_train=24, max_dev=12, demo=True)
+    return replace(p, **kw)

@@ -139,3 +139,43 @@ def test_regression_task_and_metrics(tok):
     m = metrics("regression", torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 2.0, 3.0, 5.0]))
     assert m["spearman"] == pytest.approx(100.0) and 95 < m["pearson"] < 100
     assert metrics("classification", torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.tensor([1, 1]))["score"] == 50.0
+
+
+def _no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+@pytest.mark.parametrize("mode", ["unstructured", "block"])
+def test_optimized_training_keeps_the_losses_and_saves_a_plain_model(tok, mode, monkeypatch):
+    """pretrain and finetune with sparsebert.optimize (SDPA, fused GELU, labelled-rows head) give the
+    unoptimized runs' losses, masks and scores (no dropout: the fast dropout draws other numbers),
+    and hand back a model without optimize's hooks or attention setting (it is saved and reloaded)."""
+    from sparsebert.optimize import is_optimized
+    calls = []
+    real = sparsebert.optimize
+    monkeypatch.setattr(sparsebert, "optimize", lambda m, **k: calls.append(type(m).__name__) or real(m, **k))
+    runs = {}
+    for opt in (False, True):
+        model = _no_dropout(tiny(tok))
+        cfg = PretrainConfig(mode=mode, sparsity=0.5 if mode != "dense" else 0.0, steps=6, batch_size=8,
+                             ramp_fraction=0.5, prune_every=1, optimize=opt,
+                             backend="reference" if mode == "block" else "auto")
+        res = pretrain(model, cfg, blocks(tok), blocks(tok, 8, seed=1), special_ids(tok), torch.device("cpu"),
+                       progress=False)
+        assert not is_optimized(model)
+        assert model.config._attn_implementation == tiny(tok).config._attn_implementation
+        fres = finetune(model.bert, FinetuneConfig(max_steps=4, batch_size=8, max_len=16, dropout=0.0, optimize=opt,
+                                                   lr=1e-3), task(), tok, progress=False, return_model=True)
+        assert not is_optimized(fres["model"].bert)
+        runs[opt] = (res, fres, [p.detach().clone() for p in model.parameters()])
+    assert calls == ["BertForMaskedLM", "BertModel"]      # the optimized runs only, pretrain then finetune
+    (r0, f0, p0), (r1, f1, p1) = runs[False], runs[True]
+    assert [l for _, l in r1["loss_curve"]] == pytest.approx([l for _, l in r0["loss_curve"]], rel=1e-4, abs=1e-4)
+    assert r1["dev_mlm_loss"] == pytest.approx(r0["dev_mlm_loss"], rel=1e-5)
+    assert r1["mask_updates"] == r0["mask_updates"]
+    assert all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(p0, p1))
+    assert [l for _, l in f1["loss_curve"]] == pytest.approx([l for _, l in f0["loss_curve"]], rel=1e-4, abs=1e-4)
+    assert f1["dev_score"] == f0["dev_score"]

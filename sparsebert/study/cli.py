@@ -36,6 +36,26 @@ def _level_arg(text: str) -> float:
         raise UsageError(f"argument --levels: {e}") from None
 
 
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} is out of range: a seed is 0 or more")
+    return v
+
+
+def _distinct(name: str, values) -> tuple:
+    """``values`` in the order given; a repeated value is a usage error (it would be one run twice)."""
+    seen = []
+    for v in values:
+        if v in seen:
+            raise UsageError(f"argument {name}: {v} given twice")
+        seen.append(v)
+    return tuple(seen)
+
+
 def _backend(text: str) -> str:
     from ..ops.backends import NAMES
     if text != "auto" and text not in NAMES:
@@ -85,8 +105,25 @@ def _cmd_study(args) -> int:
         kw["lrs"] = tuple(args.lrs)
     if args.from_scratch:
         kw["model"] = "scratch"
+    if args.seeds:
+        kw["seeds"] = _distinct("--seeds", args.seeds)
+    if args.blocks:
+        modes = kw.get("modes", p.modes)
+        if "block" not in modes:
+            raise UsageError(f"argument --blocks: block sizes apply to mode block, and the modes are "
+                             f"{' '.join(modes)} (add --modes block ...)")
+        kw["blocks"] = _distinct("--blocks", args.blocks)
+    if args.workers is not None:
+        kw["workers"] = args.workers
     p = replace(p, **kw)
     out = Path(check_out_dir(args.out or f"study_runs/{p.name}"))
+    from .. import distributed as D
+    if D.launched():
+        if args.workers is not None and args.workers > 1:
+            raise UsageError(f"--workers {args.workers} under torchrun: the ranks already share the encoder jobs "
+                             "(one rank, one process); leave --workers out")
+        return run_study_ranks(replace(p, workers=1), out, args.cache_dir, args.device, args.threads,
+                               progress=not args.no_progress)
     threads = configure_threads(args.threads)
     print(f"torch CPU threads: {threads}")
     try:
@@ -94,6 +131,56 @@ def _cmd_study(args) -> int:
     except DataUnavailable as e:
         print(f"sparsebert: error: {e}", file=sys.stderr)
         return 3
+    return 0
+
+
+def run_study_ranks(preset, out, cache_dir=None, device: str = "auto", threads=None, progress: bool = True,
+                    timeout_h: float = 72.0) -> int:
+    """``sparsebert study`` under torchrun: every rank is one process of the study's job pool
+    (:meth:`Study.run_ranks`: rank r runs encoder jobs r, r + N, ...; rank 0 then reports).
+
+    Each job runs alone on its rank (no DDP: the study's runs are many and small, so running them
+    side by side uses N processes better than splitting each one's batches). Ranks meet only at
+    two points, through a gloo process group of their own (:mod:`sparsebert.distributed` is not
+    set up, so ``pretrain``/``finetune`` inside see one process); each point also tells every rank
+    whether another failed, so a failure stops all of them instead of leaving them waiting."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from .data import DataUnavailable
+    from .pretrain import configure_threads
+    from .runner import Study
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = device
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        dev = f"cuda:{local % max(1, torch.cuda.device_count())}"
+    configure_threads(_local_threads(threads))
+    # a rank may wait at the second meeting for as long as the slowest rank's jobs take
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(hours=timeout_h))
+    failed = {}
+
+    def sync(ok: bool) -> bool:
+        flag = torch.tensor([0 if ok else 1])
+        dist.all_reduce(flag)
+        return int(flag) == 0
+
+    log = print if rank == 0 else (lambda m: None)
+    try:
+        st = Study(preset, out, cache_dir, device=dev, progress=progress and rank == 0, log=log)
+        st.run_ranks(rank, world, sync, failed)
+    except DataUnavailable as e:
+        print(f"sparsebert: error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        dist.destroy_process_group()
+    if failed.get("other"):
+        print(f"sparsebert: error: rank {rank}: another rank failed {failed['other']} (see its message)",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -268,6 +355,15 @@ def add_subcommands(subparsers) -> None:
                         "no controls (default: the preset's)")
     s.add_argument("--lrs", nargs="+", type=positive_float, default=None,
                    help="fine-tuning learning rates to try, each above 0 (default: the preset's)")
+    s.add_argument("--seeds", nargs="+", type=_seed, default=None,
+                   help="seeds, each a whole number 0 or more: each seed is its own pre-training and fine-tuning "
+                        "of every level (default: the preset's, cpu-demo 0 1, gpu 0 1 2)")
+    s.add_argument("--blocks", nargs="+", type=block_size, default=None,
+                   help="block sizes of mode block, each a multiple of 16 from 16 to 256, in weights per side "
+                        "(default: the preset's, cpu-demo 16, gpu 16 32)")
+    s.add_argument("--workers", type=positive_int, default=None,
+                   help="processes that run the encoders (pre-training, probe, fine-tuning) side by side, at "
+                        "least 1; CPU threads are split between them (default: the preset's, cpu-demo 2, gpu 8)")
     s.add_argument("--from-scratch", action="store_true",
                    help="a small random BERT instead of MiniLM (default off: MiniLM)")
     _common(s)

@@ -49,6 +49,7 @@ class FinetuneConfig:
     ramp_fraction: float = 0.1
     prune_every: int = 10
     backend: str = "auto"
+    optimize: bool = True             # sparsebert.optimize on the encoder (SDPA, fused GELU, fast CPU dropout)
 
     def __post_init__(self):
         if self.control not in CONTROLS:
@@ -206,6 +207,7 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
     """
     import sparsebert
     from sparsebert import distributed as D
+    from sparsebert.optimize import unoptimize
     from sparsebert.hf import sparse_layers
     from sparsebert.pruning import CubicSchedule, Pruner
 
@@ -220,6 +222,8 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
     elif cfg.control == "prune":
         sparsebert.sparsify(model, 0.0, block=(cfg.block, cfg.block), mode=cfg.prune_mode,
                             score=cfg.prune_score, seed=cfg.seed, backend=cfg.backend)
+    if cfg.optimize:
+        sparsebert.optimize(model.bert)     # undone at the end: the returned model is plain
     model.to(device).train()
 
     train_seqs = encode(tokenizer, [t for t, _ in data.train], cfg.max_len)
@@ -255,6 +259,7 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
     train_time = 0.0
     queue = list(first)
     bar = progress_bar(steps, desc, progress and ctx.main)
+    cpu_time = time.process_time()
     for step in range(1, steps + 1):
         if not queue:
             queue = epoch_batches()
@@ -284,10 +289,15 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
+    cpu_time = time.process_time() - cpu_time
     if ctx.enabled:
         D.verify_identical(model, opt, where="at the end of fine-tuning")
     del net
+    t_dev = time.process_time()
     dev = evaluate(model, dev_seqs, dev_y, spec.kind, pad, device, amp)
+    t_dev = time.process_time() - t_dev
+    if cfg.optimize:
+        unoptimize(model.bert)
     tail = losses[-max(1, len(losses) // 4):]
     layers = sparse_layers(model)
     result = {
@@ -295,6 +305,8 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
         "dev_metrics": dev,
         "train_loss": sum(tail) / len(tail),
         "seconds_per_step": train_time / steps,
+        "cpu_seconds_train": cpu_time,
+        "cpu_seconds_dev": t_dev,
         "steps": steps,
         "loss_curve": [[i + 1, round(l, 4)] for i, l in enumerate(losses)
                        if i % max(1, len(losses) // 20) == 0 or i == len(losses) - 1],

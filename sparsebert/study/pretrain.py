@@ -43,6 +43,7 @@ class PretrainConfig:
     head_only: bool = False           # train only the MLM head (encoder frozen): the head warm-up
     seed: int = 0
     backend: str = "auto"
+    optimize: bool = True             # sparsebert.optimize during training (SDPA, fused GELU, fast CPU dropout)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -207,6 +208,7 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
     """
     import sparsebert
     from sparsebert import distributed as D
+    from sparsebert.optimize import unoptimize
     from sparsebert.pruning import CubicSchedule, Pruner
 
     ctx = D.context()
@@ -219,6 +221,11 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
         sparsebert.sparsify(model, 0.0, block=(cfg.block, cfg.block), mode=cfg.mode, scope=cfg.scope,
                             score=cfg.score, seed=cfg.seed, backend=cfg.backend)
         model.to(device)
+    if cfg.optimize:
+        # SDPA, BERT's GELU fused into block-sparse layers in training, cheaper CPU dropout; the
+        # MLM head already runs on labelled rows only (_MLMObjective). Undone before returning, so
+        # the saved model and its config are plain Hugging Face.
+        sparsebert.optimize(model)
     state = None
     if resume and save_dir is not None:
         state = load_train_state(save_dir, model)
@@ -267,6 +274,7 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
             torch.manual_seed(cfg.seed + 7919 * ctx.rank + first)     # each rank its own dropout draws
     bar = progress_bar(cfg.steps, desc, progress and ctx.main)
     bar.update(first - 1)
+    cpu_time = time.process_time()
     for step in range(first, cfg.steps + 1):
         if pos + gbatch > n:
             perm, pos = torch.randperm(n, generator=g), 0
@@ -295,17 +303,24 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", sparsity=f"{pruner.sparsity():.2f}" if pruner else "0")
     bar.close()
+    cpu_time = time.process_time() - cpu_time      # this process's CPU seconds (all threads) in the loop
     if ctx.enabled:
         D.verify_identical(model, opt, where="at the end")
         checks.append(cfg.steps)
     del step_fn
     tail = losses[-max(1, len(losses) // 10):]
+    t_dev = time.process_time()
     dev = mlm_dev_loss(model, dev_blocks, ids, device, amp=amp)
+    t_dev = time.process_time() - t_dev
+    if cfg.optimize:
+        unoptimize(model)
     every = max(1, len(losses) // 50)
     return {
         "dev_mlm_loss": dev,
         "train_loss": sum(tail) / len(tail),
         "seconds_per_step": train_time / max(1, cfg.steps),
+        "cpu_seconds_train": cpu_time,
+        "cpu_seconds_dev": t_dev,
         "sparsity": pruner.sparsity() if pruner else 0.0,
         "kept_fractions": pruner.kept_fractions() if pruner else {},
         "mask_updates": updates,

@@ -43,6 +43,7 @@ class Preset:
     tasks: Tuple[str, ...]
     controls: Tuple[str, ...] = ()
     control_modes: Tuple[str, ...] = ("unstructured",)   # modes that get the random / deletion controls
+    control_levels: dict = field(default_factory=dict)   # control -> its levels (a control not named: every level)
     blocks: Tuple[int, ...] = (32,)             # block sizes (square) of mode "block": a study axis
     seeds: Tuple[int, ...] = (0,)               # each seed: its own pre-training and fine-tuning runs
     model: str = "minilm"                       # minilm | scratch
@@ -69,12 +70,14 @@ PRESETS: Dict[str, Preset] = {
     "cpu-demo": Preset(
         name="cpu-demo",
         description="small-scale study on a CPU (minutes): unstructured 0/30/60/90%, 16x16 blocks "
-                    "30/60/90%, polarity, 2 seeds, linear probe + fine-tuning",
+                    "30/60/90%, polarity, 2 seeds, linear probe + fine-tuning, controls: from-scratch, "
+                    "random pruning at 60%, information deletion at 90%; 2 worker processes",
         levels=(0.0, 0.3, 0.6, 0.9), modes=("unstructured", "block"), blocks=(16,), seeds=(0, 1),
-        tasks=("polarity",), controls=(),
+        tasks=("polarity",), controls=("scratch", "random", "deletion"),
+        control_levels={"random": (0.6,), "deletion": (0.9,)}, workers=2,
         seq_len=64, mlm_train_blocks=1200, mlm_dev_blocks=48,
         head=dict(blocks=640, max_steps=60, batch_size=512, lr=1e-2, eval_every=10, tol=0.02),
-        pretrain=dict(steps=20, batch_size=8, lr=1e-4, ramp_fraction=0.5, prune_every=2),
+        pretrain=dict(steps=20, batch_size=8, lr=1e-4, ramp_fraction=0.5, prune_every=5),
         finetune=dict(epochs=2.0, max_steps=32, batch_size=32, token_budget=1024, max_len=64,
                       warmup_fraction=0.1),
         probe=dict(max_len=64), lrs=(2e-4,), max_train=640, max_dev=400, demo=True),
@@ -219,14 +222,21 @@ class EncoderSpec:
 
 
 def _worker(job) -> dict:
-    preset, out, cache_dir, device, indices, threads = job
+    preset, out, cache_dir, device, indices, threads, number = job
     torch.set_num_threads(threads)
-    st = Study(preset, out, cache_dir, device=device, progress=False, log=lambda m: None)
-    plan = st.encoder_plan()
-    probing = st.probe_config() is not None
-    for i in indices:
-        st.run_encoder(plan[i], st.finetune_plan(plan[i]), probing)
-    return {k: v for k, v in st.counts.items() if k.endswith("_trained")}
+
+    def log(msg):
+        print(f"[worker {number}] {msg}", flush=True)
+    st = Study(preset, out, cache_dir, device=device, progress=False, log=log)
+    st.run_jobs(indices)
+    return {"counts": {k: v for k, v in st.counts.items() if k.endswith("_trained")}, "phases": st.phases}
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
 
 
 def step_time(base_mlm, encoder, blocks, ids, device, amp, batch_size: int, steps: int) -> float:
@@ -274,6 +284,8 @@ class Study:
         self.amp = preset.amp and self.device.type == "cuda"
         self.counts = {k: 0 for k in ("pretrain_trained", "pretrain_cached", "finetune_trained", "finetune_cached",
                                       "probe_trained", "probe_cached")}
+        # per phase (head, pretrain, probe, finetune; runs done, not cached): [runs, wall s, CPU s]
+        self.phases: Dict[str, List[float]] = {}
         self._tasks: Dict[str, TaskData] = {}
         self._bar = None
         self._base = None
@@ -305,13 +317,21 @@ class Study:
                 kw = dict(base, block=blk) if blk else dict(base)
                 if control == "random":
                     kw["score"] = "random"
-                for l in levels:
+                for l in (levels if control == "none" else self.control_levels(control)):
                     for seed in p.seeds:
                         plan.append(EncoderSpec(control, seed, PretrainConfig(mode=mode, sparsity=l, seed=seed, **kw)))
         if "scratch" in p.controls:
             for seed in p.seeds:
                 plan.append(EncoderSpec("scratch", seed, None))
         return plan
+
+    def control_levels(self, control: str) -> List[float]:
+        """The levels (above 0) that ``control`` (random or deletion) runs at: the preset's
+        ``control_levels[control]`` among its levels, or every level when it names none."""
+        levels = [l for l in self.p.levels if l > 0]
+        if control not in self.p.control_levels:
+            return levels
+        return [l for l in levels if any(abs(l - c) < 1e-9 for c in self.p.control_levels[control])]
 
     def finetune_plan(self, spec: EncoderSpec) -> List[Tuple[tuple, FinetuneConfig]]:
         """``(row key, config)`` of each fine-tuning run of one encoder; a row key is
@@ -324,7 +344,7 @@ class Study:
             for lr in p.lrs:
                 out.append((own, FinetuneConfig(task=task, lr=lr, **base)))
                 if (spec.control == "none" and spec.mode != "dense" and "deletion" in p.controls
-                        and spec.mode in p.control_modes):
+                        and spec.mode in p.control_modes and spec.sparsity in self.control_levels("deletion")):
                     out.append(((spec.mode, spec.block, spec.sparsity, "deletion"),
                                 FinetuneConfig(task=task, lr=lr, control="deletion", **base)))
                 if spec.control == "none" and spec.mode == "dense" and "finetune-prune" in p.controls:
@@ -369,7 +389,8 @@ class Study:
         if model is None:
             train, dev = self._blocks()
             model = self.data.start_model()
-            res = fit_head(model, self.head_config(), train, self._ids, self.device, self.amp, self.progress)
+            res = self._timed("head", lambda: fit_head(model, self.head_config(), train, self._ids, self.device,
+                                                       self.amp, self.progress))
             res["dev_mlm_loss"] = mlm_dev_loss(model, dev, self._ids, self.device, amp=self.amp)
             self.store.save_model("head", key, model)
             self.store.put("head", key, {"data": self.data_key(), "head": asdict(self.head_config())}, res)
@@ -411,7 +432,8 @@ class Study:
         train, dev = self._blocks()
         model = copy.deepcopy(self.base_model())
         desc = "pretrain " + spec.label()
-        res = pretrain(model, spec.cfg, train, dev, self._ids, self.device, self.amp, self.progress, desc=desc)
+        res = self._timed("pretrain", lambda: pretrain(model, spec.cfg, train, dev, self._ids, self.device,
+                                                       self.amp, self.progress, desc=desc))
         res.pop("kept_fractions", None)
         self.counts["pretrain_trained"] += 1
         enc = model.bert.cpu()
@@ -444,7 +466,9 @@ class Study:
         if rec is not None:
             self.counts["probe_cached"] += 1
             return rec["result"]
-        res = probe(encoder_fn(), self.probe_config(), self.task_data(task), self.data.tokenizer(), self.device, self.amp)
+        enc = encoder_fn()
+        res = self._timed("probe", lambda: probe(enc, self.probe_config(), self.task_data(task),
+                                                 self.data.tokenizer(), self.device, self.amp))
         self.counts["probe_trained"] += 1
         self.store.put("probe", key, {"parent": parent_key, "task": task, "probe": asdict(self.probe_config())}, res)
         self._say(f"probe {label} {task}: dev {res['dev_score']:.1f} (train {res['train_score']:.1f})")
@@ -456,14 +480,29 @@ class Study:
         if rec is not None:
             self.counts["finetune_cached"] += 1
             return rec["result"]
-        res = finetune(encoder_fn(), cfg, self.task_data(cfg.task), self.data.tokenizer(), self.device, self.amp,
-                       self.progress, desc=f"finetune {label} {cfg.task} lr={cfg.lr:g}")
+        enc = encoder_fn()
+        res = self._timed("finetune", lambda: finetune(enc, cfg, self.task_data(cfg.task), self.data.tokenizer(),
+                                                       self.device, self.amp, self.progress,
+                                                       desc=f"finetune {label} {cfg.task} lr={cfg.lr:g}"))
         res.pop("model", None)
         self.counts["finetune_trained"] += 1
         self.store.put("finetune", key, {"parent": parent_key, "finetune": asdict(cfg)}, res)
         self._say(f"finetune {label} {cfg.task} lr={cfg.lr:g}: dev {res['dev_score']:.1f}, "
                   f"train loss {res['train_loss']:.3f}")
         return res
+
+    def _add_phase(self, kind: str, runs: float, wall: float, cpu: float) -> None:
+        ph = self.phases.setdefault(kind, [0, 0.0, 0.0])
+        ph[0] += runs
+        ph[1] += wall
+        ph[2] += cpu
+
+    def _timed(self, kind: str, fn):
+        """``fn()``, its wall and CPU seconds (this process, all threads) added to ``phases[kind]``."""
+        w, c = time.perf_counter(), time.process_time()
+        out = fn()
+        self._add_phase(kind, 1, time.perf_counter() - w, time.process_time() - c)
+        return out
 
     def _tick(self):
         if self._bar is not None:
@@ -530,19 +569,67 @@ class Study:
         del enc, cache_enc
         return records
 
+    def run_jobs(self, indices) -> None:
+        """Run (or find cached) the encoders ``plan[i]`` for ``i`` in ``indices``, each with its probes
+        and fine-tuning runs (what a worker process or a torchrun rank does)."""
+        plan = self.encoder_plan()
+        probing = self.probe_config() is not None
+        for i in indices:
+            self.run_encoder(plan[i], self.finetune_plan(plan[i]), probing)
+
+    def run_ranks(self, rank: int, world: int, sync: Callable[[bool], bool],
+                  failed: Optional[dict] = None) -> Optional[List[dict]]:
+        """The study on ``world`` processes (torchrun ranks): rank 0 fetches the data and fits the MLM
+        head (cached) while the others wait; then rank ``r`` runs every ``world``-th encoder job
+        (``r``, ``r + world``, ...), each alone on its process; after the second meeting rank 0 finds
+        every run cached, aggregates and reports (its rows are returned; other ranks return None).
+        No two ranks write the same run. ``sync(ok)`` is a collective returning whether every rank
+        was ok; when another rank failed this one stops (``failed["other"]`` says where); its own
+        error propagates after it has told the others."""
+        failed = {} if failed is None else failed
+
+        def meet(where, fn):
+            try:
+                out = fn()
+            except BaseException:
+                sync(False)
+                raise
+            if not sync(True):
+                failed["other"] = where
+                return False, None
+            return True, out
+
+        ok, _ = meet("fetching the data / fitting the MLM head", lambda: self.base_model() if rank == 0 else None)
+        if not ok:
+            return None
+        plan = self.encoder_plan()
+
+        def jobs():
+            self.base_model()
+            mine = range(rank, len(plan), world)
+            self._say(f"rank {rank} of {world}: {len(mine)} of the {len(plan)} encoders")
+            self.run_jobs(mine)
+        ok, _ = meet("in its encoder jobs", jobs)
+        if not ok:
+            return None
+        return self.run(parallel=False) if rank == 0 else None
+
     def _parallel(self, plan: List[EncoderSpec]) -> None:
         """Fill the run cache with ``workers`` processes (spawned; on CUDA they share the GPU): each
         takes every ``workers``-th encoder. The main process then finds every run cached."""
         import multiprocessing as mp
         n = min(self.p.workers, len(plan))
         threads = max(1, (os.cpu_count() or 1) // n)
-        jobs = [(self.p, str(self.out), str(self.data.cache.root), str(self.device), list(range(i, len(plan), n)), threads)
-                for i in range(n)]
+        jobs = [(self.p, str(self.out), str(self.data.cache.root), str(self.device), list(range(i, len(plan), n)), threads,
+                 i) for i in range(n)]
         self._say(f"{len(plan)} encoders on {n} worker processes ({threads} CPU threads each)")
         with mp.get_context("spawn").Pool(n) as pool:
-            for counts in pool.imap_unordered(_worker, jobs):
+            for done in pool.imap_unordered(_worker, jobs):
+                counts = done["counts"]
                 for k, v in counts.items():
                     self.counts["workers_" + k] = self.counts.get("workers_" + k, 0) + v
+                for k, v in done["phases"].items():
+                    self._add_phase(k, *v)
                 self._say(f"worker done: {counts}")
 
     def _time_steps(self, plan: List[EncoderSpec], records: List[dict]) -> None:
@@ -565,11 +652,14 @@ class Study:
                 r["pretrain_s_per_step"] = times[k]
 
     # ---- the whole study -----------------------------------------------------------------------
-    def run(self) -> List[dict]:
+    def run(self, parallel: bool = True) -> List[dict]:
+        """The whole study: every run (cached ones skipped), then aggregation and the report.
+        ``parallel=False``: no worker processes even when the preset has ``workers > 1``."""
         from tqdm.auto import tqdm
 
         p = self.p
         t_start = time.time()
+        c_start = time.process_time()
         if p.demo:
             self.log("=" * 78)
             self.log(f"sparsebert study, preset {p.name}: a SMALL-SCALE study, not the paper's experiment.")
@@ -584,7 +674,7 @@ class Study:
         total = len(plan) + sum(len(v) for v in fplans) + (len(plan) * len(p.tasks) if probing else 0)
         self._bar = tqdm(total=total, desc="study runs", disable=not self.progress, dynamic_ncols=True)
         self.base_model()
-        if p.workers > 1 and len(plan) > 1:
+        if parallel and p.workers > 1 and len(plan) > 1:
             self._parallel(plan)
         records: List[dict] = []
         for spec, fl in zip(plan, fplans):
@@ -601,6 +691,10 @@ class Study:
                 "note": ("Small-scale study: short runs on small subsets; mean ± sd over seeds, read every "
                          "difference against its error bar." if p.demo else p.description),
                 "device": str(self.device), "elapsed_s": round(elapsed, 1), "counts": self.counts,
+                "cpu_s": round(time.process_time() - c_start, 1),
+                "phases": {k: {"runs": int(v[0]), "wall_s": round(v[1], 1), "cpu_s": round(v[2], 1)}
+                           for k, v in self.phases.items()},
+                "loadavg_1min": _loadavg(),
                 "preset_config": asdict(p), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "chance": self.chance(), "n_dev": {t: len(self.task_data(t).dev) for t in p.tasks},
                 "head": getattr(self, "head_result", None), "tasks": list(p.tasks)}
@@ -617,6 +711,8 @@ class Study:
                  f"probes {c['probe_trained']} + {c['probe_cached']} cached, "
                  f"fine-tuning {c['finetune_trained']} trained + {c['finetune_cached']} cached; "
                  f"{elapsed:.0f} s in all")
+        for k, (n, wall, cpu) in self.phases.items():
+            self.log(f"  {k}: {int(n)} runs, {wall:.0f} s wall, {cpu:.0f} s CPU")
         self.log("wrote " + ", ".join(str(v) for v in paths.values()))
         if self.p.demo:
             self.log("(see docs/STUDY.md for what this small-scale study does and does not show; the 'gpu' "
