@@ -323,3 +323,33 @@ def test_auto_warns_when_a_backend_raises(monkeypatch):
             assert B.choose(x, v, lay) == "dense"
     finally:
         B.clear_auto_cache()
+
+
+def test_tune_script_dry_run(tmp_path, monkeypatch, capsys):
+    """benchmarks/tune_triton.py end to end on the CPU: every candidate checked and timed, the
+    winners written under the keys the backend looks up, other entries kept."""
+    import json
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.syspath_prepend(os.path.join(root, "benchmarks"))
+    import tune_triton
+    out = tmp_path / "tuned.json"
+    out.write_text(json.dumps({"format": 1, "entries": {"other|key": {"config": {}}}}))
+    assert tune_triton.main(["--dry-run", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert "other|key" in data["entries"]
+    lay = tune_triton._random_layout(128, 64, 32, 0.5, 0)
+    monkeypatch.setattr(common, "TUNED_PATH", str(out))
+    try:
+        for op, cands in (("forward", dsd.candidates(4, 32, 32)), ("grad_input", dsd.candidates(4, 32, 32)),
+                          ("grad_weight", sdd.candidates(4, 32, 32))):
+            key = common.tune_key("cpu", torch.float32, op, 100, lay.tensors("cpu"))
+            entry = data["entries"][key]
+            assert entry["config"] in cands and entry["us"] > 0
+            assert len(entry["all_us"]) == len(cands)
+            assert common.tuned_config("cpu", torch.float32, op, 100, lay.tensors("cpu")) == entry["config"]
+    finally:
+        common._load_table.cache_clear()
+    assert "wrote" in capsys.readouterr().out
+    sys.modules.pop("tune_triton", None)

@@ -248,12 +248,17 @@ def warn_once(key: str, message: str) -> None:
 _autotuned: dict = {}
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name as the data file keys it ("cpu" under the interpreter)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def choose_config(op: str, dtype, M: int, lt: LayoutTensors, device: torch.device, candidates, run):
     """The config ``op`` runs with. ``candidates``: the configs that fit, in preference order;
     ``run(cfg)`` launches the kernel once with ``cfg`` (used for timing when autotuning)."""
     if device.type != "cuda":
         return candidates[0]
-    gpu = torch.cuda.get_device_name(device)
+    gpu = device_name(device)
     hit = tuned_config(gpu, dtype, op, M, lt)
     if hit is not None:
         return hit
