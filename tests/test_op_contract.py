@@ -6,10 +6,10 @@ import torch
 from sparsebert import bsr_linear
 from sparsebert.ops import backends, reference
 
+import backend_harness as H
 from conftest import random_layout, skip_unavailable
 
-BACKENDS = ["reference", "dense", "cpu", "triton"]
-
+BACKENDS = list(backends.NAMES)    # every registered backend (those that cannot run here skip, saying why)
 
 
 def _problem(seed=0, M=13):
@@ -23,7 +23,9 @@ def _problem(seed=0, M=13):
 def test_non_contiguous_inputs_reach_every_backend_contiguous(backend):
     skip_unavailable(backend)
     lay, x, v, b = _problem(seed=1)
-    ref = bsr_linear(x, v, lay, b, backend="reference")
+    ref64 = bsr_linear(x.double(), v.double(), lay, b.double(), backend="reference")
+    torch_own = torch.nn.functional.linear(x, lay.scatter(v), b)      # the shared rule's baseline
+    gelu = torch.nn.functional.gelu
     # strided views of the same numbers: a bias slice, a transposed x, permuted value blocks
     b_full = torch.stack([b, torch.zeros_like(b)], 1).reshape(-1).requires_grad_()
     b_nc = b_full[::2]
@@ -31,15 +33,15 @@ def test_non_contiguous_inputs_reach_every_backend_contiguous(backend):
     v_nc = v.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
     assert not (b_nc.is_contiguous() or x_nc.is_contiguous() or v_nc.is_contiguous())
     y = bsr_linear(x_nc, v_nc, lay, b_nc, backend=backend)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    H.check_rule(y, torch_own, ref64, x.dtype, f"{backend} forward of strided inputs")
     y.sum().backward()
     torch.testing.assert_close(b_full.grad[::2], torch.full_like(b, x.shape[0]))
     assert not b_full.grad[1::2].any()
     with torch.no_grad():   # the no-autograd path and the fused GELU path too
-        torch.testing.assert_close(bsr_linear(x_nc, v_nc, lay, b_nc, backend=backend), ref,
-                                   rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(bsr_linear(x_nc, v_nc, lay, b_nc, backend=backend, activation="gelu"),
-                                   torch.nn.functional.gelu(ref), rtol=1e-5, atol=1e-5)
+        H.check_rule(bsr_linear(x_nc, v_nc, lay, b_nc, backend=backend), torch_own, ref64, x.dtype,
+                     f"{backend} no-grad forward of strided inputs")
+        H.check_rule(bsr_linear(x_nc, v_nc, lay, b_nc, backend=backend, activation="gelu"), gelu(torch_own),
+                     gelu(ref64), x.dtype, f"{backend} forward+gelu of strided inputs")
 
 
 @pytest.fixture
