@@ -1,23 +1,30 @@
 """Kernel benchmarks: block-sparse linear vs dense, PyTorch BSR, 2:4 and the sparsebert backends.
 
-Grid: shapes (in -> out) 768->768, 768->3072, 3072->768; M = 16384 tokens; bf16; blocks 32 and 64;
-block sparsity 0/50/75/90 % (random layouts keeping exactly that fraction of blocks). For each
-provider: forward (Y = X Wᵀ + b) and forward+backward (Y, dX = dY W, dW on kept blocks, db), and
-for dense / triton / cuda the backward pieces alone: dX (grad_input) and dW (grad_weight; dense: the
-full dYᵀ X).
+Grid: shapes (in -> out) 768->768, 768->3072, 3072->768 (BERT-Base); M = 16384 tokens; bf16;
+blocks 64, 32, 128 (that order: a run cut by ``--budget-s`` keeps the blocks the targets name);
+block sparsity 0/50/75/90 % (random layouts keeping exactly that fraction of blocks). Providers:
+``dense`` (cuBLAS on the densified weight), ``torch_bsr`` (PyTorch's BSR @ dense, forward),
+``semi_structured_2:4`` (PyTorch's 2:4 sparse matmul where it runs: 50% only, forward),
+``triton``, ``cuda`` (the backends, through ``sparsebert.ops.backends.get``), ``auto`` (the public
+op ``bsr_linear(..., backend="auto")`` with autograd: what a layer runs). Modes: ``fwd``
+(Y = X Wᵀ + b), ``fwd_bwd`` (Y, dX = dY W, dW on kept blocks, db), ``dx`` (grad_input) and ``dw``
+(grad_weight; dense: the full dYᵀ X).
 
-Roofline ideal (per case): ``t_ideal = max(kept_fraction * t_dense, bytes_min / bandwidth)`` with
-``bytes_min`` = X + Y + kept blocks (+ bias) for the forward; the backward adds dY read twice, dX
-written, X read again and dW's kept blocks. Bandwidth is measured with a large device-to-device
-copy. "frac ideal" = t_ideal / t (1.0 = at the roofline).
+Roofline (per case and mode): ``t_ideal = max(kept * t_dense, bytes_min / bandwidth)``, bandwidth
+from a device-to-device copy in the same run, ``bytes_min`` each operand read once and each output
+written once: fwd X + Y + kept blocks + bias; dx dY + dX + kept blocks; dw X + dY + kept blocks;
+fwd_bwd the forward plus dY read twice, dX written, X read again and dW's kept blocks.
+``frac_ideal = t_ideal / t`` (1.0 = at the roofline); ``block_eff = kept * t_dense / t`` (the time
+a dense GEMM would spend on the kept blocks over the time taken: per-block efficiency, the
+speedup over dense at 0%).
 
 Usage::
 
-    python benchmarks/bench_kernels.py --out results/ [--quick]
+    python benchmarks/bench_kernels.py --out DIR [--quick] [--budget-s 180] [--providers ...]
 
-Shared with ``benchmarks/test_bench_kernels.py`` (pytest-benchmark over the same grid).
-``--dry-run`` runs a tiny grid on the CPU (Triton interpreter, wall-clock timer) to check the code
-paths without a GPU.
+Writes DIR/bench_kernels.{json,txt,png} (the JSON after every case, so a run cut short keeps its
+numbers). ``--dry-run`` runs a tiny grid on the CPU (Triton interpreter, CPU-time timer) to check
+every code path without a GPU (``benchmarks/test_bench_kernels.py`` runs it in CI).
 """
 from __future__ import annotations
 
@@ -40,15 +47,18 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from sparsebert.layout import BlockLayout  # noqa: E402
+from sparsebert.ops import backends  # noqa: E402
 
 SHAPES = [(768, 768), (768, 3072), (3072, 768)]   # (in_features K, out_features N)
-BLOCKS = [32, 64]
+BLOCKS = [64, 32, 128]
 SPARSITIES = [0.0, 0.5, 0.75, 0.9]
 M_TOKENS = 16384
 DTYPE = torch.bfloat16
 N_SETS = 3                                         # input sets rotated so none sits in L2
 QUICK = dict(shapes=[(768, 3072)], blocks=[64], sparsities=[0.0, 0.5, 0.9])
+DRY = dict(shapes=[(128, 256)], blocks=[64, 32, 128], sparsities=[0.0, 0.5])
 PROVIDERS = ["dense", "torch_bsr", "semi_structured_2:4", "triton", "cuda", "auto"]
+MODES = ["fwd", "fwd_bwd", "dx", "dw"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,14 +117,22 @@ def make_case(K, N, block, sparsity, M=M_TOKENS, dtype=DTYPE, device="cuda", n_s
     return Case(K, N, block, sparsity, M, dtype, device, layout, xs, dys, w, values, bias)
 
 
-def bytes_min(case: Case, backward: bool) -> int:
+def bytes_min(case: Case, mode: str) -> int:
+    """Fewest bytes a mode must move through device memory (each input read once, each output
+    written once)."""
     e = torch.empty(0, dtype=case.dtype).element_size()
     M, K, N = case.M, case.K, case.N
     blocks = case.layout.nnz * case.block * case.block
     fwd = (M * K + M * N + blocks + N) * e
-    if not backward:
+    if mode == "fwd":
         return fwd
-    return fwd + (2 * M * N + M * K + M * K + blocks) * e
+    if mode == "dx":
+        return (M * N + M * K + blocks) * e
+    if mode == "dw":
+        return (M * K + M * N + blocks) * e
+    if mode == "fwd_bwd":
+        return fwd + (2 * M * N + M * K + M * K + blocks) * e
+    raise ValueError(f"unknown mode {mode!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,17 +204,14 @@ def _semi_structured(case: Case):
 
 def _sparsebert(name: str):
     def build(case: Case):
-        import importlib
         try:
-            mod = importlib.import_module(f"sparsebert.ops.{'triton_bsr' if name == 'triton' else 'cuda_bsr'}")
+            mod = backends.get(name)
         except Exception as e:
-            return f"import failed: {type(e).__name__}: {e}"
-        why = mod.unavailable_reason(case.device)
-        if why is None and hasattr(mod, "unsupported_reason"):
-            why = mod.unsupported_reason(case.xs[0], case.values, case.layout.tensors(case.device))
+            return f"cannot load: {type(e).__name__}: {e}"
+        lt = case.layout.tensors(case.device)
+        why = backends.unsupported_reason(name, case.xs[0], case.values, lt)
         if why is not None:
             return why
-        lt = case.layout.tensors(case.device)
         v, b = case.values, case.bias
 
         def fwd():
@@ -207,6 +222,8 @@ def _sparsebert(name: str):
             i = case.next()
             x, dy = case.xs[i], case.dys[i]
             y = mod.forward(x, v, b, lt)
+            if hasattr(mod, "grad_weight_bias"):
+                return (y, mod.grad_input(dy, v, lt)) + tuple(mod.grad_weight_bias(x, dy, lt))
             return y, mod.grad_input(dy, v, lt), mod.grad_weight(x, dy, lt), dy.sum(0)
 
         def dx():
@@ -217,7 +234,7 @@ def _sparsebert(name: str):
             i = case.next()
             return mod.grad_weight(case.xs[i], case.dys[i], lt)
 
-        # First calls autotune; keep that out of the timings.
+        # First calls compile / autotune; keep that out of the timings.
         fwd()
         fwd_bwd()
         return fwd, fwd_bwd, dx, dw
@@ -271,17 +288,18 @@ def build_provider(name: str, case: Case):
 # Timing
 # ---------------------------------------------------------------------------------------------
 def time_fn(fn, device: torch.device, warmup_ms: int = 10, rep_ms: int = 50) -> float:
-    """Median seconds of one call (triton.testing.do_bench on CUDA; wall clock on the CPU)."""
+    """Median seconds of one call (triton.testing.do_bench, CUDA events, on CUDA; this process's
+    CPU time, median of 3, on the CPU)."""
     if device.type == "cuda":
         import triton.testing
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e-3
     ts = []
     for _ in range(3):
-        t = time.perf_counter()
+        t = time.process_time()
         fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        ts.append(time.process_time() - t)
+    return max(statistics.median(ts), 1e-9)
 
 
 def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -296,27 +314,29 @@ def measure_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 def run_case(case: Case, providers, bandwidth: float, rep_ms: int = 50) -> List[dict]:
     rows = []
+    providers = list(providers)
+    if "dense" not in providers:       # the baseline every ratio needs
+        providers = ["dense"] + providers
     built = {p: build_provider(p, case) for p in providers}
     t_dense = {}
-    dense = built.get("dense")
+    dense = built["dense"]
     if isinstance(dense, tuple):
-        t_dense = {"fwd": time_fn(dense[0], case.device, rep_ms=rep_ms),
-                   "fwd_bwd": time_fn(dense[1], case.device, rep_ms=rep_ms)}
-    ideal = {}
-    for mode, bwd in (("fwd", False), ("fwd_bwd", True)):
-        t_mem = bytes_min(case, bwd) / bandwidth
-        ideal[mode] = max(case.kept * t_dense[mode], t_mem) if mode in t_dense else t_mem
+        for mode, fn in zip(MODES, dense):
+            t_dense[mode] = time_fn(fn, case.device, rep_ms=rep_ms)
+    ideal = {mode: max(case.kept * t_dense[mode], bytes_min(case, mode) / bandwidth) if mode in t_dense
+             else bytes_min(case, mode) / bandwidth for mode in MODES}
     for p in providers:
         row = dict(shape=f"{case.K}->{case.N}", K=case.K, N=case.N, block=case.block,
-                   sparsity=case.sparsity, kept=case.kept, M=case.M, dtype=str(case.dtype),
-                   provider=p, ideal_fwd_s=ideal["fwd"], ideal_fwd_bwd_s=ideal["fwd_bwd"])
+                   sparsity=case.sparsity, kept=case.kept, M=case.M, dtype=str(case.dtype), provider=p)
+        for mode in MODES:
+            row[f"ideal_{mode}_s"] = ideal[mode]
         b = built[p]
         if isinstance(b, str):
             row["note"] = b
             rows.append(row)
             continue
-        fns = list(b) + [None] * (4 - len(b))
-        for mode, fn in (("fwd", fns[0]), ("fwd_bwd", fns[1]), ("dx", fns[2]), ("dw", fns[3])):
+        fns = list(b) + [None] * (len(MODES) - len(b))
+        for mode, fn in zip(MODES, fns):
             if fn is None:
                 continue
             try:
@@ -325,10 +345,10 @@ def run_case(case: Case, providers, bandwidth: float, rep_ms: int = 50) -> List[
                 row["note"] = f"{mode} failed: {type(e).__name__}: {e}"[:200]
                 continue
             row[f"{mode}_s"] = t
+            row[f"{mode}_frac_ideal"] = ideal[mode] / t
             if mode in t_dense:
                 row[f"{mode}_speedup"] = t_dense[mode] / t
-            if mode in ideal:
-                row[f"{mode}_frac_ideal"] = ideal[mode] / t
+                row[f"{mode}_block_eff"] = case.kept * t_dense[mode] / t
         rows.append(row)
     return rows
 
@@ -342,7 +362,8 @@ def _fmt(v, spec):
 
 def format_table(rows: List[dict]) -> str:
     head = (f"{'shape':>10} {'blk':>4} {'spars':>5} {'provider':>20} | {'fwd µs':>8} {'x dense':>7} "
-            f"{'/ideal':>6} | {'f+b µs':>8} {'x dense':>7} {'/ideal':>6} | {'dX µs':>7} {'dW µs':>7}  note")
+            f"{'/ideal':>6} | {'f+b µs':>8} {'x dense':>7} {'/ideal':>6} | {'dX µs':>7} {'/ideal':>6} | "
+            f"{'dW µs':>7} {'/ideal':>6}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
         us = lambda k: r[k] * 1e6 if k in r else None
@@ -351,7 +372,52 @@ def format_table(rows: List[dict]) -> str:
             f"{_fmt(us('fwd_s'), '8.1f'):>8} {_fmt(r.get('fwd_speedup'), '7.2f'):>7} "
             f"{_fmt(r.get('fwd_frac_ideal'), '6.2f'):>6} | {_fmt(us('fwd_bwd_s'), '8.1f'):>8} "
             f"{_fmt(r.get('fwd_bwd_speedup'), '7.2f'):>7} {_fmt(r.get('fwd_bwd_frac_ideal'), '6.2f'):>6} | "
-            f"{_fmt(us('dx_s'), '7.1f'):>7} {_fmt(us('dw_s'), '7.1f'):>7}  {r.get('note', '')}")
+            f"{_fmt(us('dx_s'), '7.1f'):>7} {_fmt(r.get('dx_frac_ideal'), '6.2f'):>6} | "
+            f"{_fmt(us('dw_s'), '7.1f'):>7} {_fmt(r.get('dw_frac_ideal'), '6.2f'):>6}  {r.get('note', '')}")
+    return "\n".join(lines)
+
+
+def _geomean(vals):
+    vals = [v for v in vals if isinstance(v, (int, float)) and v > 0]
+    return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals else None
+
+
+def summary(rows: List[dict]) -> List[dict]:
+    """Per (provider, block): the issue-15 target quantities, as geomeans over the shapes (and
+    over 50/75/90% for the roofline fractions); min over sparsities for auto's speedup."""
+    out = []
+    for p in sorted({r["provider"] for r in rows}):
+        for blk in sorted({r["block"] for r in rows}):
+            sub = [r for r in rows if r["provider"] == p and r["block"] == blk]
+            if not sub:
+                continue
+            sparse = [r for r in sub if r["sparsity"] >= 0.5]
+            zero = [r for r in sub if r["sparsity"] == 0.0]
+            out.append(dict(
+                provider=p, block=blk,
+                block_eff_0=_geomean([r.get("fwd_block_eff") for r in zero]),
+                fwd_bwd_block_eff_0=_geomean([r.get("fwd_bwd_block_eff") for r in zero]),
+                fwd_frac_ideal=_geomean([r.get("fwd_frac_ideal") for r in sparse]),
+                fwd_bwd_frac_ideal=_geomean([r.get("fwd_bwd_frac_ideal") for r in sparse]),
+                dx_frac_ideal=_geomean([r.get("dx_frac_ideal") for r in sparse]),
+                dw_frac_ideal=_geomean([r.get("dw_frac_ideal") for r in sparse]),
+                min_fwd_speedup=min((r["fwd_speedup"] for r in sub if "fwd_speedup" in r), default=None),
+                min_fwd_bwd_speedup=min((r["fwd_bwd_speedup"] for r in sub if "fwd_bwd_speedup" in r), default=None),
+            ))
+    return out
+
+
+def format_summary(summ: List[dict]) -> str:
+    head = (f"{'provider':>20} {'blk':>4} | {'eff@0% fwd':>10} {'f+b':>5} | {'/ideal 50-90% fwd':>17} "
+            f"{'f+b':>5} {'dX':>5} {'dW':>5} | {'min x dense fwd':>15} {'f+b':>5}")
+    lines = ["summary (geomeans over shapes; /ideal over 50/75/90%; targets: eff@0% >= 0.85 (b64) / 0.7 (b32), "
+             "fwd /ideal >= 0.8 (b64) / 0.6 (b32), f+b >= 0.7, auto min x dense >= 0.95)", head, "-" * len(head)]
+    for r in summ:
+        lines.append(f"{r['provider']:>20} {r['block']:>4} | {_fmt(r['block_eff_0'], '10.2f'):>10} "
+                     f"{_fmt(r['fwd_bwd_block_eff_0'], '5.2f'):>5} | {_fmt(r['fwd_frac_ideal'], '17.2f'):>17} "
+                     f"{_fmt(r['fwd_bwd_frac_ideal'], '5.2f'):>5} {_fmt(r['dx_frac_ideal'], '5.2f'):>5} "
+                     f"{_fmt(r['dw_frac_ideal'], '5.2f'):>5} | {_fmt(r['min_fwd_speedup'], '15.2f'):>15} "
+                     f"{_fmt(r['min_fwd_bwd_speedup'], '5.2f'):>5}")
     return "\n".join(lines)
 
 
@@ -363,10 +429,11 @@ def plot(rows: List[dict], path: str) -> Optional[str]:
     except Exception as e:
         return f"no plot: {e}"
     groups = sorted({(r["shape"], r["block"]) for r in rows}, key=str)
-    fig, axes = plt.subplots(2, len(groups), figsize=(4 * len(groups), 7), squeeze=False)
+    fig, axes = plt.subplots(len(MODES), len(groups), figsize=(3.6 * len(groups), 3.2 * len(MODES)),
+                             squeeze=False)
     for j, (shape, block) in enumerate(groups):
         sub = [r for r in rows if r["shape"] == shape and r["block"] == block]
-        for i, mode in enumerate(("fwd", "fwd_bwd")):
+        for i, mode in enumerate(MODES):
             ax = axes[i][j]
             for p in sorted({r["provider"] for r in sub}):
                 pts = sorted((r["sparsity"], r[f"{mode}_speedup"]) for r in sub
@@ -378,56 +445,78 @@ def plot(rows: List[dict], path: str) -> Optional[str]:
                            if r["provider"] == "dense" and r["sparsity"] in dense)
             if ideal:
                 ax.plot([100 * s for s, _ in ideal], [v for _, v in ideal], "k--", label="roofline ideal")
-            ax.set_title(f"{shape} b{block} {mode}")
+            ax.set_title(f"{shape} b{block} {mode}", fontsize=9)
             ax.set_xlabel("block sparsity %")
             ax.set_ylabel("speedup vs dense")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
 
 
-def run(out_dir: str, quick: bool = False, dry_run: bool = False, providers=None) -> List[dict]:
+def _write(out_dir, info, rows, partial):
+    with open(os.path.join(out_dir, "bench_kernels.json"), "w") as f:
+        json.dump(dict(info=info, rows=rows, summary=summary(rows), partial=partial), f, indent=1)
+
+
+def run(out_dir: str, quick: bool = False, dry_run: bool = False, providers=None,
+        budget_s: Optional[float] = None, rep_ms: Optional[int] = None, grid: Optional[dict] = None) -> List[dict]:
     os.makedirs(out_dir, exist_ok=True)
-    grid = dict(shapes=SHAPES, blocks=BLOCKS, sparsities=SPARSITIES)
-    M, device, rep_ms, n_sets = M_TOKENS, torch.device("cuda"), 50, N_SETS
+    grid_ = dict(shapes=SHAPES, blocks=BLOCKS, sparsities=SPARSITIES)
+    M, device, n_sets, rep = M_TOKENS, torch.device("cuda"), N_SETS, 50
     if quick:
-        grid, rep_ms = QUICK, 25
+        grid_, rep = QUICK, 25
     if dry_run:   # CPU, Triton interpreter: a tiny grid that exercises every code path
-        grid = dict(shapes=[(128, 256)], blocks=[32, 64], sparsities=[0.0, 0.5])
-        M, device, rep_ms, n_sets = 64, torch.device("cpu"), 1, 2
+        grid_ = DRY
+        M, device, rep, n_sets = 64, torch.device("cpu"), 1, 2
     elif not torch.cuda.is_available():
         raise SystemExit("no CUDA device: the benchmark needs a GPU (or --dry-run for a CPU check)")
+    rep = rep_ms or rep
+    grid = dict(grid_, **(grid or {}))
     providers = providers or PROVIDERS
+    unknown = [p for p in providers if p not in BUILDERS]
+    if unknown:
+        raise SystemExit(f"unknown provider(s) {unknown}; choose from {PROVIDERS}")
     bw = measure_bandwidth(device)
     info = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                torch=torch.__version__, bandwidth_GBps=bw / 1e9, M=M, dtype=str(DTYPE), quick=quick)
+                torch=torch.__version__, bandwidth_GBps=bw / 1e9, M=M, dtype=str(DTYPE), quick=quick,
+                dry_run=dry_run, rep_ms=rep, budget_s=budget_s, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                command=" ".join(sys.argv))
     try:
         import triton
         info["triton"] = triton.__version__
     except Exception:
         pass
     print(f"# {info}", flush=True)
-    rows = []
+    rows, skipped = [], []
     t0 = time.time()
-    for (K, N), block, sp in itertools.product(grid["shapes"], grid["blocks"], grid["sparsities"]):
+    cases = [(K, N, block, sp) for block in grid["blocks"] for (K, N) in grid["shapes"] for sp in grid["sparsities"]]
+    for K, N, block, sp in cases:
+        if budget_s is not None and time.time() - t0 > budget_s:
+            skipped.append(f"{K}->{N} b{block} s{int(round(sp * 100))}%")
+            continue
         case = make_case(K, N, block, sp, M=M, device=device, n_sets=n_sets)
-        case_rows = run_case(case, providers, bw, rep_ms=rep_ms)
+        case_rows = run_case(case, providers, bw, rep_ms=rep)
         rows += case_rows
         # Print and save as we go: a run cut short still leaves its numbers behind.
         print(format_table(case_rows), flush=True)
         print(f"# {case.tag} done ({time.time() - t0:.0f} s)", flush=True)
-        with open(os.path.join(out_dir, "bench_kernels.json"), "w") as f:
-            json.dump(dict(info=info, rows=rows, partial=True), f, indent=1)
+        _write(out_dir, info, rows, partial=True)
         del case
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if skipped:
+        info["skipped_for_budget"] = skipped
+        print(f"# budget {budget_s} s spent: {len(skipped)} cases not run: {', '.join(skipped)}", flush=True)
     table = format_table(rows)
+    summ = format_summary(summary(rows))
     print(table)
-    with open(os.path.join(out_dir, "bench_kernels.json"), "w") as f:
-        json.dump(dict(info=info, rows=rows), f, indent=1)
+    print(summ)
+    _write(out_dir, info, rows, partial=bool(skipped))
     with open(os.path.join(out_dir, "bench_kernels.txt"), "w") as f:
-        f.write(f"# {info}\n{table}\n")
+        f.write(f"# {info}\n{table}\n\n{summ}\n")
     note = plot(rows, os.path.join(out_dir, "bench_kernels.png"))
     if note:
         print(note)
@@ -439,11 +528,15 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output directory (JSON, text table, PNG)")
     ap.add_argument("--quick", action="store_true", help="one shape, block 64, 3 sparsities")
     ap.add_argument("--dry-run", action="store_true", help="tiny CPU run (TRITON_INTERPRET=1) to test the script")
-    ap.add_argument("--providers", nargs="*", default=None, help=f"subset of {PROVIDERS}")
+    ap.add_argument("--providers", nargs="*", default=None, help=f"subset of {PROVIDERS} (default: all)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new case after this many seconds (default: no limit); the JSON says what was skipped")
+    ap.add_argument("--rep-ms", type=int, default=None, help="timed milliseconds per measurement (default 50, --quick 25)")
     args = ap.parse_args(argv)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    run(args.out, quick=args.quick, dry_run=args.dry_run, providers=args.providers)
+    run(args.out, quick=args.quick, dry_run=args.dry_run, providers=args.providers, budget_s=args.budget_s,
+        rep_ms=args.rep_ms)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""pytest-benchmark over the grid of ``bench_kernels.py`` (CUDA only).
+"""pytest-benchmark over the grid of ``bench_kernels.py`` (CUDA only; its CPU dry run, which CI
+runs, is ``tests/test_bench_scripts.py::test_bench_kernels_dry_run_on_the_cpu``).
 
-    pytest benchmarks/test_bench_kernels.py --benchmark-enable -p no:cacheprovider
+    pytest benchmarks/test_bench_kernels.py --benchmark-enable -p no:cacheprovider -m gpu
 
 Each benchmark synchronises inside the timed function. Cases are built once per
 (shape, block, sparsity) and shared by the providers.
@@ -51,3 +52,4 @@ def test_kernel(benchmark, cuda, shape, block, sparsity, provider, mode):
     benchmark.extra_info.update(shape=f"{shape[0]}->{shape[1]}", block=block, sparsity=sparsity,
                                 provider=provider, mode=mode, kept=case.kept)
     benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=3)
+

@@ -38,3 +38,109 @@ def test_cpu_table_runs_a_quick_grid(capsys):
     cpu_table.kernel_table(1, ["dense", "cpu"], [(64, 128)], [32], [0.5], ["fwd"])
     out = capsys.readouterr().out
     assert "| 64→128 | 32 | 50% | fwd | cpu |" in out
+
+
+def test_bench_kernels_dry_run_on_the_cpu(tmp_path):
+    """The whole script on the CPU (Triton interpreted): every provider is built or says why not,
+    every mode of the backends is timed, the roofline / per-block efficiency columns, the summary,
+    JSON, text and PNG come out. Catches breakage of the GPU benchmark in CI."""
+    import bench_kernels as bk
+    bk.run(str(tmp_path), dry_run=True, grid=dict(shapes=[(64, 128)], blocks=[32], sparsities=[0.0, 0.5]))
+    data = json.loads((tmp_path / "bench_kernels.json").read_text())
+    assert not data["partial"] and data["info"]["bandwidth_GBps"] > 0
+    rows = {(r["provider"], r["sparsity"]): r for r in data["rows"]}
+    assert {p for p, _ in rows} == set(bk.PROVIDERS)
+    for sp in (0.0, 0.5):
+        dense = rows[("dense", sp)]
+        for mode in bk.MODES:
+            assert dense[f"{mode}_s"] > 0 and dense[f"{mode}_speedup"] == 1.0
+            assert 0 < dense[f"ideal_{mode}_s"]
+        for name in ("triton",):
+            r = rows[(name, sp)]
+            assert "note" not in r, r.get("note")
+            for mode in bk.MODES:
+                assert r[f"{mode}_s"] > 0 and r[f"{mode}_frac_ideal"] > 0 and r[f"{mode}_block_eff"] > 0
+        assert rows[("auto", sp)]["fwd_s"] > 0 and rows[("auto", sp)]["fwd_bwd_s"] > 0
+        assert "CUDA" in rows[("cuda", sp)]["note"]
+    assert "2:4 is 50% only" in rows[("semi_structured_2:4", 0.0)]["note"]
+    # per-block efficiency at 0% is the speedup over dense there
+    r0 = rows[("triton", 0.0)]
+    assert abs(r0["fwd_block_eff"] - r0["fwd_speedup"]) < 1e-9
+    summ = {(s["provider"], s["block"]): s for s in data["summary"]}
+    assert summ[("dense", 32)]["block_eff_0"] == 1.0
+    assert (tmp_path / "bench_kernels.png").stat().st_size > 0
+    assert "summary" in (tmp_path / "bench_kernels.txt").read_text()
+
+
+# ---- benchmarks/gpu_check.sh, with stand-ins for python3 and nvidia-smi ---------------------------
+_STUB = r"""#!/usr/bin/env bash
+# stand-in for python3: logs each call (with the compiler env), sleeps where STUB_SLEEP names the script
+echo "CALL CC=${CC:-} CXX=${CXX:-} SKIP_CPU=${SPARSEBERT_SKIP_CPU:-} INTERP=${TRITON_INTERPRET:-} $*" >> "$STUB_LOG"
+case " $* " in *" ${STUB_SLEEP:-none} "*) sleep 30 ;; esac
+case " $* " in *" pytest "*) echo "3 passed in 0.1s" ;; esac
+exit 0
+"""
+
+
+def _gpu_check_tree(tmp_path):
+    import shutil
+    import stat
+    root = tmp_path / "repo"
+    (root / "benchmarks").mkdir(parents=True)
+    (root / "tests").mkdir()
+    for f in ("gpu_check.sh", "gpu_env.sh"):
+        shutil.copy(os.path.join(BENCH, f), root / "benchmarks" / f)
+    for f in ("bench_kernels.py", "bench_bert.py", "tune_triton.py"):
+        (root / "benchmarks" / f).write_text("")
+    for f in ("test_backend_harness.py", "test_cuda_bsr.py", "test_other.py"):
+        (root / "tests" / f).write_text("import pytest\n\n@pytest.mark.gpu\ndef test_x():\n    pass\n")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, text in (("python-stub", _STUB), ("nvidia-smi", "#!/bin/sh\necho 'NVIDIA H200, 143771 MiB'\n")):
+        (bin_ / name).write_text(text)
+        (bin_ / name).chmod((bin_ / name).stat().st_mode | stat.S_IEXEC)
+    return root, bin_
+
+
+def _run_gpu_check(tmp_path, **env):
+    import subprocess
+    root, bin_ = _gpu_check_tree(tmp_path)
+    log = tmp_path / "calls.log"
+    e = dict(os.environ, PATH=f"{bin_}{os.pathsep}{os.environ['PATH']}", PYTHON=str(bin_ / "python-stub"),
+             STUB_LOG=str(log), TRITON_INTERPRET="1", **env)
+    r = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")],
+                       env=e, capture_output=True, text=True, timeout=120)
+    calls = log.read_text().splitlines() if log.exists() else []
+    return r, calls, tmp_path / "out"
+
+
+def test_gpu_check_runs_every_step_within_its_budget(tmp_path):
+    r, calls, out = _run_gpu_check(tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    worst = int(r.stdout.split("worst case ")[1].split(" s")[0])
+    assert worst <= 480, f"gpu_check.sh's default step budgets add up to {worst} s > 8 minutes"
+    joined = "\n".join(calls)
+    build = next(c for c in calls if "setup.py" in c)
+    assert "CC=gcc CXX=g++" in build and "build_ext --inplace" in build and "SKIP_CPU=1" in build
+    assert all("INTERP= " in c for c in calls), "TRITON_INTERPRET must be unset on the GPU machine"
+    tests = [c.split()[-1] for c in calls if "pytest -m gpu" in c]
+    assert tests == ["tests/test_backend_harness.py", "tests/test_cuda_bsr.py", "tests/test_other.py"]
+    assert "benchmarks/tune_triton.py --budget-s" in joined
+    assert "benchmarks/bench_kernels.py --out" in joined and "--budget-s 70 --rep-ms 25" in joined
+    assert "benchmarks/bench_bert.py --device cuda" in joined
+    summary = (out / "summary.txt").read_text()
+    for name in ("machine", "build sparsebert._C", "sparsebert info", "pytest -m gpu test_cuda_bsr",
+                 "tune_triton.py", "kernel grid", "end-to-end BERT"):
+        assert name in summary, summary
+    assert (out / "gpu_check.tgz").stat().st_size > 0
+
+
+def test_gpu_check_cuts_a_step_at_its_limit_and_refuses_budgets_over_8_minutes(tmp_path):
+    r, calls, out = _run_gpu_check(tmp_path / "a", STUB_SLEEP="benchmarks/bench_kernels.py", T_BENCH="2",
+                                   KILL_S="1")
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = next(ln for ln in (out / "summary.txt").read_text().splitlines() if ln.startswith("kernel grid"))
+    assert "exit 124" in line and "cut at its limit" in line, line
+    assert any("bench_bert.py" in c for c in calls), "the steps after a cut step still run"
+    r, calls, _ = _run_gpu_check(tmp_path / "b", T_BENCH="400")
+    assert r.returncode == 2 and "T_MAX=480" in r.stdout and calls == []
