@@ -165,3 +165,26 @@ def test_no_download_guard_leaves_other_subprocesses_alone(cache):
                           text=True).stdout.strip() == "ok"
     with pytest.raises(AssertionError, match="must not download"):
         D._fetch(["pip", "download", "x"], cache, 1)
+
+
+def test_comparison_table_puts_our_controls_beside_the_papers_and_md_has_the_phases(tmp_path):
+    from sparsebert.study.aggregate import aggregate
+    from sparsebert.study.report import comparison_table
+    recs = []
+    for seed in (0, 1):
+        for mode, sp, control, dev in (("dense", 0.0, "none", 80.0), ("unstructured", 0.6, "none", 70.0),
+                                       ("unstructured", 0.6, "random", 60.0), ("unstructured", 0.6, "deletion", 76.0)):
+            recs.append({"mode": mode, "block": 0, "sparsity": sp, "control": control, "task": "polarity",
+                         "seed": seed, "lr": 1e-4, "dev_score": dev + seed, "train_loss": 0.5,
+                         "finetune_s_per_step": 0.2, "probe": None, "pretrain_dev_loss": None,
+                         "pretrain_s_per_step": None, "achieved_sparsity": sp})
+    rows = aggregate(recs, ["polarity"], {"polarity": "accuracy"})
+    lines = comparison_table(rows).splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    row60 = dict(zip(head, [c.strip() for c in lines[-1].strip("|").split("|")]))
+    # 80.5 dense: deletion 76.5 is -5.0%, random 60.5 is -24.8%; the paper's columns stay
+    assert row60["unstr. deletion: dev Δ%"] == "-5.0" and row60["unstr. random: dev Δ%"] == "-24.8"
+    assert row60["paper: random Δ%"] == "-13.3" and row60["unstr.: dev Δ%"] == "-12.4"
+    meta = {"elapsed_s": 12.0, "loadavg_1min": 3.5, "phases": {"pretrain": {"runs": 3, "wall_s": 9.0, "cpu_s": 8.0}}}
+    md = write_report(rows, ["polarity"], tmp_path, meta)["md"].read_text()
+    assert "load average 3.5" in md and "pretrain 3 runs, 9 s wall, 8 s CPU" in md

@@ -103,6 +103,12 @@ def comparison_table(rows: Sequence[dict], task: Optional[str] = None) -> str:
     for mode, blk in series:
         lab = "unstr." if mode == "unstructured" else f"block {blk}"
         head += [f"{lab}: Δ MLM loss", f"{lab}: dev Δ%", f"{lab}: probe Δ%", f"{lab}: train loss"]
+    # our controls beside the paper's: dev Δ% (and train loss) of each (mode, control) that has rows
+    ctrl = sorted({(r["mode"], r["block"], r["control"]) for r in rows if r["task"] == task
+                   and r["control"] in ("deletion", "random")}, key=lambda k: (k[2], k[0] != "unstructured", k[1]))
+    for mode, blk, c in ctrl:
+        lab = ("unstr." if mode == "unstructured" else f"block {blk}") + f" {c}"
+        head += [f"{lab}: dev Δ%", f"{lab}: train loss"]
     by = {(r["mode"], r["block"], r["control"], round(100 * r["sparsity"])): r for r in rows if r["task"] == task}
     levels = sorted({round(100 * r["sparsity"]) for r in rows if r["task"] == task})
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -125,6 +131,10 @@ def comparison_table(rows: Sequence[dict], task: Optional[str] = None) -> str:
             rd, rp = _rel(r.get("mean"), d.get("mean")), _rel(r.get("probe_mean"), d.get("probe_mean"))
             cells += [f"{dl:+.3f}" if dl is not None else "–", f"{rd:+.1f}" if rd is not None else "–",
                       f"{rp:+.1f}" if rp is not None else "–", _fmt(r.get("train_loss"), 3)]
+        for mode, blk, c in ctrl:
+            r = by.get((mode, blk, c, lv))
+            rd = None if r is None else _rel(r.get("mean"), d.get("mean"))
+            cells += [f"{rd:+.1f}" if rd is not None else "–", _fmt(None if r is None else r.get("train_loss"), 3)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -297,8 +307,14 @@ def write_report(rows: Sequence[dict], tasks: Sequence[str], out_dir, meta: Opti
     if res:
         md += ["## Smallest resolvable difference", "", res]
     if meta.get("elapsed_s") is not None:
+        load = meta.get("loadavg_1min")
         md += [f"Wall time of the study: {meta['elapsed_s']:.0f} s on {meta.get('device')} "
-               f"({meta.get('threads', '?')} torch threads)."]
+               f"({meta.get('threads', '?')} torch threads" + (f", 1-minute load average {load:.1f} at the end"
+                                                             if load is not None else "") + ")."]
+    phases = meta.get("phases") or {}
+    if phases:
+        md += ["", "Runs done (cached ones not counted), wall and CPU seconds per phase: " + "; ".join(
+            f"{k} {v['runs']} runs, {v['wall_s']:.0f} s wall, {v['cpu_s']:.0f} s CPU" for k, v in phases.items()) + "."]
     paths["md"].write_text("\n".join(md) + "\n")
     if rows:
         write_plots(rows, meta, paths)
