@@ -4,6 +4,7 @@
                                     [--head full|masked|both] [--compile] [--compile-levels 0.9]
                                     [--steps 5] [--warmup 2] [--batch B] [--seq 128]
                                     [--infer-batches 1 8 64] [--profile] [--out DIR] [--tiny]
+                                    [--no-train] [--infer-breakdown] [--full-layout-dense]
 
 Models, built from a config with random weights (timing only): ``--device cuda`` BERT-Base
 (12 layers, hidden 768, intermediate 3072) in bf16, batch 128 x 128; ``--device cpu`` a
@@ -33,7 +34,11 @@ Also per model: peak memory of a step (CUDA: ``max_memory_allocated``; CPU: the 
 saved for the backward, deduplicated by storage — the activation memory), the bytes of weights +
 gradients + AdamW state of the pruned layers (Q, K, V, attention output, intermediate, output),
 and encoder inference latency (``model.bert``, no MLM head; ``--infer-batches``). ``--profile``
-writes ``torch.profiler`` tables of one step (dense full, dense optimized, 90% 32x32 optimized).
+writes ``torch.profiler`` tables of one step (dense full, dense optimized, 90% 32x32 optimized);
+``--infer-breakdown`` the process CPU time of each part of an inference forward (the profiler
+reports wall time, which on a shared machine includes waiting for a core); ``--no-train`` skips
+the training rows; ``--full-layout-dense`` (an experiment on ``auto``) makes full layouts take
+the dense backend without timing.
 Output: a table on stdout; with ``--out`` also ``bench_bert.json`` and ``bench_bert.png``.
 """
 from __future__ import annotations
@@ -208,6 +213,67 @@ def _time_inference(models, cfg, batches, seq, rounds, device):
     return out, cpu
 
 
+def _breakdown(models, cfg, batches, seq, rounds, device):
+    """{name: {batch: {part: mean CPU seconds per forward}}} of ``model.bert(ids)`` at inference:
+    the process CPU time (``time.process_time``) spent inside the sparse kernels, the dense
+    backend, ``nn.Linear``, SDPA, GELU modules, LayerNorm, the fused add + LayerNorm and the
+    embeddings, and the rest (Python, adds, reshapes). ``torch.profiler`` reports wall time, which
+    on a shared machine counts the time spent waiting for a core."""
+    import collections
+
+    import torch.nn.functional as F
+    from transformers.activations import GELUActivation
+
+    from sparsebert.ops import cpu_bsr, dense
+    acc = collections.Counter()
+    inside = [0]
+    patched = []
+
+    def wrap(obj, attr, label):
+        real = getattr(obj, attr)
+
+        def timed(*a, **k):
+            if inside[0]:
+                return real(*a, **k)
+            inside[0] += 1
+            c = time.process_time()
+            try:
+                return real(*a, **k)
+            finally:
+                acc[label] += time.process_time() - c
+                inside[0] -= 1
+        patched.append((obj, attr, real))
+        setattr(obj, attr, timed)
+
+    for obj, attr, label in ((cpu_bsr, "forward", "sparse kernels"), (dense, "forward", "dense backend"),
+                             (torch.nn.Linear, "forward", "nn.Linear"), (F, "scaled_dot_product_attention", "sdpa"),
+                             (GELUActivation, "forward", "gelu"), (torch.nn.LayerNorm, "forward", "layernorm"),
+                             (cpu_bsr, "add_layernorm_", "add+layernorm fused"),
+                             (torch.nn.Embedding, "forward", "embedding")):
+        wrap(obj, attr, label)
+    out = {name: {} for name in models}
+    try:
+        for b in batches:
+            ids, _ = _inputs(cfg, b, seq, device, seed=2)
+            with torch.inference_mode():
+                for name, m in models.items():
+                    m.eval()
+                    m.bert(input_ids=ids)
+                    acc.clear()
+                    c = time.process_time()
+                    for _ in range(rounds):
+                        m.bert(input_ids=ids)
+                    total = (time.process_time() - c) / rounds
+                    parts = {k: v / rounds for k, v in acc.items()}
+                    parts["rest"] = total - sum(parts.values())
+                    out[name][b] = dict(parts, total=total)
+                    m.train()
+    finally:
+        for obj, attr, real in reversed(patched):
+            setattr(obj, attr, real)
+    return out
+
+
 def _profile(variant, path, row_limit=25):
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if variant.device.type == "cuda" else [])
@@ -285,7 +351,22 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of one step")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--no-train", action="store_true", help="inference only: no training rows")
+    ap.add_argument("--infer-breakdown", action="store_true",
+                    help="also the CPU time of each part of an inference forward (kernels, SDPA, ...)")
+    ap.add_argument("--full-layout-dense", action="store_true",
+                    help="experiment: backend auto takes the dense backend for full layouts (every block "
+                         "kept) instead of timing the candidates")
     args = ap.parse_args(argv)
+    if args.full_layout_dense:
+        from sparsebert.ops import backends
+        real_choose = backends.choose
+
+        def choose(x, values, layout, train=False):
+            if backends._layout_key(layout)[2] == 1.0 and x.device.type == "cpu":
+                return "dense"
+            return real_choose(x, values, layout, train)
+        backends.choose = choose
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -307,7 +388,7 @@ def main(argv=None):
 
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-    rows, infer, groups = [], [], []
+    rows, infer, groups, breakdowns = [], [], [], []
     for block in args.block:
         spec = []                       # (name, sparsity, head, compiled)
         for head in heads:
@@ -327,18 +408,20 @@ def main(argv=None):
         for name, s, head, compiled in spec:
             m = _build(cfg, s, block, device, dtype, optimized=head == "masked")
             variants.append(Variant(name, head, compiled, m, ids, labels, device))
+        base = next(v for v in variants if v.key == ("dense", "full", False))
         t0 = time.perf_counter()
-        for v in variants:
+        for v in (variants if not args.no_train else ()):
             for _ in range(args.warmup):            # auto-dispatch timing, autotuning, compilation
                 v.step()
         warm_s = time.perf_counter() - t0
-        for _ in range(args.steps):
+        for _ in range(args.steps if not args.no_train else 0):
             for v in variants:
                 v.timed_step(sync)
-        base = next(v for v in variants if v.key == ("dense", "full", False))
-        base_t = statistics.median(base.times)
-        base_c = statistics.median(base.cpu_times)
-        for v in variants:
+        trained = variants if not args.no_train else []
+        if trained:
+            base_t = statistics.median(base.times)
+            base_c = statistics.median(base.cpu_times)
+        for v in trained:
             t, c = statistics.median(v.times), statistics.median(v.cpu_times)
             spread = (max(v.times) - min(v.times)) / t if len(v.times) > 1 else 0.0
             row = dict(model=v.name, head=v.head, compiled=v.compiled, block=block,
@@ -364,10 +447,22 @@ def main(argv=None):
                     _profile(v, path)
         if args.infer_batches:
             models = {"dense": base.model}            # dense as is; sparse after optimize if timed
+            dense_opt = next((v for v in variants if v.key == ("dense", "masked", False)), None)
+            if dense_opt is not None:
+                models["dense + optimize"] = dense_opt.model     # the gain without sparsity
             for v in sorted(variants, key=lambda v: v.head != "masked"):
                 if not v.compiled and v.name != "dense":
                     models.setdefault(v.name, v.model)
             lat, clat = _time_inference(models, cfg, args.infer_batches, args.seq, args.infer_rounds, device)
+            if args.infer_breakdown:
+                bd = _breakdown(models, cfg, args.infer_batches, args.seq, args.infer_rounds, device)
+                for name, d in bd.items():
+                    for b, parts in d.items():
+                        tot = parts["total"]
+                        print(f"  [breakdown {name} batch {b}] {1e3 * tot:.1f} ms CPU: " + ", ".join(
+                            f"{k} {1e3 * v:.1f} ({v / tot:.0%})" for k, v in
+                            sorted(parts.items(), key=lambda kv: -kv[1]) if k != "total"), flush=True)
+                        breakdowns.append(dict(model=name, block=block, batch=b, **{k: 1e3 * v for k, v in parts.items()}))
             for name, d in lat.items():
                 print(f"  [inference {name}] " + ", ".join(
                     f"batch {b}: {1e3 * t:.1f} ms ({lat['dense'][b] / t:.2f}x; CPU time "
@@ -401,7 +496,8 @@ def main(argv=None):
         meta = dict(device=dev_name, torch=torch.__version__, threads=torch.get_num_threads(), dtype=str(dtype), batch=batch, seq=args.seq,
                     tiny=args.tiny, config=what, steps=args.steps, warmup=args.warmup, groups=groups)
         with open(os.path.join(args.out, "bench_bert.json"), "w") as f:
-            json.dump(dict(meta, rows=rows, inference=infer), f, indent=1)
+            json.dump(dict(meta, rows=rows, inference=infer, inference_breakdown_ms=breakdowns,
+                           full_layout_dense=args.full_layout_dense), f, indent=1)
         try:
             _plot(rows, infer, os.path.join(args.out, "bench_bert.png"),
                   f"{what} MLM, {dev_name}, {dtype}, batch {batch} x {args.seq}", cpu_time=device.type == "cpu")

@@ -25,6 +25,12 @@ What it changes, in place (all of it undone by :func:`unoptimize`):
   ``gelu="recompute"`` runs the forward with the GELU in the kernel epilogue, keeps nothing extra
   and recomputes ``z`` (one more sparse forward) in the backward.
 
+* **Residual add + LayerNorm in one in-place pass at CPU inference** (``fuse_add_norm``): the
+  ``LayerNorm(dropout(dense(h)) + h_in)`` that ends BERT's attention-output and output blocks,
+  when no gradient is wanted (``torch.no_grad`` / ``inference_mode``) and the dropout is off
+  (eval mode), runs as :func:`sparsebert.ops.cpu_bsr.add_layernorm_` over ``dense(h)``'s fresh
+  output (fp32 CPU; anything else, and every training step, runs Hugging Face's code).
+
 * **Cheaper CPU dropout** (``dropout="fast"``, default): CPU training dropout masks — hidden
   states and attention probabilities — drawn two elements per 64-bit random number
   (:mod:`sparsebert.fused`): the same keep probability (to 2**-32), different random numbers, so
@@ -143,6 +149,53 @@ class TrainingFusedBlockSparseLinear(BlockSparseLinear):
         return linear_gelu(x, values, self.layout, bias, self.backend, self.gelu_mode == "recompute")
 
 
+# ---- residual add + LayerNorm at CPU inference ---------------------------------------------
+_ADD_NORM_CLASSES = ("BertSelfOutput", "BertOutput")
+_add_norm_subclasses: dict = {}
+
+
+def _add_norm_ok(module, h, residual) -> bool:
+    ln = module.LayerNorm
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and (not module.training or module.dropout.p == 0.0)
+            and h.device.type == "cpu" and h.dtype == torch.float32 and residual.dtype == torch.float32
+            and h.shape == residual.shape and h.is_contiguous() and residual.is_contiguous()
+            and isinstance(ln, nn.LayerNorm) and tuple(ln.normalized_shape) == (h.shape[-1],)
+            and all(p is None or (p.dtype == torch.float32 and p.device.type == "cpu")
+                    for p in (ln.weight, ln.bias))
+            and backends.unavailable_reason("cpu") is None)
+
+
+def _add_norm_forward(self, hidden_states, input_tensor):
+    h = self.dense(hidden_states)
+    if _add_norm_ok(self, h, input_tensor):
+        from .ops.cpu_bsr import add_layernorm_
+        # h is dense()'s own new output, the dropout is the identity: overwrite it
+        return add_layernorm_(h, input_tensor, self.LayerNorm.weight, self.LayerNorm.bias,
+                              self.LayerNorm.eps)
+    h = self.dropout(h)
+    return self.LayerNorm(h + input_tensor)
+
+
+def _add_norm_class(cls):
+    """The subclass of Hugging Face's ``cls`` (BertSelfOutput / BertOutput) whose forward fuses
+    the residual add and LayerNorm at CPU inference; a module attribute, so models pickle."""
+    sub = _add_norm_subclasses.get(cls)
+    if sub is None:
+        name = f"AddNorm{cls.__name__}"
+        sub = type(name, (cls,), {"forward": _add_norm_forward, "__module__": __name__,
+                                  "_sparsebert_base": cls})
+        sub.__qualname__ = name
+        globals()[name] = sub
+        _add_norm_subclasses[cls] = sub
+    return sub
+
+
+def _fusable_add_norm(m: nn.Module) -> bool:
+    return (type(m).__name__ in _ADD_NORM_CLASSES and isinstance(getattr(m, "LayerNorm", None), nn.LayerNorm)
+            and isinstance(getattr(m, "dropout", None), nn.Dropout) and hasattr(m, "dense"))
+
+
 # ---- the MLM head at labelled positions -------------------------------------------------------
 class _SelectRows:
     """Forward pre-hook of the MLM head: keeps only the rows chosen by the model's pre-hook."""
@@ -237,7 +290,8 @@ def _is_intermediate(parent: nn.Module) -> bool:
 
 
 def optimize(model: nn.Module, *, labelled_head: bool = True, sdpa: bool = True,
-             fuse_gelu: bool = True, gelu: str = "save", dropout: str = "fast") -> nn.Module:
+             fuse_gelu: bool = True, gelu: str = "save", dropout: str = "fast",
+             fuse_add_norm: bool = True) -> nn.Module:
     """Make a Hugging Face BERT's training (and inference) step faster, in place; returns ``model``.
 
     Args:
@@ -253,6 +307,8 @@ def optimize(model: nn.Module, *, labelled_head: bool = True, sdpa: bool = True,
             losses match the unoptimized model's statistically, not draw for draw (with ``sdpa``,
             attention runs as ``"sparsebert_sdpa"``: SDPA, except CPU training with dropout);
             ``"torch"``: PyTorch's dropout, the same random numbers as without :func:`optimize`.
+        fuse_add_norm: at CPU inference (no gradient, dropout off), the residual add and LayerNorm
+            of BERT's attention-output and output blocks in one in-place pass.
 
     Calling it again is harmless (options of the later call win). Undo with :func:`unoptimize`.
     """
@@ -286,6 +342,10 @@ def optimize(model: nn.Module, *, labelled_head: bool = True, sdpa: bool = True,
                 if type(layer) is BlockSparseLinear:
                     layer.__class__ = TrainingFusedBlockSparseLinear
                 layer.gelu_mode = gelu
+    if fuse_add_norm:
+        for m in model.modules():
+            if _fusable_add_norm(m):
+                m.__class__ = _add_norm_class(type(m))
     handles = []
     head = _mlm_head(model) if labelled_head else None
     if head is not None:
@@ -313,6 +373,9 @@ def unoptimize(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if type(m) is FastDropout:
             m.__class__ = nn.Dropout
+        base = type(m).__dict__.get("_sparsebert_base")
+        if base is not None and type(m) in _add_norm_subclasses.values():
+            m.__class__ = base
         if type(m) is TrainingFusedBlockSparseLinear:
             m.__class__ = BlockSparseLinear
             m.__dict__.pop("gelu_mode", None)
@@ -322,3 +385,11 @@ def unoptimize(model: nn.Module) -> nn.Module:
 
 def is_optimized(model: nn.Module) -> bool:
     return getattr(model, "_sparsebert_optimized", None) is not None
+
+
+def __getattr__(name):
+    # Unpickling an optimized model in a new process: build the add-norm subclass on demand.
+    if name.startswith("AddNorm") and name[len("AddNorm"):] in _ADD_NORM_CLASSES:
+        from transformers.models.bert import modeling_bert
+        return _add_norm_class(getattr(modeling_bert, name[len("AddNorm"):]))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -356,3 +356,80 @@ def test_models_sharing_a_config_are_not_switched_together():
     assert all(m.config is a.config for m in a.modules() if "config" in m.__dict__)
     unoptimize(a)
     assert a.config._attn_implementation == "sdpa"
+
+
+# ---- residual add + LayerNorm at CPU inference ------------------------------------------------
+def _cpu_backend_or_skip():
+    from sparsebert.ops import cpu_bsr
+    if cpu_bsr.unavailable_reason() is not None:
+        pytest.skip(cpu_bsr.unavailable_reason())
+    return cpu_bsr
+
+
+@pytest.mark.parametrize("shape, affine", [((3, 7, 64), True), ((5, 384), True), ((2, 3, 40), False)])
+def test_add_layernorm_matches_layer_norm_of_the_sum(shape, affine):
+    cpu_bsr = _cpu_backend_or_skip()
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(*shape, generator=g) * 3 + 1
+    r = torch.randn(*shape, generator=g)
+    w = torch.randn(shape[-1], generator=g) if affine else None
+    b = torch.randn(shape[-1], generator=g) if affine else None
+    ref = F.layer_norm(y.double() + r.double(), (shape[-1],), None if w is None else w.double(),
+                       None if b is None else b.double(), 1e-12)
+    out = y.clone()
+    assert cpu_bsr.add_layernorm_(out, r, w, b, 1e-12) is out          # in place
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("dtype", "float32 only"), ("shape", "residual"), ("strided", "contiguous"), ("weight", "weight and bias")])
+def test_add_layernorm_rejects_bad_inputs(case, match):
+    cpu_bsr = _cpu_backend_or_skip()
+    y, r, w = torch.randn(4, 32), torch.randn(4, 32), torch.ones(32)
+    if case == "dtype":
+        y, r = y.double(), r.double()
+    elif case == "shape":
+        r = torch.randn(4, 16)
+    elif case == "strided":
+        y = torch.randn(32, 4).t()
+    else:
+        w = torch.ones(16)
+    with pytest.raises(RuntimeError, match=match):
+        cpu_bsr.add_layernorm_(y, r, w, None, 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dense", "block"])
+def test_inference_add_norm_fused_only_without_gradients(kind, monkeypatch):
+    cpu_bsr = _cpu_backend_or_skip()
+    ref = _model(kind, torch.float32, dropout=0.1).eval()
+    opt = optimize(copy.deepcopy(ref)).eval()
+    assert type(opt.bert.encoder.layer[0].output).__name__ == "AddNormBertOutput"
+    assert type(opt.bert.encoder.layer[0].attention.output).__name__ == "AddNormBertSelfOutput"
+    calls = []
+    real = cpu_bsr.add_layernorm_
+    monkeypatch.setattr(cpu_bsr, "add_layernorm_", lambda *a: calls.append(1) or real(*a))
+    ids, labels = _batch()
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            a, b = ref.bert(input_ids=ids).last_hidden_state, opt.bert(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2 * 2 * 2                     # 2 blocks x 2 layers x 2 calls
+    calls.clear()
+    (out_ref, g_ref), (out, g) = _loss_and_grads(ref, ids, labels), _loss_and_grads(opt, ids, labels)
+    assert calls == []                                 # with autograd: Hugging Face's code
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-5, atol=1e-6)
+    opt.train()
+    with torch.no_grad():                              # training-mode dropout: not fused
+        opt.bert(input_ids=ids)
+    assert calls == []
+
+
+def test_add_norm_classes_pickle_and_unoptimize():
+    import pickle
+    _cpu_backend_or_skip()
+    m = optimize(_model("block", torch.float32)).eval()
+    m2 = pickle.loads(pickle.dumps(m))
+    assert type(m2.bert.encoder.layer[1].output) is type(m.bert.encoder.layer[1].output)
+    unoptimize(m)
+    assert type(m.bert.encoder.layer[1].output).__name__ == "BertOutput"
+    assert type(m.bert.encoder.layer[1].attention.output).__name__ == "BertSelfOutput"
