@@ -188,3 +188,19 @@ def test_comparison_table_puts_our_controls_beside_the_papers_and_md_has_the_pha
     meta = {"elapsed_s": 12.0, "loadavg_1min": 3.5, "phases": {"pretrain": {"runs": 3, "wall_s": 9.0, "cpu_s": 8.0}}}
     md = write_report(rows, ["polarity"], tmp_path, meta)["md"].read_text()
     assert "load average 3.5" in md and "pretrain 3 runs, 9 s wall, 8 s CPU" in md
+
+
+def test_control_levels_limit_random_and_deletion_to_their_levels(tmp_path):
+    p = tiny_preset(levels=(0.0, 0.3, 0.6, 0.9), modes=("unstructured", "block"), tasks=("polarity",),
+                    seeds=(0, 1), controls=("random", "deletion"), control_levels={"random": (0.6,), "deletion": (0.9,)})
+    st = R.Study(p, tmp_path / "out", tmp_path / "cache", progress=False, log=lambda m: None)
+    plan = st.encoder_plan()
+    random = [(s.mode, s.sparsity, s.seed) for s in plan if s.control == "random"]
+    assert random == [("unstructured", 0.6, 0), ("unstructured", 0.6, 1)]     # only the control modes
+    deletion = [(rk[0], rk[2]) for s in plan for rk, f in st.finetune_plan(s) if f.control == "deletion"]
+    assert deletion == [("unstructured", 0.9), ("unstructured", 0.9)]
+    # a control not named runs at every level
+    st = R.Study(replace(p, control_levels={"deletion": (0.9,)}), tmp_path / "o2", tmp_path / "cache",
+                 progress=False, log=lambda m: None)
+    assert sorted({s.sparsity for s in st.encoder_plan() if s.control == "random"}) == [0.3, 0.6, 0.9]
+    assert R.PRESETS["cpu-demo"].control_levels == {"random": (0.6,), "deletion": (0.9,)}
