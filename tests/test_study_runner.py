@@ -204,3 +204,12 @@ def test_control_levels_limit_random_and_deletion_to_their_levels(tmp_path):
                  progress=False, log=lambda m: None)
     assert sorted({s.sparsity for s in st.encoder_plan() if s.control == "random"}) == [0.3, 0.6, 0.9]
     assert R.PRESETS["cpu-demo"].control_levels == {"random": (0.6,), "deletion": (0.9,)}
+
+
+def test_a_block_size_that_does_not_divide_the_model_is_refused_before_pre_training(tmp_path, cache, monkeypatch):
+    calls = counting(monkeypatch)
+    p = tiny_preset(modes=("block",), blocks=(48,), tasks=("polarity",))     # hidden 64, intermediate 128
+    with pytest.raises(ValueError, match="block size 48 does not divide the model's hidden size 64 and "
+                                         "intermediate size 128: use one of 16, 32, 64"):
+        R.Study(p, tmp_path / "out", cache, progress=False, log=lambda m: None).run()
+    assert calls["pretrain"] == 0

@@ -372,6 +372,19 @@ class Study:
             self._ids = special_ids(tok)
         return self._blk
 
+    def check_blocks(self) -> None:
+        """Every block size of mode block divides the model's pruned matrices (hidden and
+        intermediate sizes); else a one-line ValueError before any pre-training starts."""
+        if "block" not in self.p.modes:
+            return
+        cfg = self.base_model().config
+        dims = (cfg.hidden_size, cfg.intermediate_size)
+        bad = [b for b in self.p.blocks if any(d % b for d in dims)]
+        if bad:
+            ok = [b for b in range(16, 257, 16) if all(d % b == 0 for d in dims)]
+            raise ValueError(f"block size {', '.join(map(str, bad))} does not divide the model's hidden size {dims[0]} "
+                             f"and intermediate size {dims[1]}: use one of {', '.join(map(str, ok))}")
+
     def head_config(self) -> HeadConfig:
         return HeadConfig(**self.p.head)
 
@@ -599,7 +612,8 @@ class Study:
                 return False, None
             return True, out
 
-        ok, _ = meet("fetching the data / fitting the MLM head", lambda: self.base_model() if rank == 0 else None)
+        ok, _ = meet("fetching the data / fitting the MLM head",
+                     lambda: (self.base_model(), self.check_blocks()) if rank == 0 else None)
         if not ok:
             return None
         plan = self.encoder_plan()
@@ -674,6 +688,7 @@ class Study:
         total = len(plan) + sum(len(v) for v in fplans) + (len(plan) * len(p.tasks) if probing else 0)
         self._bar = tqdm(total=total, desc="study runs", disable=not self.progress, dynamic_ncols=True)
         self.base_model()
+        self.check_blocks()
         if parallel and p.workers > 1 and len(plan) > 1:
             self._parallel(plan)
         records: List[dict] = []
