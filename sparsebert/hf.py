@@ -635,6 +635,28 @@ def _last_update_step(schedule, step: int) -> Optional[int]:
     return schedule.start_step + (step - schedule.start_step) // schedule.frequency * schedule.frequency
 
 
+def _run_first(callback) -> None:
+    """Move ``callback`` to the front of the Trainer's callback list, so that its ``on_log`` fills
+    the ``logs`` dict before any other callback reads it: Trainer puts the reporting callbacks
+    (TensorBoard, W&B, ...) ahead of the ones the user passes. A callback is not told its handler:
+    it is the ``self`` of the caller's ``CallbackHandler.call_event`` frame. Moving the current
+    entry to the front while that loop iterates leaves every later entry where it was, so each
+    callback still runs once. Nothing happens when no handler holding ``callback`` is found."""
+    import sys
+
+    from transformers.trainer_callback import CallbackHandler
+    frame = sys._getframe(1)
+    while frame is not None:
+        handler = frame.f_locals.get("self")
+        if isinstance(handler, CallbackHandler):
+            cbs = handler.callbacks
+            i = next((j for j, c in enumerate(cbs) if c is callback), None)
+            if i:
+                cbs.insert(0, cbs.pop(i))
+            return
+        frame = frame.f_back
+
+
 def _callback_class():
     from transformers import TrainerCallback
 
@@ -649,7 +671,9 @@ def _callback_class():
         every ``frequency`` optimizer steps — in block or unstructured mode, layer or global scope.
         It uses Trainer's own optimizer and LR scheduler: pruning keeps every Parameter, and the
         optimizer state follows (:func:`sparsebert.nn.sync_optimizer_state`). The sparsity and the
-        kept fraction are added to Trainer's logs (``state.log_history``, the progress printer).
+        kept fraction are added to every log (``sparsity``, ``kept_fraction``): ``state.log_history``,
+        the progress printer and every ``report_to`` integration (TensorBoard, W&B, ...) see them
+        (the callback moves itself to the front of Trainer's callbacks so it runs before them).
 
         Pass it to ``Trainer(..., callbacks=[cb])`` with the dense model: it sparsifies the model
         (at the initial sparsity) when the Trainer is built, before the optimizer exists. A model
@@ -685,10 +709,12 @@ def _callback_class():
             return model
 
         def on_init_end(self, args, state, control, model=None, **kwargs):
+            _run_first(self)
             if model is not None:
                 self.prepare(model)
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            _run_first(self)            # also when added with trainer.add_callback after __init__
             if not sparse_layers(model):
                 if self.config.mode == "block":
                     raise RuntimeError(

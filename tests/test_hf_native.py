@@ -82,6 +82,24 @@ def test_save_pretrained_loads_dense_in_transformers_and_sparse_in_sparsebert(tm
             assert loaded.cls.predictions.decoder.mask is loaded.bert.embeddings.word_embeddings.mask
 
 
+@pytest.mark.parametrize("mode", ["block", "unstructured"])
+def test_a_sharded_save_pretrained_loads_both_ways(tmp_path, tiny_bert_config, mode):
+    torch.manual_seed(0)
+    model = sparsebert.sparsify(BertForMaskedLM(tiny_bert_config), 0.5, block=32, mode=mode).eval()
+    model.save_pretrained(tmp_path, max_shard_size="200KB")
+    shards = sorted(f for f in os.listdir(tmp_path) if f.startswith("model-") and f.endswith(".safetensors"))
+    assert len(shards) >= 2 and not (tmp_path / "model.safetensors").exists()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    marks = [k for k in index if k.endswith((".block_mask", ".mask_bits"))]
+    assert marks and len(set(index.values())) == len(shards)
+    dense = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()          # plain transformers
+    assert torch.allclose(_logits(dense), _logits(model), atol=1e-5)
+    for loaded in (sparsebert.from_pretrained(tmp_path), sparsebert.load_sparse(tmp_path)):
+        _same_sparse_model(model, loaded)
+        assert torch.equal(_logits(loaded), _logits(model))
+        assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight
+
+
 def test_from_pretrained_into_a_template_and_a_sub_module_sparsified(tmp_path, tiny_bert_config):
     torch.manual_seed(0)
     model = BertForMaskedLM(tiny_bert_config).eval()
@@ -244,6 +262,44 @@ def test_trainer_checkpoints_and_resumes_while_the_callback_prunes(tmp_path, tin
     for (k, v), (_, w) in zip(final.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(v.float(), w.float(), atol=1e-6), k
     assert mid.training is False
+
+
+@pytest.mark.parametrize("added", ["callbacks=", "add_callback"])
+def test_the_sparsity_reaches_every_log_reporter(tmp_path, tiny_bert_config, monkeypatch, added):
+    """Trainer puts the report_to integrations (TensorBoard, W&B) ahead of the user's callbacks:
+    a reporter in their place, and one the user lists first, must see the sparsity in `logs`."""
+    import transformers.trainer
+
+    seen = {"integration": [], "user": []}
+
+    class Reporter(TrainerCallback):
+        def __init__(self, name):
+            self.name = name
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            seen[self.name].append(dict(logs))
+
+    monkeypatch.setattr(transformers.trainer, "get_reporting_integration_callbacks",
+                        lambda report_to: [Reporter("integration")])
+    cfg = SparsityConfig(mode="block", sparsity=0.5, block=16, schedule={"start_step": 0, "end_step": 2, "frequency": 1})
+    cb = PruningCallback(cfg)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(tiny_bert_config)
+    targs = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                              learning_rate=1e-3, report_to="none", save_strategy="no", logging_steps=1, seed=0)
+    if added == "callbacks=":
+        t = Trainer(model=model, args=targs, train_dataset=_Data(), callbacks=[Reporter("user"), cb])
+    else:
+        cb.prepare(model)
+        t = Trainer(model=model, args=targs, train_dataset=_Data(), callbacks=[Reporter("user")])
+        t.add_callback(cb)
+    t.train()
+    for name, logs in seen.items():
+        steps = [l for l in logs if "loss" in l]
+        assert len(steps) == 2, (name, logs)
+        assert all("sparsity" in l and "kept_fraction" in l for l in steps), (name, logs)
+        assert steps[-1]["sparsity"] == pytest.approx(0.5, abs=0.02), name
+    assert sum(c is cb for c in t.callback_handler.callbacks) == 1
 
 
 @pytest.mark.parametrize("scope", ["layer", "global"])
