@@ -213,3 +213,15 @@ def test_a_block_size_that_does_not_divide_the_model_is_refused_before_pre_train
                                          "intermediate size 128: use one of 16, 32, 64"):
         R.Study(p, tmp_path / "out", cache, progress=False, log=lambda m: None).run()
     assert calls["pretrain"] == 0
+
+
+def test_a_control_whose_levels_are_not_studied_is_said(tmp_path, monkeypatch):
+    p = tiny_preset(levels=(0.0, 0.3), controls=("random",), control_levels={"random": (0.6,)})
+    logs = []
+
+    def stop(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(R.Study, "base_model", stop)
+    with pytest.raises(KeyboardInterrupt):
+        R.Study(p, tmp_path / "out", tmp_path / "cache", progress=False, log=logs.append).run()
+    assert "control random: none of its levels (60%) is among the study's levels: not run" in logs

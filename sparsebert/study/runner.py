@@ -682,6 +682,10 @@ class Study:
         self.log(f"preset {p.name}: levels {[int(100 * l) for l in p.levels]}%, modes {list(p.modes)}, "
                  f"blocks {list(p.blocks)}, tasks {list(p.tasks)}, controls {list(p.controls) or 'none'}, "
                  f"seeds {list(p.seeds)}, device {self.device}")
+        for c in ("random", "deletion"):
+            if c in p.controls and not self.control_levels(c):
+                self.log(f"control {c}: none of its levels ({', '.join(f'{100 * l:.0f}%' for l in p.control_levels[c])}) "
+                         "is among the study's levels: not run")
         plan = self.encoder_plan()
         fplans = [self.finetune_plan(s) for s in plan]
         probing = self.probe_config() is not None
