@@ -77,12 +77,40 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+class DistributedSetupError(ValueError):
+    """torchrun's environment cannot be served on this machine (more ranks than GPUs): a ValueError,
+    so the command line reports it in one line."""
+
+
+def choose(device: str, local_rank: int, cuda_available: bool, cuda_count: int,
+           nccl_available: bool) -> tuple:
+    """``(torch.device, backend)`` for a rank with ``LOCAL_RANK`` ``local_rank``.
+
+    ``device``: ``auto`` (CUDA when there is a GPU, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` (the
+    index is ignored: rank ``r`` of a node always takes GPU ``LOCAL_RANK``, so ``--nproc-per-node``
+    must not exceed the node's GPUs). Backend: NCCL with CUDA (gloo, which also reduces CUDA
+    tensors, where this torch has no NCCL), gloo on CPUs."""
+    want_cuda = device.startswith("cuda") or (device == "auto" and cuda_available)
+    if not want_cuda:
+        return torch.device("cpu"), "gloo"
+    if not cuda_available or cuda_count == 0:
+        raise DistributedSetupError(f"--device {device}: no CUDA GPU is available to this rank "
+                                    "(use --device cpu for gloo on CPUs)")
+    if not 0 <= local_rank < cuda_count:
+        raise DistributedSetupError(f"LOCAL_RANK {local_rank} has no GPU: this node has {cuda_count} "
+                                    f"(start at most {cuda_count} ranks per node: torchrun --nproc-per-node "
+                                    f"{cuda_count})")
+    return torch.device("cuda", local_rank), ("nccl" if nccl_available else "gloo")
+
+
 def setup(device: str = "auto", timeout_s: float = 600.0) -> Context:
     """Join the process group torchrun describes (a no-op returning a world-1 context otherwise).
 
-    ``device``: ``auto`` (a GPU per rank when CUDA is there, else CPU), ``cpu`` or ``cuda``
-    (``cuda:N`` is taken as ``cuda``: the rank's GPU is ``LOCAL_RANK``). Backend: NCCL for CUDA,
-    gloo for CPU."""
+    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (0 when unset); the rendezvous itself
+    (``MASTER_ADDR``/``MASTER_PORT``, set by torchrun on every node from ``--rdzv-endpoint`` or
+    ``--master-addr``) is the default ``env://``. Device and backend: :func:`choose`; with CUDA
+    the rank's GPU is made the current device before the group is created, and NCCL is bound to
+    it (``device_id``)."""
     global _CTX
     import torch.distributed as dist
 
@@ -92,13 +120,11 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> Context:
         return _CTX
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if want_cuda:
-        dev = torch.device("cuda", local)
+    cuda = torch.cuda.is_available()
+    dev, backend = choose(device, local, cuda, torch.cuda.device_count() if cuda else 0,
+                          dist.is_nccl_available())
+    if dev.type == "cuda":
         torch.cuda.set_device(dev)
-        backend = "nccl"
-    else:
-        dev, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         kw = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend, rank=rank, world_size=world,
@@ -122,6 +148,7 @@ def barrier() -> None:
 
 
 def _comm_device() -> torch.device:
+    """Where collectives' tensors live: NCCL reduces CUDA tensors only; gloo takes CPU ones."""
     return _CTX.device if _CTX.backend == "nccl" else torch.device("cpu")
 
 
