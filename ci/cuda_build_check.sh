@@ -50,11 +50,17 @@ for op in ("forward", "grad_input", "grad_weight"):
     getattr(torch.ops.sparsebert_cuda, op)
 print("cuda_build_check: import OK:", C.__file__)
 print("cuda_build_check: schemas:")
-for op in ("forward", "grad_input", "grad_weight"):
-    print("   ", getattr(torch.ops.sparsebert_cuda, op).default._schema)
-n_var, default = torch.ops.sparsebert_cuda.dsd_variants()
-assert 0 <= default < n_var, (n_var, default)
-print("cuda_build_check: dsd_variants ->", n_var, "variants, default", default)
+# The schemas bsr_cuda.cpp registers are the ones sparsebert/ops/cuda_bsr.py calls (no variant argument).
+want = {
+    "forward": "(Tensor x, Tensor values, Tensor? bias, Tensor index, int N, int K, int bn, int bk) -> Tensor",
+    "grad_input": "(Tensor dy, Tensor values, Tensor index, int N, int K, int bn, int bk) -> Tensor",
+    "grad_weight": "(Tensor x, Tensor dy, Tensor index, int N, int K, int bn, int bk) -> Tensor",
+}
+for op, sig in want.items():
+    schema = str(getattr(torch.ops.sparsebert_cuda, op).default._schema)
+    print("   ", schema)
+    assert schema == f"sparsebert_cuda::{op}{sig}", (schema, sig)
+assert not hasattr(torch.ops.sparsebert_cuda, "dsd_variants"), "the variant query op is gone"
 PYEOF
 )
 # The backend module, with that _C beside the package sources: it must load the library and

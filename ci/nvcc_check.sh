@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile every csrc/cuda/*.cu with nvcc for sm_80 and sm_90a (no GPU, no torch needed; seconds).
-# Fails on any compiler error; prints ptxas register / spill lines with VERBOSE=1.
+# Fails on any compiler error, and on any kernel with register spills or a stack frame;
+# VERBOSE=1 prints each kernel's registers / stack / spills (demangled names).
 # Environment: CUDA_HOME (default /usr/local/cuda), NVCC (default $CUDA_HOME/bin/nvcc).
 set -euo pipefail
 
@@ -35,7 +36,17 @@ for i in "${!pids[@]}"; do
     if wait "${pids[$i]}"; then
         spills=$(grep -cE "[1-9][0-9]* bytes (spill|stack)" "$log" || true)
         echo "nvcc_check: ok   $job ($spills kernels with spills / stack frames)"
-        if [[ "${VERBOSE:-0}" == "1" ]]; then grep -E "registers|spill" "$log" || true; fi
+        if (( spills > 0 )); then echo "nvcc_check: FAIL $job spills registers or uses a stack frame"; fail=1; fi
+        if [[ "${VERBOSE:-0}" == "1" || "$spills" != "0" ]]; then
+            # "Compiling entry function 'NAME'" then "Used R registers" then "S bytes stack frame, ..."
+            awk -v job="$job" '
+                /Compiling entry function/ { match($0, /'"'"'[^'"'"']+'"'"'/); name = substr($0, RSTART + 1, RLENGTH - 2) }
+                /bytes stack frame/ { match($0, /[0-9]+ bytes stack frame, [0-9]+ bytes spill stores, [0-9]+ bytes spill loads/);
+                    st = substr($0, RSTART, RLENGTH) }
+                /Used [0-9]+ registers/ { match($0, /Used [0-9]+/); regs = substr($0, RSTART + 5, RLENGTH - 5);
+                    printf "    %-14s regs %3s  %s  %s\n", job, regs, st, name }' "$log" \
+                | { if command -v c++filt >/dev/null; then c++filt; else cat; fi; }
+        fi
     else
         echo "nvcc_check: FAIL $job"; cat "$log"; fail=1
     fi

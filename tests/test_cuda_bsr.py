@@ -1,5 +1,5 @@
-"""The CUDA C++ backend (``sparsebert.ops.cuda_bsr``, kernels in ``csrc/cuda``) against the
-float64 reference.
+"""The CUDA C++ backend (``sparsebert.ops.cuda_bsr``, kernels in ``csrc/cuda``) against float64,
+under the shared rule of tests/backend_harness.py (error within 2x of PyTorch's own same-dtype error).
 
 GPU tests are marked ``gpu`` (run with ``pytest -m gpu`` on a CUDA machine with ``sparsebert._C``
 built with CUDA); they skip when the backend is unavailable. The last tests run anywhere and
@@ -14,11 +14,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import backend_harness as H
 from sparsebert.layout import BlockLayout
 from sparsebert.ops import cuda_bsr, reference
 
-# Relative Frobenius error allowed against the fp64 reference.
-TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
@@ -29,15 +28,6 @@ def cuda_backend():
     if reason is not None:
         pytest.skip(f"cuda backend unavailable: {reason}")
     return cuda_bsr
-
-
-def _variants():
-    """The DSD kernel variants of the loaded library (0 when it cannot be asked)."""
-    try:
-        n, _ = cuda_bsr.variants()
-    except Exception:  # noqa: BLE001 - unavailable backend: the tests using this skip anyway
-        n = 1
-    return list(range(n))
 
 
 def _layout(N, K, block, density, seed=0, mask=None):
@@ -53,15 +43,6 @@ def _rand(*shape, dtype, seed):
     return torch.randn(*shape, device="cuda", dtype=torch.float32, generator=g).to(dtype)
 
 
-def _rel_err(out, ref):
-    """Relative Frobenius error; exact-zero references must be matched exactly."""
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    assert torch.isfinite(out).all(), "non-finite values (unwritten output tiles?)"
-    diff = (out.double() - ref).norm().item()
-    scale = ref.norm().item()
-    return diff / scale if scale > 0 else diff
-
-
 def _poison(*shapes_dtypes):
     """Fill the caching allocator's free blocks of these sizes with NaN, so an output tile the
     kernel forgets to write shows up as NaN (outputs are allocated with torch.empty)."""
@@ -70,38 +51,15 @@ def _poison(*shapes_dtypes):
         del t
 
 
-def _check_all(layout, M, dtype, seed=0, with_bias=True, variant=None):
+def _check_all(layout, M, dtype, seed=0):
+    """The shared rule (tests/backend_harness.py) for forward (with and without bias), grad_input
+    and grad_weight on fresh inputs, with the allocator's free blocks NaN-poisoned before each op."""
     N, K = layout.shape
     bn, bk = layout.block
-    lt = layout.tensors("cuda")
-    x = _rand(M, K, dtype=dtype, seed=seed)
-    dy = _rand(M, N, dtype=dtype, seed=seed + 1)
-    values = _rand(layout.nnz, bn, bk, dtype=dtype, seed=seed + 2)
-    bias = _rand(N, dtype=dtype, seed=seed + 3) if with_bias else None
-    x64, dy64, v64 = x.double(), dy.double(), values.double()
-    b64 = bias.double() if bias is not None else None
-    tol = TOL[dtype]
-
-    _poison(((M, N), dtype))
-    y = cuda_bsr.forward(x, values, bias, lt, variant=variant)
-    torch.cuda.synchronize()  # a kernel fault shows up here, attributed to this op
-    assert y.dtype == dtype and y.device == x.device
-    err = _rel_err(y, reference.forward(x64, v64, b64, lt))
-    assert err < tol, f"forward (variant {variant}): rel err {err:.3g} >= {tol}"
-
-    _poison(((M, K), dtype))
-    dx = cuda_bsr.grad_input(dy, values, lt, variant=variant)
-    torch.cuda.synchronize()
-    assert dx.dtype == dtype
-    err = _rel_err(dx, reference.grad_input(dy64, v64, lt))
-    assert err < tol, f"grad_input (variant {variant}): rel err {err:.3g} >= {tol}"
-
-    _poison(((layout.nnz, bn, bk), dtype), ((layout.nnz, bn, bk), torch.float32))
-    dv = cuda_bsr.grad_weight(x, dy, lt)
-    torch.cuda.synchronize()
-    assert dv.dtype == dtype and tuple(dv.shape) == (layout.nnz, bn, bk)
-    err = _rel_err(dv, reference.grad_weight(x64, dy64, lt))
-    assert err < tol, f"grad_weight: rel err {err:.3g} >= {tol}"
+    p = H.make_problem(layout, M, dtype, "cuda", seed=H.session_seed() + seed)
+    shapes = [((M, N), dtype), ((M, K), dtype), ((layout.nnz, bn, bk), dtype),
+              ((layout.nnz, bn, bk), torch.float32)]
+    H.check_backend("cuda", p, tag=f"M={M} {K}->{N} block {layout.block} {dtype}", before=lambda: _poison(*shapes))
 
 
 # ---- smoke test in a child process: a crash (segfault, illegal address) fails here, with the
@@ -111,8 +69,6 @@ _SMOKE = textwrap.dedent("""
     faulthandler.enable()
     from sparsebert.layout import BlockLayout
     from sparsebert.ops import cuda_bsr, reference
-    n_var, default = cuda_bsr.variants()
-    print("variants", n_var, "default", default, flush=True)
     g = torch.Generator().manual_seed(0)
     for block in [(64, 64), (32, 32), (64, 32), (32, 64)]:
         mask = torch.rand(256 // block[0], 192 // block[1], generator=g) < 0.5
@@ -122,21 +78,20 @@ _SMOKE = textwrap.dedent("""
             x = torch.randn(300, 192, device="cuda").to(dtype)
             dy = torch.randn(300, 256, device="cuda").to(dtype)
             v = torch.randn(layout.nnz, *block, device="cuda").to(dtype)
-            for var in range(n_var if dtype != torch.float32 else 1):
-                for op in ("forward", "grad_input", "grad_weight"):
-                    print("run", block, dtype, "variant", var, op, flush=True)
-                    if op == "forward":
-                        out = cuda_bsr.forward(x, v, None, lt, variant=var)
-                        ref = reference.forward(x.double(), v.double(), None, lt)
-                    elif op == "grad_input":
-                        out = cuda_bsr.grad_input(dy, v, lt, variant=var)
-                        ref = reference.grad_input(dy.double(), v.double(), lt)
-                    else:
-                        out = cuda_bsr.grad_weight(x, dy, lt)
-                        ref = reference.grad_weight(x.double(), dy.double(), lt)
-                    torch.cuda.synchronize()
-                    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-                    print("   rel err", f"{err:.2e}", flush=True)
+            for op in ("forward", "grad_input", "grad_weight"):
+                print("run", block, dtype, op, flush=True)
+                if op == "forward":
+                    out = cuda_bsr.forward(x, v, None, lt)
+                    ref = reference.forward(x.double(), v.double(), None, lt)
+                elif op == "grad_input":
+                    out = cuda_bsr.grad_input(dy, v, lt)
+                    ref = reference.grad_input(dy.double(), v.double(), lt)
+                else:
+                    out = cuda_bsr.grad_weight(x, dy, lt)
+                    ref = reference.grad_weight(x.double(), dy.double(), lt)
+                torch.cuda.synchronize()
+                err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                print("   rel err", f"{err:.2e}", flush=True)
     print("SMOKE OK")
 """)
 
@@ -191,29 +146,19 @@ def test_odd_layouts(cuda_backend, dtype, block, kind):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("block", [(32, 32), (64, 64), (32, 64), (64, 32)], ids=lambda b: f"{b[0]}x{b[1]}")
-@pytest.mark.parametrize("variant", [0, 1, 2, 3])
-def test_variants(cuda_backend, dtype, block, variant):
-    """Every tensor-core variant, with row/column blocks whose kept counts are not multiples of the
-    blocks-per-stage (partial last stage), an empty row, a dense row, and M tails."""
-    if variant not in _variants():
-        pytest.skip(f"the built library has no variant {variant}")
-    N, K = 384, 448
+def test_pipeline_depths(cuda_backend, dtype, block):
+    """Output blocks with 0, 1, 2, ... kept blocks: fewer, as many and more steps than the
+    pipeline's stages (3 or 4, bsr_dsd.cu's DsdShape) in both DSD directions, and M tails."""
+    N, K = 448, 512
     bn, bk = block
-    g = torch.Generator().manual_seed(variant * 7 + bn + bk)
-    mask = torch.rand(N // bn, K // bk, generator=g) < 0.45
-    mask[0] = False
-    mask[1] = True
-    mask[:, 2] = True
+    R, C = N // bn, K // bk
+    mask = torch.zeros(R, C, dtype=torch.bool)
+    for r in range(R):
+        mask[r, :r % (C + 1)] = True          # row r keeps r % (C + 1) blocks: 0, 1, 2, ...
+    mask = mask[:, torch.randperm(C, generator=torch.Generator().manual_seed(bn + bk))]
     layout = _layout(N, K, block, 0, mask=mask)
     for M in (1, 130, 2049):
-        _check_all(layout, M, dtype, seed=M + variant, variant=variant)
-
-
-@pytest.mark.gpu
-def test_bad_variant(cuda_backend):
-    layout, x, values, index, N, K = _op_args()
-    with pytest.raises(RuntimeError, match="variant must be"):
-        torch.ops.sparsebert_cuda.forward(x, values, None, index, N, K, 64, 64, 99)
+        _check_all(layout, M, dtype, seed=M)
 
 
 @pytest.mark.gpu
@@ -221,12 +166,6 @@ def test_cpu_index_rejected(cuda_backend):
     layout, x, values, index, N, K = _op_args()
     with pytest.raises(ValueError, match="layout index is on cpu"):
         cuda_bsr.forward(x, values, None, layout.tensors("cpu"))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_no_bias(cuda_backend, dtype):
-    _check_all(_layout(128, 256, (64, 64), 0.5), 300, dtype, with_bias=False)
 
 
 @pytest.mark.gpu
@@ -253,7 +192,10 @@ def test_uses_current_stream(cuda_backend):
     with torch.cuda.stream(s):
         y = cuda_bsr.forward(x, values, None, lt)
     torch.cuda.current_stream().wait_stream(s)
-    assert _rel_err(y, reference.forward(x.double(), values.double(), None, lt)) < TOL[torch.float16]
+    torch.cuda.synchronize()
+    ref64 = reference.forward(x.double(), values.double(), None, lt)
+    torch_own = torch.nn.functional.linear(x, layout.scatter(values))
+    H.check_rule(y, torch_own, ref64, torch.float16, "forward on a side stream")
 
 
 # ---- bad inputs: clear errors, never a crash ---------------------------------------------------
@@ -298,6 +240,8 @@ def test_bad_inputs(cuda_backend):
     with pytest.raises(RuntimeError, match="16-byte aligned"):
         flat = torch.zeros(x.numel() + 1, device="cuda", dtype=x.dtype)
         ops.forward(flat[1:].view_as(x), values, None, index, N, K, bn, bk)
+    with pytest.raises(RuntimeError):   # the variant argument is gone from the schema
+        ops.forward(x, values, None, index, N, K, bn, bk, 1)
 
 
 @pytest.mark.gpu

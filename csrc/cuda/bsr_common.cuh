@@ -1,5 +1,6 @@
 // Device helpers shared by the block-sparse kernels: cp.async, ldmatrix, mma.sync m16n8k16,
-// and one warp-level 16-deep MMA step over shared-memory tiles. CUDA headers only.
+// one warp-level 16-deep MMA step over shared-memory tiles, and the multi-stage cp.async main loop
+// of the tensor-core kernels. CUDA headers only.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, t = lane % 4):
 //   A 16x16 (row): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
@@ -133,6 +134,43 @@ __device__ __forceinline__ void warp_mma_k16(const T* As, int lda, const T* Bs, 
   for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
     for (int ni = 0; ni < NI; ++ni) mma_16816<T>(acc[mi][ni], a[mi], b[ni]);
+}
+
+template <int MI, int NI>
+__device__ __forceinline__ void zero_acc(float (&acc)[MI][NI][4]) {
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.f;
+}
+
+// The software-pipelined main loop of every tensor-core kernel: `n_steps` steps over a ring of
+// STAGES shared-memory slots, STAGES - 1 steps in flight.
+//   load(slot, step): every thread issues its cp.async copies of step `step` into ring slot `slot`
+//   compute(slot):    every thread consumes the (landed) slot
+// One commit group per step (empty past the end), so cp.async.wait_group<STAGES - 2> at the top
+// of iteration `it` means step `it` has landed for this thread; the barrier after it makes that
+// true for all threads, and also guarantees that all are done computing on slot (it - 1) % STAGES,
+// the slot the prefetch of step it + STAGES - 1 overwrites. Ends with no copies in flight.
+template <int STAGES, typename Load, typename Compute>
+__device__ __forceinline__ void cp_async_pipeline(int n_steps, Load&& load, Compute&& compute) {
+  static_assert(STAGES >= 2, "a pipeline needs at least two stages");
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < n_steps) load(s, s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < n_steps; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    const int pre = it + STAGES - 1;
+    if (pre < n_steps) load(pre % STAGES, pre);
+    cp_async_commit();
+    compute(it % STAGES);
+  }
+  cp_async_wait<0>();
 }
 
 inline int num_sms() {

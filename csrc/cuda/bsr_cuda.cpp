@@ -1,11 +1,8 @@
 // Torch bindings of the block-sparse CUDA kernels: namespace `sparsebert_cuda`.
 //
-//   forward(x, values, bias, index, N, K, bn, bk, variant=-1)   -> y  [M, N]   y = x W^T + bias
-//   grad_input(dy, values, index, N, K, bn, bk, variant=-1)     -> dx [M, K]   dx = dy W
-//   grad_weight(x, dy, index, N, K, bn, bk, variant=-1)         -> dvalues [nnz, bn, bk]
-//   dsd_variants() -> [number of DSD variants, default variant]
-// `variant` selects the fp16/bf16 tensor-core kernel of forward / grad_input (bsr_kernels.h; -1 =
-// the built-in default); grad_weight accepts it for symmetry and ignores it.
+//   forward(x, values, bias, index, N, K, bn, bk)   -> y  [M, N]   y = x W^T + bias
+//   grad_input(dy, values, index, N, K, bn, bk)     -> dx [M, K]   dx = dy W
+//   grad_weight(x, dy, index, N, K, bn, bk)         -> dvalues [nnz, bn, bk]
 //
 // `index` is the packed int32 layout index of sparsebert.layout.pack_index:
 //   [row_ptr R+1 | col_idx nnz | row_idx nnz | col_ptr C+1 | t_row_idx nnz | t_perm nnz]
@@ -21,7 +18,6 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
-#include <vector>
 
 #include "bsr_kernels.h"
 
@@ -61,12 +57,6 @@ void check_layout_args(int64_t N, int64_t K, int64_t bn, int64_t bk) {
 void check_dense(const at::Tensor& t, const char* name, int64_t cols) {
   TORCH_CHECK(t.dim() == 2, "sparsebert_cuda: ", name, " must be 2-D [M, ", cols, "], got shape ", t.sizes());
   TORCH_CHECK(t.size(1) == cols, "sparsebert_cuda: ", name, " must have ", cols, " columns, got shape ", t.sizes());
-}
-
-int check_variant(int64_t variant) {
-  TORCH_CHECK(variant >= -1 && variant < kDsdNumVariants, "sparsebert_cuda: variant must be -1 (default) or in [0, ",
-              kDsdNumVariants, "), got ", variant);
-  return (int)variant;
 }
 
 // Rows of M elements of a 2-byte / 4-byte dtype whose length is a multiple of 32 elements are
@@ -128,9 +118,8 @@ void check_values(const at::Tensor& values, const at::Tensor& ref, int64_t bn, i
 }
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias_opt,
-                   const at::Tensor& index, int64_t N, int64_t K, int64_t bn, int64_t bk, int64_t variant) {
+                   const at::Tensor& index, int64_t N, int64_t K, int64_t bn, int64_t bk) {
   check_layout_args(N, K, bn, bk);
-  const int var = check_variant(variant);
   CHECK_DEVICE(x);
   const BsrDtype dt = to_bsr_dtype(x.scalar_type(), "x");
   check_dense(x, "x", K);
@@ -157,14 +146,13 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const std::opt
   if (M == 0) return y;
   C10_CUDA_CHECK(bsr_forward(dt, x.data_ptr(), values.data_ptr(), bias_ptr, ix.row_ptr, ix.col_idx,
                              y.data_ptr(), M, (int)N, (int)K, (int)bn, (int)bk,
-                             at::cuda::getCurrentCUDAStream(), var));
+                             at::cuda::getCurrentCUDAStream()));
   return y;
 }
 
 at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& index, int64_t N,
-                      int64_t K, int64_t bn, int64_t bk, int64_t variant) {
+                      int64_t K, int64_t bn, int64_t bk) {
   check_layout_args(N, K, bn, bk);
-  const int var = check_variant(variant);
   CHECK_DEVICE(dy);
   const BsrDtype dt = to_bsr_dtype(dy.scalar_type(), "dy");
   check_dense(dy, "dy", N);
@@ -179,14 +167,13 @@ at::Tensor grad_input(const at::Tensor& dy, const at::Tensor& values, const at::
   if (M == 0) return dx;
   C10_CUDA_CHECK(bsr_grad_input(dt, dy.data_ptr(), values.data_ptr(), ix.col_ptr, ix.t_row_idx, ix.t_perm,
                                 dx.data_ptr(), M, (int)N, (int)K, (int)bn, (int)bk,
-                                at::cuda::getCurrentCUDAStream(), var));
+                                at::cuda::getCurrentCUDAStream()));
   return dx;
 }
 
 at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& index, int64_t N,
-                       int64_t K, int64_t bn, int64_t bk, int64_t variant) {
+                       int64_t K, int64_t bn, int64_t bk) {
   check_layout_args(N, K, bn, bk);
-  check_variant(variant);
   CHECK_DEVICE(x);
   CHECK_DEVICE(dy);
   CHECK_SAME_DEVICE(dy, x);
@@ -218,18 +205,14 @@ at::Tensor grad_weight(const at::Tensor& x, const at::Tensor& dy, const at::Tens
   return dvalues;
 }
 
-std::vector<int64_t> dsd_variants() { return {kDsdNumVariants, kDsdDefaultVariant}; }
-
 }  // namespace
 }  // namespace cuda
 }  // namespace sparsebert
 
 TORCH_LIBRARY(sparsebert_cuda, m) {
-  m.def("forward(Tensor x, Tensor values, Tensor? bias, Tensor index, int N, int K, int bn, int bk, "
-        "int variant=-1) -> Tensor");
-  m.def("grad_input(Tensor dy, Tensor values, Tensor index, int N, int K, int bn, int bk, int variant=-1) -> Tensor");
-  m.def("grad_weight(Tensor x, Tensor dy, Tensor index, int N, int K, int bn, int bk, int variant=-1) -> Tensor");
-  m.def("dsd_variants() -> int[]", &sparsebert::cuda::dsd_variants);
+  m.def("forward(Tensor x, Tensor values, Tensor? bias, Tensor index, int N, int K, int bn, int bk) -> Tensor");
+  m.def("grad_input(Tensor dy, Tensor values, Tensor index, int N, int K, int bn, int bk) -> Tensor");
+  m.def("grad_weight(Tensor x, Tensor dy, Tensor index, int N, int K, int bn, int bk) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparsebert_cuda, CUDA, m) {

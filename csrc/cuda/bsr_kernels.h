@@ -25,25 +25,15 @@ inline bool bsr_block_supported(int bn, int bk) {
   return (bn == 32 || bn == 64) && (bk == 32 || bk == 64);
 }
 
-// Tensor-core (fp16/bf16) kernel variants of the DSD products (forward, grad_input); fp32 always
-// uses its FMA kernel. `variant < 0` picks kDsdDefaultVariant. See bsr_dsd.cu for what each is:
-//   0: legacy   128 tokens x 1 block, 8 warps (32x32 warp tiles), 1 kept block per stage, 3 stages
-//   1: 128 tokens x 1 block, 4 warps (64x32 warp tiles), 64-deep stages (G = 64/bk blocks), 4 stages
-//   2: 256 tokens x 1 block, 8 warps (64x32 warp tiles), 64-deep stages, 3 stages
-//   3: 128 tokens x 1 block, 4 warps (64x32 warp tiles), 128-deep stages (G = 128/bk), 3 stages
-constexpr int kDsdNumVariants = 4;
-constexpr int kDsdDefaultVariant = 1;
-
 // y = x W^T + bias   (bias may be nullptr). Empty row-blocks give bias (or zeros).
 cudaError_t bsr_forward(BsrDtype dtype, const void* x, const void* values, const void* bias,
                         const int32_t* row_ptr, const int32_t* col_idx, void* y,
-                        int64_t M, int N, int K, int bn, int bk, cudaStream_t stream, int variant = -1);
+                        int64_t M, int N, int K, int bn, int bk, cudaStream_t stream);
 
 // dx = dy W   (walks the transposed index).
 cudaError_t bsr_grad_input(BsrDtype dtype, const void* dy, const void* values,
                            const int32_t* col_ptr, const int32_t* t_row_idx, const int32_t* t_perm,
-                           void* dx, int64_t M, int N, int K, int bn, int bk, cudaStream_t stream,
-                           int variant = -1);
+                           void* dx, int64_t M, int N, int K, int bn, int bk, cudaStream_t stream);
 
 // dvalues[i] = dy[:, row_idx[i]*bn : +bn]^T x[:, col_idx[i]*bk : +bk]   (kept blocks only).
 // `workspace`: nnz*bn*bk floats of device memory for the fp32 split-M reduction; needed for

@@ -5,7 +5,7 @@
 // CTA reduces its token range in registers and adds its [bn, bk] tile into an fp32 buffer with
 // atomicAdd (zeroed first); fp16/bf16 then convert the buffer into the output.
 // fp16 / bf16: tensor cores (mma.sync m16n8k16), 4 warps (2 x 2 over the block), 64 tokens per
-// stage of a 3-deep cp.async pipeline; both operands are token-major in memory, so A and B use
+// step of a 3-stage cp.async pipeline (cp_async_pipeline, bsr_common.cuh); both operands are token-major in memory, so A and B use
 // ldmatrix.trans. fp32: a plain FMA kernel, 32 tokens per step. Tokens >= M load as zeros.
 #include <algorithm>
 #include <cstdint>
@@ -95,33 +95,15 @@ __global__ void __launch_bounds__(128) sdd_mma_kernel(const SddParams p) {
   };
 
   float acc[MI][NI][4];
-#pragma unroll
-  for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[mi][ni][q] = 0.f;
-
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nsteps) load_stage(s, s);
-    cp_async_commit();
-  }
-  for (int it = 0; it < nsteps; ++it) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();
-    const int pre = it + STAGES - 1;
-    if (pre < nsteps) load_stage(pre % STAGES, pre);
-    cp_async_commit();
-    const int slot = it % STAGES;
+  zero_acc(acc);
+  cp_async_pipeline<STAGES>(nsteps, load_stage, [&](int slot) {
     const T* tA = sA + slot * Cfg::A_ELEMS;
     const T* tB = sB + slot * Cfg::B_ELEMS;
 #pragma unroll
     for (int kk = 0; kk < MC; kk += 16)
       warp_mma_k16<T, MI, NI, true, true>(tA, Cfg::A_LD, tB, Cfg::B_LD, warp_m * Cfg::WM,
                                            warp_n * Cfg::WN, kk, acc, lane);
-  }
-  cp_async_wait<0>();
+  });
 
   float* out = p.acc + i * (BN_ * BK_);
   const int g = lane / 4, t = lane % 4;

@@ -1,26 +1,21 @@
 """CUDA C++ backend (``backend="cuda"``): the nvcc-built kernels in ``sparsebert._C``.
 
 Kernels (``csrc/cuda``): fp16/bf16 on tensor cores (``mma.sync`` m16n8k16, fp32 accumulation,
-cp.async pipeline), fp32 on plain FMA (exact fp32, no TF32). Block sizes ``bn, bk`` in {32, 64}.
-The ops live under ``torch.ops.sparsebert_cuda`` and take the packed layout index
-(:func:`sparsebert.layout.pack_index`)::
+cp.async pipeline), fp32 on plain FMA (exact fp32, no TF32); one kernel per product (forward and
+input gradient share the DSD kernel, the weight gradient is the SDD kernel), its tile shape per
+block size fixed at compile time from the H200 timings (``csrc/cuda/bsr_dsd.cu``). Block sizes
+``bn, bk`` in {32, 64}. The ops live under ``torch.ops.sparsebert_cuda`` and take the packed
+layout index (:func:`sparsebert.layout.pack_index`)::
 
-    forward(x, values, bias, index, N, K, bn, bk, variant=-1)   -> y  [M, N]     y = x Wᵀ + bias
-    grad_input(dy, values, index, N, K, bn, bk, variant=-1)     -> dx [M, K]     dx = dy W
-    grad_weight(x, dy, index, N, K, bn, bk, variant=-1)         -> dvalues [nnz, bn, bk]
-
-``variant`` picks the fp16/bf16 tensor-core kernel of forward / grad_input (see
-``csrc/cuda/bsr_kernels.h``; ``-1`` = the compiled-in default). The environment variable
-``SPARSEBERT_CUDA_VARIANT`` (read once, at import) overrides that default for this process, and
-:func:`set_variant` changes it at run time; ``benchmarks/cuda_variants.py`` compares them.
+    forward(x, values, bias, index, N, K, bn, bk)   -> y  [M, N]     y = x Wᵀ + bias
+    grad_input(dy, values, index, N, K, bn, bk)     -> dx [M, K]     dx = dy W
+    grad_weight(x, dy, index, N, K, bn, bk)         -> dvalues [nnz, bn, bk]
 
 The backend functions (``forward``/``grad_input``/``grad_weight``) follow ``docs/CONTRACT.md``;
 ``*_packed`` variants take the packed index directly (what the custom-op layer already holds).
 ``sparsebert._C`` is imported lazily; when it cannot be used, :func:`unavailable_reason` says why.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -32,43 +27,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _lib = None          # the loaded sparsebert._C, once loaded
 _lib_error = None    # why it could not be loaded / used (str), once tried
-
-
-def _env_variant() -> int:
-    raw = os.environ.get("SPARSEBERT_CUDA_VARIANT", "").strip()
-    if not raw:
-        return -1
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"SPARSEBERT_CUDA_VARIANT must be an integer, got {raw!r}") from None
-
-
-_variant = _env_variant()   # -1: the kernel library's default
-
-
-def set_variant(variant: int | None) -> None:
-    """Select the forward / grad_input kernel variant for later calls (None or -1: default)."""
-    global _variant
-    _variant = -1 if variant is None else int(variant)
-
-
-def get_variant() -> int:
-    return _variant
-
-
-def variants() -> tuple[int, int]:
-    """``(number of DSD kernel variants, default variant)`` of the loaded library."""
-    ops = _ops()
-    try:
-        n, default = ops.dsd_variants()
-        return int(n), int(default)
-    except (AttributeError, RuntimeError):  # a library built before variants existed
-        return 1, 0
-
-
-def _v(variant):
-    return _variant if variant is None else int(variant)
 
 
 def _load():
@@ -129,16 +87,16 @@ def _ops():
 
 
 # ---- packed-index entry points (what the custom op holds) ----------------------------------
-def forward_packed(x, values, bias, index, N: int, K: int, bn: int, bk: int, variant: int | None = None):
-    return _ops().forward(x, values, bias, index, N, K, bn, bk, _v(variant))
+def forward_packed(x, values, bias, index, N: int, K: int, bn: int, bk: int):
+    return _ops().forward(x, values, bias, index, N, K, bn, bk)
 
 
-def grad_input_packed(dy, values, index, N: int, K: int, bn: int, bk: int, variant: int | None = None):
-    return _ops().grad_input(dy, values, index, N, K, bn, bk, _v(variant))
+def grad_input_packed(dy, values, index, N: int, K: int, bn: int, bk: int):
+    return _ops().grad_input(dy, values, index, N, K, bn, bk)
 
 
-def grad_weight_packed(x, dy, index, N: int, K: int, bn: int, bk: int, variant: int | None = None):
-    return _ops().grad_weight(x, dy, index, N, K, bn, bk, _v(variant))
+def grad_weight_packed(x, dy, index, N: int, K: int, bn: int, bk: int):
+    return _ops().grad_weight(x, dy, index, N, K, bn, bk)
 
 
 def _check_index_device(lt: LayoutTensors, ref: torch.Tensor):
@@ -149,16 +107,16 @@ def _check_index_device(lt: LayoutTensors, ref: torch.Tensor):
 
 
 # ---- backend contract -------------------------------------------------------------------------
-def forward(x, values, bias, lt: LayoutTensors, variant: int | None = None):
+def forward(x, values, bias, lt: LayoutTensors):
     _check_index_device(lt, x)
-    return forward_packed(x, values, bias, lt.packed(), lt.N, lt.K, lt.bn, lt.bk, variant)
+    return forward_packed(x, values, bias, lt.packed(), lt.N, lt.K, lt.bn, lt.bk)
 
 
-def grad_input(dy, values, lt: LayoutTensors, variant: int | None = None):
+def grad_input(dy, values, lt: LayoutTensors):
     _check_index_device(lt, dy)
-    return grad_input_packed(dy, values, lt.packed(), lt.N, lt.K, lt.bn, lt.bk, variant)
+    return grad_input_packed(dy, values, lt.packed(), lt.N, lt.K, lt.bn, lt.bk)
 
 
-def grad_weight(x, dy, lt: LayoutTensors, variant: int | None = None):
+def grad_weight(x, dy, lt: LayoutTensors):
     _check_index_device(lt, x)
-    return grad_weight_packed(x, dy, lt.packed(), lt.N, lt.K, lt.bn, lt.bk, variant)
+    return grad_weight_packed(x, dy, lt.packed(), lt.N, lt.K, lt.bn, lt.bk)
