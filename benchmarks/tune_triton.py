@@ -33,7 +33,8 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# tf32: fp32 tensors with torch.backends.cuda.matmul.allow_tf32 on; fp32: off (exact dots)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
 OPS = ("forward", "grad_input", "grad_weight")
 N_SETS = 3
 
@@ -52,7 +53,9 @@ def parse_args(argv=None):
     ap.add_argument("--sparsity", default="0,50,75,90",
                     help="block sparsity in percent, comma-separated (default: 0,50,75,90)")
     ap.add_argument("--tokens", type=int, default=16384, help="tokens M (default: 16384)")
-    ap.add_argument("--dtypes", default="bf16", help="bf16, fp16, fp32, comma-separated (default: bf16)")
+    ap.add_argument("--dtypes", default="bf16",
+                    help="bf16, fp16, tf32 (fp32 with TF32 allowed), fp32 (exact), comma-separated "
+                         "(default: bf16)")
     ap.add_argument("--ops", default=",".join(OPS), help="ops to tune (default: all three)")
     ap.add_argument("--rep-ms", type=int, default=25, help="do_bench repetition time per config in ms "
                                                            "(default: 25)")
@@ -112,18 +115,19 @@ def tune_key_configs(op, dtype, M, N, K, block, sparsity, device, rep_ms, seed=0
     bias = torch.randn(N, device=device, generator=gen).to(dtype)
     w = layout.scatter(values.float())                  # the dense [N, K] weight
     elem = xs[0].element_size()
+    exact = dtype == torch.float32 and common.precision(dtype) == "ieee"
     if op == "grad_weight":
         cands = sdd.candidates(elem, block, block)
         expect = layout.gather((dys[0].float().T @ xs[0].float()))
         call = lambda cfg, i: tb.grad_weight_bias(xs[i], dys[i], lt, config=cfg)   # noqa: E731
         first = lambda out: out[0]                                                  # noqa: E731
     elif op == "forward":
-        cands = dsd.candidates(elem, block, block)
+        cands = dsd.candidates(elem, block, block, exact)
         expect = xs[0].float() @ w.T + bias.float()
         call = lambda cfg, i: tb.forward(xs[i], values, bias, lt, config=cfg)       # noqa: E731
         first = lambda out: out                                                     # noqa: E731
     else:
-        cands = dsd.candidates(elem, block, block)
+        cands = dsd.candidates(elem, block, block, exact)
         expect = dys[0].float() @ w
         call = lambda cfg, i: tb.grad_input(dys[i], values, lt, config=cfg)         # noqa: E731
         first = lambda out: out                                                     # noqa: E731
@@ -189,6 +193,7 @@ def main(argv=None) -> int:
     start = time.time()
     print(f"{'key':<64} {'best config':<26} {'µs':>8} {'default µs':>10}  others")
     for dt in dtypes:
+        torch.backends.cuda.matmul.allow_tf32 = dt == "tf32"
         for (K, N) in shapes:
             for block in blocks:
                 for sp in sparsities:

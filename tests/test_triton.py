@@ -242,11 +242,12 @@ def test_configs_fit_shared_memory():
     """Every candidate that fits() keeps its own estimate within the H200's 227 KB, and every
     block/dtype has at least one candidate (tests/test_triton_compile.py checks the estimate
     against the compiled kernels)."""
-    for elem in (2, 4):
+    for elem, exact in ((2, False), (4, False), (4, True)):
         for bo in (16, 32, 64, 128):
             for br in (16, 32, 64, 128):
-                cands = dsd.candidates(elem, bo, br)
+                cands = dsd.candidates(elem, bo, br, exact)
                 assert cands and all(dsd.smem_bytes(c, elem, bo, br) <= common.SMEM_BUDGET for c in cands)
+                assert not exact or not any(c["TMA"] or c["SWAP"] for c in cands)
                 cands = sdd.candidates(elem, bo, br)
                 assert cands and all(sdd.smem_bytes(c, elem, bo, br) <= common.SMEM_BUDGET for c in cands)
 
@@ -342,7 +343,8 @@ def test_tune_script_dry_run(tmp_path, monkeypatch, capsys):
     lay = tune_triton._random_layout(128, 64, 32, 0.5, 0)
     monkeypatch.setattr(common, "TUNED_PATH", str(out))
     try:
-        for op, cands in (("forward", dsd.candidates(4, 32, 32)), ("grad_input", dsd.candidates(4, 32, 32)),
+        exact = dsd.candidates(4, 32, 32, exact_fp32=True)   # fp32 on the CPU: exact dots
+        for op, cands in (("forward", exact), ("grad_input", exact),
                           ("grad_weight", sdd.candidates(4, 32, 32))):
             key = common.tune_key("cpu", torch.float32, op, 100, lay.tensors("cpu"))
             entry = data["entries"][key]

@@ -198,8 +198,10 @@ def density_bucket(lt: LayoutTensors) -> float:
 
 
 def tune_key(gpu: str, dtype: torch.dtype, op: str, M: int, lt: LayoutTensors) -> str:
-    """The data file's key: ``gpu|dtype|op|M bucket|NxK|bnxbk|density bucket``."""
-    return (f"{gpu}|{_DTYPE_NAME[dtype]}|{op}|{m_bucket(M)}|{lt.N}x{lt.K}|{lt.bn}x{lt.bk}"
+    """The data file's key: ``gpu|dtype|op|M bucket|NxK|bnxbk|density bucket`` (dtype bf16,
+    fp16, fp32, or tf32 for fp32 tensors while torch allows TF32)."""
+    name = "tf32" if dtype == torch.float32 and precision(dtype) == "tf32" else _DTYPE_NAME[dtype]
+    return (f"{gpu}|{name}|{op}|{m_bucket(M)}|{lt.N}x{lt.K}|{lt.bn}x{lt.bk}"
             f"|{density_bucket(lt):.2f}")
 
 

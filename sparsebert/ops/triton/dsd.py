@@ -57,17 +57,24 @@ def smem_bytes(cfg: dict, elem: int, BO: int, BR: int) -> int:
     return cfg["num_stages"] * (cfg["BLOCK_M"] * BR + BR * BO) * elem + cfg["BLOCK_M"] * BO * 4
 
 
-def fit(cfg: dict, elem: int, BO: int, BR: int):
+def fit(cfg: dict, elem: int, BO: int, BR: int, exact_fp32: bool = False):
     """``cfg`` adapted to the blocks, or None when it cannot be: more warps (then a smaller M
     tile) until the accumulator fits in registers, fewer stages (then a smaller M tile) until the
-    buffers fit in shared memory; SWAP configs need BO >= 64 (wgmma's M side)."""
-    if cfg["SWAP"] and BO < 64:
+    buffers fit in shared memory; SWAP configs need BO >= 64 (wgmma's M side). ``exact_fp32``
+    (fp32 without TF32: FMA dots): pointer loads, since descriptor-loaded operands spilled 14-34 KB
+    in every sm_90a compile tried (BLOCK_M 32-64, 4-8 warps, blocks 64-128) and pointer loads none."""
+    if cfg["SWAP"] and (BO < 64 or exact_fp32):   # no wgmma to feed in exact fp32 (and it spilled)
         return None
     cfg = dict(cfg)
-    while not C.acc_fits_registers(cfg["BLOCK_M"], BO, cfg["num_warps"], 64 if elem <= 2 else 32):
+    if exact_fp32:
+        cfg["TMA"] = False
+    # accumulator values per thread: 64 for half types, 32 for TF32, 16 for FMA dots (whose
+    # operands sit in registers too; no wgmma there, so M tiles down to 32)
+    per_thread, min_m = (16, 32) if exact_fp32 else (64 if elem <= 2 else 32, 64)
+    while not C.acc_fits_registers(cfg["BLOCK_M"], BO, cfg["num_warps"], per_thread):
         if cfg["num_warps"] < 8:
             cfg["num_warps"] *= 2
-        elif cfg["BLOCK_M"] > 64:
+        elif cfg["BLOCK_M"] > min_m:
             cfg["BLOCK_M"] //= 2
         else:
             return None
@@ -81,10 +88,10 @@ def fit(cfg: dict, elem: int, BO: int, BR: int):
     return cfg
 
 
-def candidates(elem: int, BO: int, BR: int):
+def candidates(elem: int, BO: int, BR: int, exact_fp32: bool = False):
     out = []
     for c in CONFIGS:
-        f = fit(c, elem, BO, BR)
+        f = fit(c, elem, BO, BR, exact_fp32)
         if f is not None and f not in out:
             out.append(f)
     return out
@@ -220,17 +227,18 @@ def run(op: str, a, values, bias, lt: LayoutTensors, *, activation: str = "none"
     if M == 0:
         return out
     elem = a.element_size()
+    exact = a.dtype == torch.float32 and C.precision(a.dtype) == "ieee"
     if config is not None:
-        cfg = fit(dict(config), elem, BO, BR)
+        cfg = fit(dict(config), elem, BO, BR, exact)
         if cfg is None:
             raise ValueError(f"{op}: config {config} does not fit blocks ({BO}, {BR}) in {a.dtype}")
     elif C.INTERPRET:
         cfg = INTERP_CONFIG
     else:
-        cands = candidates(elem, BO, BR)
+        cands = candidates(elem, BO, BR, exact)
         cfg = C.choose_config(op, a.dtype, M, lt, a.device, cands,
                               lambda c: launch(a, values, bias, out, lt, transposed=transposed,
                                                activation=activation, cfg=c))
-        cfg = fit(cfg, elem, BO, BR) or cands[0]      # a tuned entry may predate a budget change
+        cfg = fit(cfg, elem, BO, BR, exact) or cands[0]      # a tuned entry may predate a budget change
     return launch(a, values, bias, out, lt, transposed=transposed, activation=activation, cfg=cfg,
                   n_progs=n_progs)

@@ -24,7 +24,10 @@ from . import common as C
 
 ARCH = 90
 _TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# name -> (dtype, tl.dot input precision): fp32 runs through TF32 when torch allows it, else
+# exact fp32 dots (no tensor cores, so no wgmma expected there).
+DTYPES = {"bf16": (torch.bfloat16, "ieee"), "fp16": (torch.float16, "ieee"),
+          "tf32": (torch.float32, "tf32"), "fp32": (torch.float32, "ieee")}
 OPS = ("forward", "grad_input", "grad_weight")
 
 
@@ -33,9 +36,11 @@ def _blocks(op, bn, bk):
     return (bk, bn) if op == "grad_input" else (bn, bk)
 
 
-def compile_kernel(op: str, cfg: dict, dtype: torch.dtype, bn: int, bk: int, arch: int = ARCH):
-    """Compile ``op``'s kernel with ``cfg`` (fitted as the launcher fits it) for ``sm_<arch>``.
-    Returns ``(fitted cfg, compiled kernel)``; raises if the compiler rejects it."""
+def compile_kernel(op: str, cfg: dict, dtype: torch.dtype, bn: int, bk: int, arch: int = ARCH,
+                   precision: str | None = None):
+    """Compile ``op``'s kernel with ``cfg`` (fitted as the launcher fits it) for ``sm_<arch>``;
+    ``precision`` of fp32 dots: "tf32" (default) or "ieee". Returns ``(fitted cfg, compiled
+    kernel)``; raises if the compiler rejects it."""
     if C._IMPORT_ERROR is not None:
         raise RuntimeError(C._IMPORT_ERROR)
     if C.INTERPRET:
@@ -46,7 +51,7 @@ def compile_kernel(op: str, cfg: dict, dtype: torch.dtype, bn: int, bk: int, arc
 
     t = _TL[dtype]
     elem = torch.empty(0, dtype=dtype).element_size()
-    prec = "tf32" if dtype == torch.float32 else "ieee"
+    prec = precision or ("tf32" if dtype == torch.float32 else "ieee")
     if op == "grad_weight":
         cfg = sdd.fit(cfg, elem, bn, bk)
         if cfg is None:
@@ -65,7 +70,7 @@ def compile_kernel(op: str, cfg: dict, dtype: torch.dtype, bn: int, bk: int, arc
         aligned = ("ldx", "ldy", "N", "chunk")
     else:
         BO, BR = _blocks(op, bn, bk)
-        cfg = dsd.fit(cfg, elem, BO, BR)
+        cfg = dsd.fit(cfg, elem, BO, BR, exact_fp32=dtype == torch.float32 and prec == "ieee")
         if cfg is None:
             raise ValueError(f"{op}: config does not fit blocks ({BO}, {BR})")
         bm, tma, trans = cfg["BLOCK_M"], cfg["TMA"], op == "grad_input"
@@ -132,7 +137,8 @@ def grid(which: str = "default"):
     ``all``: every (op, dtype, block, config) the backend can pick; ``default``: every config in
     bf16 at blocks 32-128 and the first (untuned default) config at every block and dtype; ``ci``
     (tests/test_triton_compile.py): every config in bf16 at block 64, the first config at bf16
-    16/32/128, fp16 64 and fp32 64/128 (where shared memory is tightest)."""
+    16/32/128, fp16 64, tf32 and exact fp32 at 64 and 128 (where shared memory is tightest).
+    Dtype names: bf16, fp16, tf32 (fp32 tensors, TF32 dots: torch allows TF32), fp32 (exact)."""
     from . import dsd, sdd
     seen, out = set(), []
     for op in OPS:
@@ -143,11 +149,13 @@ def grid(which: str = "default"):
                     if which == "default" and not (i == 0 or (dt == "bf16" and b >= 32)):
                         continue
                     if which == "ci" and not ((dt == "bf16" and (b == 64 or i == 0))
-                                              or (i == 0 and (dt, b) in (("fp16", 64), ("fp32", 64),
+                                              or (i == 0 and (dt, b) in (("fp16", 64), ("tf32", 64),
+                                                                         ("tf32", 128), ("fp32", 64),
                                                                          ("fp32", 128)))):
                         continue
-                    elem = DTYPES[dt].itemsize
-                    f = (sdd.fit(cfg, elem, b, b) if op == "grad_weight" else dsd.fit(cfg, elem, b, b))
+                    elem = DTYPES[dt][0].itemsize
+                    f = (sdd.fit(cfg, elem, b, b) if op == "grad_weight"
+                         else dsd.fit(cfg, elem, b, b, exact_fp32=dt == "fp32"))
                     if f is None:
                         continue
                     key = (op, dt, b, json.dumps(f, sort_keys=True))
@@ -162,7 +170,7 @@ def _one(item):
     op, dt, bn, bk, i = item
     cfg = (sdd.CONFIGS if op == "grad_weight" else dsd.CONFIGS)[i]
     try:
-        fitted, k = compile_kernel(op, cfg, DTYPES[dt], bn, bk)
+        fitted, k = compile_kernel(op, cfg, DTYPES[dt][0], bn, bk, precision=DTYPES[dt][1])
         rep = kernel_report(k)
         rep["config"] = fitted
     except Exception as e:
@@ -223,9 +231,10 @@ def main(argv=None) -> int:
                                 *(argv if argv is not None else sys.argv[1:])], env=env)
     rows = run_grid(grid(args.grid), args.jobs)
     print(format_table(rows))
-    bad = [r for r in rows if "error" in r or not r["wgmma"] or r["spill_bytes"]
+    bad = [r for r in rows if "error" in r or (not r["wgmma"] and r["dtype"] != "fp32") or r["spill_bytes"]
            or r["shared"] > C.SMEM_BUDGET or (r["config"].get("TMA") and not r["tma"])]
-    print(f"\n{len(rows)} kernels compiled for sm_{ARCH}a; {len(bad)} with an error, no wgmma, "
+    print(f"\n{len(rows)} kernels compiled for sm_{ARCH}a; {len(bad)} with an error, no wgmma "
+          f"(expected only for exact fp32), "
           f"spills, shared memory over {C.SMEM_BUDGET} bytes, or TMA asked for and missing")
     if args.json:
         with open(args.json, "w") as f:
