@@ -492,10 +492,15 @@ def _read_hf_tensors(path: str) -> dict:
         if os.path.isfile(index):
             with open(index) as f:
                 files = sorted(set(json.load(f)["weight_map"].values()))
+            for name in files:          # shards sit in the folder: an index cannot point elsewhere
+                if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                    raise CheckpointError(f"{index} names {name!r} as a shard: not a file of {path}")
             out = {}
             for name in files:
                 out.update(load_file(os.path.join(path, name)))
             return out
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"cannot read the weights of {path}: {e}") from None
     raise CheckpointError(f"{path} has no model.safetensors (a save_pretrained folder with safetensors)")

@@ -100,6 +100,20 @@ def test_a_sharded_save_pretrained_loads_both_ways(tmp_path, tiny_bert_config, m
         assert loaded.cls.predictions.decoder.weight is loaded.bert.embeddings.word_embeddings.weight
 
 
+def test_a_shard_index_pointing_outside_the_folder_is_refused(tmp_path, tiny_bert_config):
+    torch.manual_seed(0)
+    model = sparsebert.sparsify(BertForMaskedLM(tiny_bert_config), 0.5, block=32).eval()
+    ck = tmp_path / "ck"
+    model.save_pretrained(ck, max_shard_size="200KB")
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    os.rename(ck / first, tmp_path / first)                       # a shard outside, named by ../
+    index["weight_map"] = {k: ("../" + v if v == first else v) for k, v in index["weight_map"].items()}
+    (ck / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(sparsebert.CheckpointError, match=r"names '\.\./model-.*' as a shard: not a file of"):
+        sparsebert.from_pretrained(ck)
+
+
 def test_from_pretrained_into_a_template_and_a_sub_module_sparsified(tmp_path, tiny_bert_config):
     torch.manual_seed(0)
     model = BertForMaskedLM(tiny_bert_config).eval()
