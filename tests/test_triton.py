@@ -134,16 +134,17 @@ def _cfg_id(c):
 
 # Every shipped configuration (the GPU's candidates), with few persistent programs and a forced
 # split so that both loops run more than once.
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DT_IDS)
-@pytest.mark.parametrize("cfg", dsd.CONFIGS, ids=_cfg_id)
-def test_every_dsd_config(cfg, dtype):
-    check_all(300, 128, 192, 64, 64, "holes", dtype, dsd_cfg=cfg, n_progs=3, gelu=False)
+# Dtypes alternate over the configs (the dtype paths are covered above; this is about configs).
+@pytest.mark.parametrize("i", range(len(dsd.CONFIGS)), ids=lambda i: _cfg_id(dsd.CONFIGS[i]))
+def test_every_dsd_config(i):
+    dtype = (torch.bfloat16, torch.float16)[i % 2]
+    check_all(300, 128, 192, 64, 64, "holes", dtype, dsd_cfg=dsd.CONFIGS[i], n_progs=3, gelu=False)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DT_IDS)
-@pytest.mark.parametrize("cfg", sdd.CONFIGS, ids=_cfg_id)
-def test_every_sdd_config(cfg, dtype):
-    check_all(600, 96, 128, 32, 32, "holes", dtype, sdd_cfg=cfg, n_progs=5, split=3, gelu=False)
+@pytest.mark.parametrize("i", range(len(sdd.CONFIGS)), ids=lambda i: _cfg_id(sdd.CONFIGS[i]))
+def test_every_sdd_config(i):
+    dtype = (torch.bfloat16, torch.float32)[i % 2]
+    check_all(600, 96, 128, 32, 32, "holes", dtype, sdd_cfg=sdd.CONFIGS[i], n_progs=5, split=3, gelu=False)
 
 
 def test_swap_needs_wide_output_blocks():
@@ -355,3 +356,45 @@ def test_tune_script_dry_run(tmp_path, monkeypatch, capsys):
         common._load_table.cache_clear()
     assert "wrote" in capsys.readouterr().out
     sys.modules.pop("tune_triton", None)
+
+
+def test_config_choice_on_a_gpu(monkeypatch, tmp_path):
+    """On a GPU: a tuned entry is used untimed; an untuned key warns once, autotunes over the
+    candidates once and is cached; SPARSEBERT_TRITON_AUTOTUNE=0 takes the first, still warning.
+    (A fake CUDA device: only the choice logic runs.)"""
+    import json
+    import types
+    lt = make_layout(128, 64, 32, 32, "dense", None).tensors("cpu")
+    dev = types.SimpleNamespace(type="cuda")
+    monkeypatch.setattr(common, "device_name", lambda d: "Fake GPU")
+    monkeypatch.setattr(common, "_autotuned", {})
+    monkeypatch.setattr(common, "_warned", set())
+    timings = {0: 3.0, 1: 1.0, 2: 2.0}
+    calls = []
+
+    def fake_bench(fn, **kw):
+        fn()
+        return timings[calls[-1]]
+    monkeypatch.setattr(common.triton.testing, "do_bench", fake_bench)
+    cands = [dict(c, idx=i) for i, c in enumerate(dsd.CONFIGS[:3])]
+    run = lambda c: calls.append(c["idx"])  # noqa: E731
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"entries": {}}))
+    monkeypatch.setattr(common, "TUNED_PATH", str(path))
+    try:
+        with pytest.warns(RuntimeWarning, match="no tuned config for Fake GPU.*autotuning 3"):
+            assert common.choose_config("forward", torch.bfloat16, 16384, lt, dev, cands, run)["idx"] == 1
+        assert calls == [0, 1, 2]
+        assert common.choose_config("forward", torch.bfloat16, 16000, lt, dev, cands, run)["idx"] == 1
+        assert calls == [0, 1, 2]                 # same key: cached, not timed, not warned again
+        monkeypatch.setattr(common, "AUTOTUNE", False)
+        with pytest.warns(RuntimeWarning, match="using the default"):
+            assert common.choose_config("grad_input", torch.bfloat16, 64, lt, dev, cands, run)["idx"] == 0
+        assert calls == [0, 1, 2]
+        key = common.tune_key("Fake GPU", torch.bfloat16, "grad_weight", 64, lt)
+        path.write_text(json.dumps({"entries": {key: {"config": cands[2]}}}))
+        common._load_table.cache_clear()
+        assert common.choose_config("grad_weight", torch.bfloat16, 64, lt, dev, cands, run)["idx"] == 2
+        assert calls == [0, 1, 2]
+    finally:
+        common._load_table.cache_clear()
