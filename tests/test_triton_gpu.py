@@ -128,12 +128,14 @@ def test_tf32_flag_gpu(tb):
 
 
 def _configs():
+    """DSD configs at blocks 64 and 128 (where fit() changes them most), SDD configs at 32 too
+    (the transposed accumulator); the defaults at 16/32 are covered above."""
     from sparsebert.ops.triton import dsd, sdd
-    return ([("dsd", i) for i in range(len(dsd.CONFIGS))] + [("sdd", i) for i in range(len(sdd.CONFIGS))])
+    return ([("dsd", i, b) for b in (64, 128) for i in range(len(dsd.CONFIGS))]
+            + [("sdd", i, b) for b in (32, 64, 128) for i in range(len(sdd.CONFIGS))])
 
 
-@pytest.mark.parametrize("kind,i", _configs(), ids=lambda v: str(v))
-@pytest.mark.parametrize("block", [32, 64, 128])
+@pytest.mark.parametrize("kind,i,block", _configs(), ids=lambda v: str(v))
 def test_every_config_gpu(tb, kind, i, block):
     """Every shipped config is correct on the GPU (odd M, an empty row block, 50 % and 90 %), so
     whatever benchmarks/tune_triton.py or the autotuner picks is correct."""
