@@ -303,6 +303,13 @@ def test_through_block_sparse_linear():
     for a, b, name in ((xs.grad, xr.grad, "dx"), (layer.values.grad, ref_layer.values.grad, "dvalues"),
                        (layer.bias.grad, ref_layer.bias.grad, "dbias")):
         assert rel_err(a, b) < 1e-5, name
+    # no tokens: empty output, zero parameter gradients
+    layer.zero_grad()
+    x0 = torch.zeros(0, 96, requires_grad=True)
+    y0 = layer(x0)
+    assert y0.shape == (0, 128)
+    y0.sum().backward()
+    assert x0.grad.shape == (0, 96) and not layer.values.grad.any() and not layer.bias.grad.any()
 
 
 def test_auto_warns_when_a_backend_raises(monkeypatch):
