@@ -128,13 +128,16 @@ def rel_err(out: torch.Tensor, ref64: torch.Tensor) -> float:
 KNOWN_DEVIATIONS = {
     ("cpu", torch.float32, "forward"): "cpu fp32 forward with bias: up to 3.3x PyTorch's error where the "
         "bias dominates the output (M67 256->64 b64x16 holes: 1e-7 vs 3.3e-8); 1.0x without bias",
-    ("cpu", torch.float32, "forward_gelu"): "cpu fp32 forward+gelu: up to 2.6x PyTorch's error (same case)",
+    ("cpu", torch.float32, "forward_gelu"): "cpu fp32 forward+gelu: up to 2.8x PyTorch's error (its GELU: "
+        "2.77x on gelu(bias) alone, the empty layout M53 128->128 b64)",
+    ("cpu", torch.float32, "grad_input"): "cpu fp32 grad_input at M = 1: 1.9x (N = 64) to 2.3x (N = 256, "
+        "M1 384->256 b16) PyTorch's error, 1.0x at M >= 19",
 }
 if os.environ.get("TRITON_INTERPRET") == "1":
     for _out in ("forward", "forward_nobias"):
         KNOWN_DEVIATIONS[("triton", torch.float32, _out)] = (
             "interpreted triton fp32 forward: numpy's fp32 dot sums in another order than oneDNN, up to "
-            "2.2x PyTorch's error on single 64-long dots (M5 128->256 b128x64 holes, seeds 0-3)")
+            "2.3x PyTorch's error on single 64-long dots (M5 128->256 b128x64 holes, 12 seeds)")
 
 
 def check_rule(out, torch_out, ref64, dtype, what: str) -> float:
