@@ -14,16 +14,16 @@
 # Worst case 8 minutes: every step runs under its own `timeout -k` (seconds below, env to change;
 # a step killed at its limit costs its budget plus the kill grace), and the GPU tests share one
 # deadline. Defaults (worst case with kill grace): info 15 (17), build 110 (115), sparsebert info
-# 10 (12), GPU tests 100 (103), tuning 25 (28), kernel grid 90 (95), BERT 70 (75), packing ~2:
-# 447 s. The script refuses budgets whose worst case exceeds T_MAX (480 s).
+# 10 (12), GPU tests 120 (123), tuning 25 (28), kernel grid 80 (85), BERT 70 (75), packing ~2:
+# 457 s. The script refuses budgets whose worst case exceeds T_MAX (480 s).
 #   T_INFO T_BUILD T_SBINFO T_TESTS T_TUNE T_BENCH T_BERT   step budgets (T_TUNE=0 skips tuning)
 #   BENCH_ARGS   extra bench_kernels.py arguments (its own --budget-s is T_BENCH - 20)
 #   BERT_ARGS    bench_bert.py arguments (default: --levels 0.9 --block 32 64 --steps 5 --warmup 3)
 #   BUILD_CPU=1  also build the CPU kernels (slower; not needed for the GPU checks)
 GPU_SCRIPT=gpu_check
 source "$(dirname "$0")/gpu_env.sh" "${1:-gpu_out}"
-T_INFO=${T_INFO:-15} T_BUILD=${T_BUILD:-110} T_SBINFO=${T_SBINFO:-10} T_TESTS=${T_TESTS:-100}
-T_TUNE=${T_TUNE:-25} T_BENCH=${T_BENCH:-90} T_BERT=${T_BERT:-70} T_MAX=${T_MAX:-480}
+T_INFO=${T_INFO:-15} T_BUILD=${T_BUILD:-110} T_SBINFO=${T_SBINFO:-10} T_TESTS=${T_TESTS:-120}
+T_TUNE=${T_TUNE:-25} T_BENCH=${T_BENCH:-80} T_BERT=${T_BERT:-70} T_MAX=${T_MAX:-480}
 BERT_ARGS=${BERT_ARGS:---levels 0.9 --block 32 64 --steps 5 --warmup 3}
 # kill grace of each step's `timeout -k`, packing included
 worst=$(( T_INFO + 2 + T_BUILD + 5 + T_SBINFO + 2 + T_TESTS + 3 + T_BENCH + 5 + T_BERT + 5 + 2 ))

@@ -108,12 +108,12 @@ def make_problem(layout: BlockLayout, M: int, dtype, device="cpu", seed: int = 0
     """Random normal inputs (values scaled by 1/sqrt(K), so outputs are O(1) in every dtype)."""
     N, K = layout.shape
     bn, bk = layout.block
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g)
-    dy = torch.randn(M, N, generator=g)
-    values = torch.randn(layout.nnz, bn, bk, generator=g) / K ** 0.5
-    bias = torch.randn(N, generator=g)
-    return Problem(layout, *(t.to(device=device, dtype=dtype) for t in (x, dy, values, bias)), seed=seed)
+    g = torch.Generator(device=device).manual_seed(seed)   # drawn where they are used: no host copies
+    x = torch.randn(M, K, generator=g, device=device)
+    dy = torch.randn(M, N, generator=g, device=device)
+    values = torch.randn(layout.nnz, bn, bk, generator=g, device=device) / K ** 0.5
+    bias = torch.randn(N, generator=g, device=device)
+    return Problem(layout, *(t.to(dtype) for t in (x, dy, values, bias)), seed=seed)
 
 
 # ---- the rule ----------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_gpu_check_runs_every_step_within_its_budget(tmp_path):
     tests = [c.split()[-1] for c in calls if "pytest -m gpu" in c]
     assert tests == ["tests/test_backend_harness.py", "tests/test_cuda_bsr.py", "tests/test_other.py"]
     assert "benchmarks/tune_triton.py --budget-s" in joined
-    assert "benchmarks/bench_kernels.py --out" in joined and "--budget-s 70 --rep-ms 25" in joined
+    assert "benchmarks/bench_kernels.py --out" in joined and "--budget-s 60 --rep-ms 25" in joined
     assert "benchmarks/bench_bert.py --device cuda" in joined
     summary = (out / "summary.txt").read_text()
     for name in ("machine", "build sparsebert._C", "sparsebert info", "pytest -m gpu test_cuda_bsr",
