@@ -29,7 +29,6 @@ every code path without a GPU (``benchmarks/test_bench_kernels.py`` runs it in C
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
