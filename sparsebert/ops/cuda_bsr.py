@@ -12,7 +12,7 @@ layout index (:func:`sparsebert.layout.pack_index`)::
     grad_weight(x, dy, index, N, K, bn, bk)         -> dvalues [nnz, bn, bk]
 
 The backend functions (``forward``/``grad_input``/``grad_weight``) follow ``docs/CONTRACT.md``;
-``*_packed`` variants take the packed index directly (what the custom-op layer already holds).
+``*_packed`` forms take the packed index directly (what the custom-op layer already holds).
 ``sparsebert._C`` is imported lazily; when it cannot be used, :func:`unavailable_reason` says why.
 """
 from __future__ import annotations
