@@ -15,9 +15,10 @@ A **full** layout (every block kept, so no structural zero) skips the check: a d
 multiplies exactly the entries the structural one does. It also needs no scatter: its blocks are
 all there in row-major order, so the dense weight is one permuting copy of ``values``
 (``[R, C, bn, bk] -> [R, bn, C, bk]``), and the weight gradient one permuting copy back. On the
-MiniLM-size shapes (384x384 .. 1536x384, 32x32 blocks, one thread) that copy took 0.04-0.2 ms
-against 0.2-0.9 ms for the zero-fill + scatter + copy of a partial layout (``RESULTS.md``,
-issue #14, run G). The copy is made on every call and dropped: no dense weight outlives a call,
+MiniLM-size shapes (384x384 .. 1536x384, 32x32 blocks, one thread, weights in cache) that copy
+took 0.05-0.30 ms against 0.24-1.12 ms for the former zero-fill + 2-D scatter + copy
+(``RESULTS.md``, issue #14, run G); inside a model, with the weights coming from memory, it is
+still a visible share of a small GEMM (same section). The copy is made on every call and dropped: no dense weight outlives a call,
 so no update of ``values`` (fused optimizers, ``.data`` writes) can be served stale.
 
 Cost of the check, CPU (one thread, best of 15; ``benchmarks`` shapes, M = 2048 tokens): 0.4-1.6%
