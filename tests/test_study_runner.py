@@ -225,3 +225,20 @@ def test_a_control_whose_levels_are_not_studied_is_said(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         R.Study(p, tmp_path / "out", tmp_path / "cache", progress=False, log=logs.append).run()
     assert "control random: none of its levels (60%) is among the study's levels: not run" in logs
+
+
+def test_every_download_happens_before_the_workers_start(tmp_path, monkeypatch):
+    """Workers (and torchrun ranks) share one data cache: the main process fetches everything first
+    (a task's archive was once fetched by both workers at once, first needed in their fine-tuning)."""
+    from study_fixtures import make_fixture_cache
+    cache = make_fixture_cache(tmp_path / "cache", n_sentences=60, n_articles=6)
+    seen = {}
+
+    def stop(self, plan):
+        seen["tasks"] = sorted(self._tasks)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(R.Study, "_parallel", stop)
+    p = tiny_preset(workers=2, tasks=("polarity", "movie-score"))
+    with pytest.raises(KeyboardInterrupt):
+        R.Study(p, tmp_path / "out", cache, progress=False, log=lambda m: None).run()
+    assert seen["tasks"] == ["movie-score", "polarity"]

@@ -372,6 +372,16 @@ class Study:
             self._ids = special_ids(tok)
         return self._blk
 
+    def prepare(self) -> None:
+        """What must happen once, before encoder jobs run side by side (workers, torchrun ranks):
+        every download (start model, MLM text, each task's archive), the MLM head fit and the
+        block-size check. Jobs started after it only read the cache; two processes never fetch
+        or unpack the same archive."""
+        self.base_model()
+        self.check_blocks()
+        for t in self.p.tasks:
+            self.task_data(t)
+
     def check_blocks(self) -> None:
         """Every block size of mode block divides the model's pruned matrices (hidden and
         intermediate sizes); else a one-line ValueError before any pre-training starts."""
@@ -612,8 +622,7 @@ class Study:
                 return False, None
             return True, out
 
-        ok, _ = meet("fetching the data / fitting the MLM head",
-                     lambda: (self.base_model(), self.check_blocks()) if rank == 0 else None)
+        ok, _ = meet("fetching the data / fitting the MLM head", lambda: self.prepare() if rank == 0 else None)
         if not ok:
             return None
         plan = self.encoder_plan()
@@ -691,8 +700,7 @@ class Study:
         probing = self.probe_config() is not None
         total = len(plan) + sum(len(v) for v in fplans) + (len(plan) * len(p.tasks) if probing else 0)
         self._bar = tqdm(total=total, desc="study runs", disable=not self.progress, dynamic_ncols=True)
-        self.base_model()
-        self.check_blocks()
+        self.prepare()
         if parallel and p.workers > 1 and len(plan) > 1:
             self._parallel(plan)
         records: List[dict] = []
