@@ -332,7 +332,7 @@ void run_panels(const Kernels& kern, const float* in, int64_t ld_in, int64_t M,
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t j = j0; j < j1; ++j) {
           const int64_t e0 = gptr[j * (G + 1) + g], e1 = gptr[j * (G + 1) + g + 1];
-          if (g > 0 && e0 == e1) continue;  // nothing to add; g == 0 always writes (bias or 0)
+          if (g > 0 && e0 == e1) continue;  // nothing to add; g == 0 always writes (0, or the bias if last)
           const bool last = g == glast[j];
           const float* const* Bj = B.data() + e0;
           if (transpose_b && e1 > e0) {
@@ -340,8 +340,9 @@ void run_panels(const Kernels& kern, const float* in, int64_t ld_in, int64_t M,
             for (int64_t e = 0; e < e1 - e0; ++e) myB[e] = mine + e * bi * bo;
             Bj = myB;
           }
+          // the bias goes in once, after all the products (the last pass), as oneDNN adds it
           (last ? panel_last : panel)(in + t0 * ld_in, ld_in, rows, Bj, off.data() + e0,
-                                      e1 - e0, bi, bo, bias ? bias + j * bo : nullptr,
+                                      e1 - e0, bi, bo, bias && last ? bias + j * bo : nullptr,
                                       out + t0 * ld_out + j * bo, ld_out, g > 0, gelu && last,
                                       nt && last);
         }

@@ -21,7 +21,7 @@ void panel(const float* in, int64_t ld_in, int64_t M, const float* const* B,
   alignas(64) float acc[kMaxBo];
   for (int64_t m = 0; m < M; ++m) {
 #pragma omp simd
-    for (int64_t o = 0; o < bo; ++o) acc[o] = accumulate ? out[m * ld_out + o] : bias ? bias[o] : 0.f;
+    for (int64_t o = 0; o < bo; ++o) acc[o] = accumulate ? out[m * ld_out + o] : 0.f;
     for (int64_t e = 0; e < ne; ++e) {
       const float* __restrict a = in + m * ld_in + in_off[e];
       const float* __restrict b = B[e];
@@ -31,6 +31,8 @@ void panel(const float* in, int64_t ld_in, int64_t M, const float* const* B,
         for (int64_t o = 0; o < bo; ++o) acc[o] += s * b[k * bo + o];
       }
     }
+    if (bias)  // after the products (the last pass only), as the register-blocked kernels
+      for (int64_t o = 0; o < bo; ++o) acc[o] += bias[o];
     if (gelu)
       for (int64_t o = 0; o < bo; ++o) acc[o] = 0.5f * acc[o] * (1.0f + std::erf(acc[o] * 0.70710678118654752f));
     std::memcpy(out + m * ld_out, acc, sizeof(float) * bo);

@@ -15,8 +15,9 @@ struct Kernels {
                            int64_t, int64_t, int64_t, const float*, float*, int64_t, bool, bool, bool);
   // "Panel" product, shared by the forward and the input gradient:
   //   out[m, 0:bo] = bias[0:bo] + sum_e  in[m, in_off[e] : in_off[e] + bi] @ B[e]
-  // for m in [0, M); B[e] is a row-major [bi, bo] block; bias may be null (then 0).
-  // accumulate: start from the current `out` instead of the bias (K split into groups).
+  // for m in [0, M); B[e] is a row-major [bi, bo] block; bias may be null (then 0) and is added
+  // after the products. accumulate: start from the current `out` instead of 0 (K split into
+  // groups; the caller passes the bias to the last group only).
   // gelu: apply the exact GELU to the finished tile before storing it (forward epilogue; only
   // on the last accumulation pass). nt: store the finished tile with non-temporal stores (out
   // and ld_out aligned to the vector size; only on the last pass). bo must be a multiple of 16. Forward: in = x, B = W block

@@ -52,10 +52,18 @@ inline void stream_fence() {
 #endif
 }
 
-// ---- GELU epilogue (exact form, 0.5 x (1 + erf(x / sqrt 2))) ------------------------------
-// erf as PyTorch's own CPU kernel computes it (at::vec::Vectorized<float>::erf, Abramowitz &
-// Stegun 7.1.26, |error| < 1.5e-7), with a Cephes-style exp, so the fused forward agrees with
-// nn.GELU() on CPU to fp32 rounding.
+// ---- GELU epilogue (exact form, x Phi(x) = 0.5 x (1 + erf(x / sqrt 2))) ---------------------
+// PyTorch's fp32 GELU on CPU runs oneDNN's gelu_erf (6.2e-8 relative error on N(0, 1) inputs,
+// rounding alone is 2.5e-8). The Abramowitz & Stegun 7.1.26 erf used here before (|error| 1.5e-7,
+// as at::vec::Vectorized<float>::erf) cost 2.8x PyTorch's error on gelu(bias) alone. Now (own fit,
+// Lawson minimax in float64, 3.0e-8 on the same inputs, <= 1.3 ulp for x >= 0):
+//  * |x| <= sqrt 2: gelu = h + h * x P(x^2), h = x / 2; P of degree 6 fits erf(x / sqrt 2) / x
+//    to 1.2e-9 relative.
+//  * |x| >  sqrt 2: E = erfc(|x| / sqrt 2) = exp(-x^2 / 2 + R(|x|)), R of degree 9 in |x| - 3 sqrt 2
+//    fits log erfc(|x| / sqrt 2) + x^2 / 2 on [sqrt 2, 5 sqrt 2] to 1.1e-8 (clamped beyond, where
+//    E < 1e-12); gelu = x - h E for x > 0, h E for x < 0 (no cancellation in the negative tail).
+//  * |x| > 10: x or 0 (so +-inf give +inf and 0, not inf - inf).
+// No division (the old form had one per element).
 typedef int32_t ivec __attribute__((vector_size(SB_VW * sizeof(int32_t))));
 
 inline vec vexp(vec x) {  // for x <= 0 (here -z^2): clamped at -87.3, so 2^n stays normal
@@ -78,23 +86,62 @@ inline vec vexp(vec x) {  // for x <= 0 (here -z^2): clamped at -87.3, so 2^n st
 }
 
 inline vec vgelu(vec x) {
-  const vec z = x * 0.70710678118654752f;
-  const vec az = z < 0.0f ? -z : z;
-  const vec t = 1.0f / (az * 0.3275911f + 1.0f);
-  const vec r = ((((t * 1.061405429f - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t +
-                 0.254829592f) * t;
-  const vec e = 1.0f - r * vexp(-az * az);
-  return 0.5f * x * (1.0f + (z < 0.0f ? -e : e));
+  const vec ax = x < 0.0f ? -x : x;
+  const vec h = 0.5f * x;
+  const vec s = x * x;
+  vec p = vec{} + 8.677357073e-07f;
+  p = p * s - 1.770018571e-05f;
+  p = p * s + 2.292938298e-04f;
+  p = p * s - 2.373564057e-03f;
+  p = p * s + 1.994674839e-02f;
+  p = p * s - 1.329807192e-01f;
+  p = p * s + 7.978845835e-01f;
+  const vec small = h * (x * p) + h;
+  const vec u = (ax < 7.071067812f ? ax : vec{} + 7.071067812f) - 4.242640687f;
+  vec r = vec{} - 4.780088769e-09f;
+  r = r * u + 7.042984862e-08f;
+  r = r * u - 6.421403214e-07f;
+  r = r * u + 5.369264727e-06f;
+  r = r * u - 4.337858263e-05f;
+  r = r * u + 3.383603180e-04f;
+  r = r * u - 2.620585728e-03f;
+  r = r * u + 2.130286396e-02f;
+  r = r * u - 2.147862613e-01f;
+  r = r * u - 1.720363021e+00f;
+  const vec q = r - h * x;  // -x^2 / 2 + R, one rounding (FMA)
+  const vec he = h * vexp(q);  // vexp clamps q at -87.3
+  const vec big = x > 0.0f ? x - he : he;
+  const vec g = ax <= 1.414213562f ? small : big;
+  return ax > 10.0f ? (x > 0.0f ? x : vec{}) : g;
 }
 
 // ---- panel: out[m, :bo] = bias + sum_e in[m, off_e : off_e + bi] @ B_e --------------------
 // Register tile: T tokens x V vectors of accumulators, kept in registers over all entries e
 // and all bi; per k: V loads of B, T broadcasts of `in`, T*V FMAs.
+//
+// Accuracy (tests/backend_harness.py holds the kernel to 2x PyTorch's fp32 error):
+//  * the accumulators start from 0 (or the partial sum of an earlier input group) and the bias
+//    is added once, after the last product, as oneDNN's GEMM does. Starting them from the bias
+//    rounded every FMA at the bias's magnitude: 3.55x PyTorch's error on bias-dominated outputs.
+//  * a tile with few accumulators (small T * V: one token at M = 1, the token tail) sums the k of
+//    each block into S interleaved chains (k mod S), added pairwise at the end: a single chain
+//    of N FMAs cost 1.6-2.3x PyTorch's error at M = 1 (grad_input over N = 256), and it is also
+//    latency-bound (one dependent FMA per cycle pair instead of a full pipe).
+#ifndef SB_CHAINS
+#define SB_CHAINS 16  // accumulator vectors a tile should have at least (half the register file)
+#endif
+constexpr int chains_for(int tv) {
+  int s = 1;
+  while (s < 8 && 2 * s * tv <= SB_CHAINS) s *= 2;  // a power of 2 <= 8: divides bi (16 | bi)
+  return s;
+}
+
 template <int T, int V, int PF>
 void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int64_t* in_off,
                 int64_t ne, int64_t bi, int64_t bo, int64_t col0, const float* bias,
                 float* out, int64_t ld_out, bool accumulate, bool gelu, bool nt) {
-  vec acc[T][V];
+  constexpr int S = chains_for(T * V);
+  vec acc[S][T][V];
 #if SB_PREFETCH
   // PF & 2: request the next token tile's output lines for writing (rows ld_out apart: the
   // store misses then overlap this tile's FMAs instead of stalling the store buffer).
@@ -105,20 +152,13 @@ void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int
       for (int v = 0; v < (V * VW + 15) / 16; ++v)
         __builtin_prefetch(out + (T + i) * ld_out + col0 + 16 * v, 1, 3);
 #endif
-  if (accumulate) {
+#pragma GCC unroll 8
+  for (int c = 0; c < S; ++c)
 #pragma GCC unroll 16
     for (int i = 0; i < T; ++i)
 #pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) acc[i][v] = load(out + i * ld_out + col0 + v * VW);
-  } else {
-    vec init[V];
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) init[v] = bias ? load(bias + col0 + v * VW) : vec{};
-#pragma GCC unroll 16
-    for (int i = 0; i < T; ++i)
-#pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) acc[i][v] = init[v];
-  }
+      for (int v = 0; v < V; ++v)
+        acc[c][i][v] = (c == 0 && accumulate) ? load(out + i * ld_out + col0 + v * VW) : vec{};
   for (int64_t e = 0; e < ne; ++e) {
     const float* b = B[e] + col0;
     const float* a = in + in_off[e];
@@ -130,35 +170,55 @@ void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int
       for (int i = 0; i < T; ++i)
         for (int64_t k = 0; k < bi; k += 16) __builtin_prefetch(a + (T + i) * ld_in + k, 0, 3);
 #endif
-    for (int64_t k = 0; k < bi; ++k) {
-      vec w[V];
+    for (int64_t k0 = 0; k0 < bi; k0 += S) {
 #pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) w[v] = load(b + k * bo + v * VW);
+      for (int c = 0; c < S; ++c) {
+        const int64_t k = k0 + c;
+        vec w[V];
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) w[v] = load(b + k * bo + v * VW);
 #pragma GCC unroll 16
-      for (int i = 0; i < T; ++i) {
-        const float s = a[i * ld_in + k];
+        for (int i = 0; i < T; ++i) {
+          const float s = a[i * ld_in + k];
 #pragma GCC unroll 8
-        for (int v = 0; v < V; ++v) acc[i][v] += w[v] * s;
+          for (int v = 0; v < V; ++v) acc[c][i][v] += w[v] * s;
+        }
       }
+    }
+  }
+#pragma GCC unroll 8
+  for (int h = S / 2; h >= 1; h /= 2)  // pairwise: chain c += chain c + h
+#pragma GCC unroll 8
+    for (int c = 0; c < h; ++c)
+#pragma GCC unroll 16
+      for (int i = 0; i < T; ++i)
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) acc[c][i][v] += acc[c + h][i][v];
+  if (bias) {  // only on the last pass (run_panels passes no bias to the earlier ones)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      const vec bv = load(bias + col0 + v * VW);
+#pragma GCC unroll 16
+      for (int i = 0; i < T; ++i) acc[0][i][v] += bv;
     }
   }
   if (gelu) {
 #pragma GCC unroll 16
     for (int i = 0; i < T; ++i)
 #pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) acc[i][v] = vgelu(acc[i][v]);
+      for (int v = 0; v < V; ++v) acc[0][i][v] = vgelu(acc[0][i][v]);
   }
   if (nt) {
 #pragma GCC unroll 16
     for (int i = 0; i < T; ++i)
 #pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) stream(out + i * ld_out + col0 + v * VW, acc[i][v]);
+      for (int v = 0; v < V; ++v) stream(out + i * ld_out + col0 + v * VW, acc[0][i][v]);
     return;
   }
 #pragma GCC unroll 16
   for (int i = 0; i < T; ++i)
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) store(out + i * ld_out + col0 + v * VW, acc[i][v]);
+    for (int v = 0; v < V; ++v) store(out + i * ld_out + col0 + v * VW, acc[0][i][v]);
 }
 
 template <int T, int PF>
