@@ -346,10 +346,6 @@ void sdd(const float* dy, int64_t ld_dy, const float* x, int64_t ld_x, int64_t M
 #endif
 constexpr int DT = SB_DOT_T;
 constexpr int DU = VW / DT;
-// Chains of k vectors per accumulator: with 4-float vectors (generic) one chain per lane ran
-// K / 4 FMAs long, up to 1.9x PyTorch's fp32 error at M = 1 (K = 384); two halve the chain (8 of
-// 16 xmm registers). Wider vectors are short enough and have no registers to spare.
-constexpr int DS = VW <= 4 ? 2 : 1;  // bk / VW is a multiple of 4 here, so of DS
 
 // c[j] = a[j] + a[j + H] where (j & H) == 0, b[j - H] + b[j] elsewhere: a and b folded by H,
 // side by side (two-input shuffles: vpermt2ps on AVX-512). The same masks as transpose_stage.
@@ -410,36 +406,26 @@ void dot_bk(const float* x, int64_t ld_x, int64_t M, const float* w, const int64
       const float* xr[DT];  // past the last token: repeat it (computed, not stored)
 #pragma GCC unroll 16
       for (int t = 0; t < DT; ++t) xr[t] = x + (m + (t < rows ? t : rows - 1)) * ld_x;
-      vec acc[DS][VW];  // acc[c][t * DU + u], chain c: the k vectors k / VW = c mod DS
-#pragma GCC unroll 4
-      for (int c = 0; c < DS; ++c)
+      vec acc[VW];  // acc[t * DU + u]
 #pragma GCC unroll 16
-        for (int i = 0; i < VW; ++i) acc[c][i] = vec{};
+      for (int i = 0; i < VW; ++i) acc[i] = vec{};
       for (int64_t e = 0; e < ne; ++e) {
         const int64_t o = x_off[e];
         const float* we = wn + e * stride;
 #pragma GCC unroll 4
-        for (int64_t k0 = 0; k0 < bk; k0 += DS * VW) {
-#pragma GCC unroll 4
-          for (int c = 0; c < DS; ++c) {
-            const int64_t k = k0 + c * VW;
-            vec xv[DT];
+        for (int64_t k = 0; k < bk; k += VW) {
+          vec xv[DT];
 #pragma GCC unroll 16
-            for (int t = 0; t < DT; ++t) xv[t] = load(xr[t] + o + k);
+          for (int t = 0; t < DT; ++t) xv[t] = load(xr[t] + o + k);
 #pragma GCC unroll 16
-            for (int u = 0; u < DU; ++u) {
-              const vec wv = load(we + u * bk + k);
+          for (int u = 0; u < DU; ++u) {
+            const vec wv = load(we + u * bk + k);
 #pragma GCC unroll 16
-              for (int t = 0; t < DT; ++t) acc[c][t * DU + u] += xv[t] * wv;
-            }
+            for (int t = 0; t < DT; ++t) acc[t * DU + u] += xv[t] * wv;
           }
         }
       }
-#pragma GCC unroll 16
-      for (int c = 1; c < DS; ++c)
-#pragma GCC unroll 16
-        for (int i = 0; i < VW; ++i) acc[0][i] += acc[c][i];
-      vec r = reduce_lanes(acc[0]) + b;
+      vec r = reduce_lanes(acc) + b;
       if (gelu) r = vgelu(r);
       float lanes[VW];
       store(lanes, r);
