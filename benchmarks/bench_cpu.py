@@ -164,12 +164,14 @@ def with_baseline(fn: Callable[[], object]) -> Callable[[], object]:
     ops = getattr(torch.ops, BASELINE_NS)
 
     def run():
-        saved = cpu_bsr._require
-        cpu_bsr._require = lambda: ops
+        # forward() keeps the op it resolved in _fwd_op: swap that too, or the "baseline" forward
+        # would silently run the current build after the first call
+        saved = cpu_bsr._require, cpu_bsr._fwd_op
+        cpu_bsr._require, cpu_bsr._fwd_op = (lambda: ops), ops.forward.default
         try:
             return fn()
         finally:
-            cpu_bsr._require = saved
+            cpu_bsr._require, cpu_bsr._fwd_op = saved
     return run
 
 

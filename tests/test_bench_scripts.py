@@ -144,3 +144,26 @@ def test_gpu_check_cuts_a_step_at_its_limit_and_refuses_budgets_over_8_minutes(t
     assert any("bench_bert.py" in c for c in calls), "the steps after a cut step still run"
     r, calls, _ = _run_gpu_check(tmp_path / "b", T_BENCH="400")
     assert r.returncode == 2 and "T_MAX=480" in r.stdout and calls == []
+
+
+def test_with_baseline_runs_the_baseline_forward_after_the_first_call(monkeypatch):
+    """bench_cpu.with_baseline swaps the cpu backend's ops for the baseline build's; forward()
+    keeps the op it resolved, so the swap must cover that too (it once timed the current build
+    as the "baseline" from the second call on)."""
+    import types
+    import torch
+    import bench_cpu
+    from sparsebert.layout import BlockLayout
+    from sparsebert.ops import cpu_bsr
+    if cpu_bsr.unavailable_reason() is not None:
+        pytest.skip(cpu_bsr.unavailable_reason())
+    calls = []
+    fake = types.SimpleNamespace(forward=types.SimpleNamespace(default=lambda *a: calls.append(a) or "baseline"))
+    monkeypatch.setattr(torch.ops, bench_cpu.BASELINE_NS, fake, raising=False)
+    lt = BlockLayout.from_mask(torch.ones(2, 2, dtype=torch.bool), (16, 16), (32, 32)).tensors("cpu")
+    x, v = torch.randn(3, 32), torch.randn(4, 16, 16)
+    current = lambda: cpu_bsr.forward(x, v, None, lt)
+    assert torch.is_tensor(current())                      # resolves the current build's op first
+    base = bench_cpu.with_baseline(current)
+    assert base() == "baseline" and base() == "baseline" and len(calls) == 2
+    assert torch.is_tensor(current())                      # and the current one is back afterwards
