@@ -71,6 +71,17 @@ def is_main() -> bool:
     return _CTX.rank == 0
 
 
+DATA_TURNS = 3
+
+
+def data_turn(ctx: Optional[Context] = None) -> int:
+    """When this rank may fill a data cache, for ``DATA_TURNS`` turns separated by barriers:
+    0 global rank 0 (fetches and unpacks first); 1 the first rank of every other node (a node
+    with a cache of its own fills it once, not once per rank); 2 every other rank (it only reads)."""
+    ctx = ctx or _CTX
+    return 0 if ctx.rank == 0 else 1 if ctx.local_rank == 0 else 2
+
+
 def print0(*args, **kwargs) -> None:
     """``print`` on rank 0 only."""
     if is_main():

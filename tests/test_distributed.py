@@ -437,3 +437,13 @@ def test_nccl_on_one_gpu(tmp_path):
     assert rep["backend"] == "nccl" and rep["device"] == "cuda:0" and rep["device_ids"] == [0]
     assert rep["density"] == pytest.approx(0.5) and rep["values_device"] == "cuda:0"
     assert rep["exp_avg"] == rep["values"] and rep["mean"] == 3.0 and rep["checked"] > 0
+
+
+def test_data_turns_put_each_nodes_first_rank_before_its_other_ranks():
+    """rank 0 fills the cache first; on every other node its LOCAL_RANK 0 fills that node's cache
+    once before the node's other ranks read it (they used to unpack into one folder at once)."""
+    from sparsebert import distributed as D
+    turns = {(r, lr): D.data_turn(D.Context(rank=r, world=8, local_rank=lr)) for r, lr in
+             [(0, 0), (1, 1), (3, 3), (4, 0), (5, 1), (7, 3)]}
+    assert turns == {(0, 0): 0, (1, 1): 2, (3, 3): 2, (4, 0): 1, (5, 1): 2, (7, 3): 2}
+    assert set(turns.values()) <= set(range(D.DATA_TURNS))

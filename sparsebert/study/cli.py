@@ -233,8 +233,8 @@ def _pretrain_run(args, out, dev, ctx) -> int:
 
     cache = DataCache(args.cache_dir)
     failed = None
-    for turn in ("main", "others"):    # rank 0 first (it may build the scratch vocabulary), then the rest
-        if (turn == "main") == ctx.main:
+    for turn in range(D.DATA_TURNS):    # rank 0 first (it may build the scratch vocabulary), then each node's first
+        if turn == D.data_turn(ctx):
             try:
                 train_docs, dev_docs = load_mlm_text(cache, extra_text=args.extra_text)
                 # --from-scratch: MiniLM's tokenizer if its archive is already here, else a word vocabulary
@@ -316,8 +316,8 @@ def _finetune_run(args, ckpt, enc_dir, ctx) -> int:
         _set_dropout(enc, args.dropout)
     from .. import distributed as D
     failed = None
-    for turn in ("main", "others"):    # rank 0 first (it may unpack the archives), then the rest
-        if (turn == "main") == ctx.main:
+    for turn in range(D.DATA_TURNS):    # rank 0 first (it may unpack the archives), then each node's first
+        if turn == D.data_turn(ctx):
             try:
                 data = load_task(args.task, DataCache(args.cache_dir)).subset(args.max_train, args.max_dev)
             except DataUnavailable as e:
