@@ -66,7 +66,7 @@ inline void stream_fence() {
 // No division (the old form had one per element).
 typedef int32_t ivec __attribute__((vector_size(SB_VW * sizeof(int32_t))));
 
-inline vec vexp(vec x) {  // for x <= 0 (here -z^2): clamped at -87.3, so 2^n stays normal
+__attribute__((always_inline)) inline vec vexp(vec x) {  // for x <= 0 (here -z^2): clamped at -87.3, so 2^n stays normal
   x = x < -87.3f ? vec{} - 87.3f : x;
   const vec fx = x * 1.44269504088896341f + 0.5f;
   vec n = __builtin_convertvector(__builtin_convertvector(fx, ivec), vec);
@@ -85,7 +85,9 @@ inline vec vexp(vec x) {  // for x <= 0 (here -z^2): clamped at -87.3, so 2^n st
   return y * scale;
 }
 
-inline vec vgelu(vec x) {
+// Always inlined: a call clobbers every vector register (all caller-saved), the panel tile's
+// 16 accumulators included.
+__attribute__((always_inline)) inline vec vgelu(vec x) {
   const vec ax = x < 0.0f ? -x : x;
   const vec h = 0.5f * x;
   const vec s = x * x;
@@ -113,6 +115,33 @@ inline vec vgelu(vec x) {
   const vec big = x > 0.0f ? x - he : he;
   const vec g = ax <= 1.414213562f ? small : big;
   return ax > 10.0f ? (x > 0.0f ? x : vec{}) : g;
+}
+
+// GELU in place over a finished [M, n] output block (n a multiple of VW), 4 independent vectors
+// per step. vgelu is one dependent chain of ~30 FMAs; dot and tpanel finish one vector at a
+// time, and applying it there ran those chains back to back (latency-bound: ~3x the cost per
+// element of the panel tile's epilogue, whose 16 accumulators give the chains to interleave).
+// The block is still in L1/L2; the result is bitwise the same.
+inline void gelu_block(float* out, int64_t ld_out, int64_t M, int64_t n) {
+  const int64_t nv = n / VW, total = M * nv;
+  int64_t q = 0;
+  for (; q + 4 <= total; q += 4) {
+    float* p[4];
+    vec v[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      p[i] = out + (q + i) / nv * ld_out + (q + i) % nv * VW;
+      v[i] = load(p[i]);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) v[i] = vgelu(v[i]);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) store(p[i], v[i]);
+  }
+  for (; q < total; ++q) {
+    float* p = out + q / nv * ld_out + q % nv * VW;
+    store(p, vgelu(load(p)));
+  }
 }
 
 // ---- panel: out[m, :bo] = bias + sum_e in[m, off_e : off_e + bi] @ B_e --------------------
@@ -392,7 +421,7 @@ inline vec reduce_lanes(const vec* acc) {
 template <int BK>
 void dot_bk(const float* x, int64_t ld_x, int64_t M, const float* w, const int64_t* x_off,
             int64_t ne, int64_t bn, int64_t bk_rt, const float* bias, float* out,
-            int64_t ld_out, bool gelu) {
+            int64_t ld_out) {
   const int64_t bk = BK > 0 ? BK : bk_rt;
   const int64_t stride = bn * bk;  // between the kept blocks of the row
   for (int64_t n0 = 0; n0 < bn; n0 += DU) {  // bn is a multiple of 16, hence of DU
@@ -425,8 +454,7 @@ void dot_bk(const float* x, int64_t ld_x, int64_t M, const float* w, const int64
           }
         }
       }
-      vec r = reduce_lanes(acc) + b;
-      if (gelu) r = vgelu(r);
+      const vec r = reduce_lanes(acc) + b;
       float lanes[VW];
       store(lanes, r);
       for (int t = 0; t < rows; ++t)
@@ -439,11 +467,12 @@ void dot(const float* x, int64_t ld_x, int64_t M, const float* w, const int64_t*
          int64_t ne, int64_t bn, int64_t bk, const float* bias, float* out, int64_t ld_out,
          bool gelu) {
   switch (bk) {
-    case 16: return dot_bk<16>(x, ld_x, M, w, x_off, ne, bn, bk, bias, out, ld_out, gelu);
-    case 32: return dot_bk<32>(x, ld_x, M, w, x_off, ne, bn, bk, bias, out, ld_out, gelu);
-    case 64: return dot_bk<64>(x, ld_x, M, w, x_off, ne, bn, bk, bias, out, ld_out, gelu);
-    default: return dot_bk<0>(x, ld_x, M, w, x_off, ne, bn, bk, bias, out, ld_out, gelu);
+    case 16: dot_bk<16>(x, ld_x, M, w, x_off, ne, bn, bk, bias, out, ld_out); break;
+    case 32: dot_bk<32>(x, ld_x, M, w, x_off, ne, bn, bk, bias, out, ld_out); break;
+    case 64: dot_bk<64>(x, ld_x, M, w, x_off, ne, bn, bk, bias, out, ld_out); break;
+    default: dot_bk<0>(x, ld_x, M, w, x_off, ne, bn, bk, bias, out, ld_out);
   }
+  if (gelu) gelu_block(out, ld_out, M, bn);
 }
 
 // ---- transpose: dst block [bk, bn] = src block [bn, bk]^T, for n_blocks consecutive blocks ----
@@ -523,7 +552,7 @@ void transpose_rows(const float* src, int64_t rows, int64_t cols, int64_t ld_src
 template <int BK>
 void tpanel_bk(const float* xt, int64_t ld_xt, int64_t M, const float* w, const int64_t* xt_off,
                int64_t ne, int64_t bn, int64_t bk_rt, const float* bias, float* out,
-               int64_t ld_out, bool gelu) {
+               int64_t ld_out) {
   const int64_t bk = BK > 0 ? BK : bk_rt;
   const int64_t stride = bn * bk;
   for (int64_t n0 = 0; n0 < bn; n0 += VW) {  // bn is a multiple of 16, hence of VW
@@ -548,11 +577,7 @@ void tpanel_bk(const float* xt, int64_t ld_xt, int64_t M, const float* w, const 
       transpose_stage<2>(acc);
       transpose_stage<1>(acc);
       const int64_t rows = M - m0 < VW ? M - m0 : VW;
-      for (int64_t j = 0; j < rows; ++j) {
-        vec r = acc[j] + b;
-        if (gelu) r = vgelu(r);
-        store(out + (m0 + j) * ld_out + n0, r);
-      }
+      for (int64_t j = 0; j < rows; ++j) store(out + (m0 + j) * ld_out + n0, acc[j] + b);
     }
   }
 }
@@ -561,11 +586,12 @@ void tpanel(const float* xt, int64_t ld_xt, int64_t M, const float* w, const int
             int64_t ne, int64_t bn, int64_t bk, const float* bias, float* out, int64_t ld_out,
             bool gelu) {
   switch (bk) {
-    case 16: return tpanel_bk<16>(xt, ld_xt, M, w, xt_off, ne, bn, bk, bias, out, ld_out, gelu);
-    case 32: return tpanel_bk<32>(xt, ld_xt, M, w, xt_off, ne, bn, bk, bias, out, ld_out, gelu);
-    case 64: return tpanel_bk<64>(xt, ld_xt, M, w, xt_off, ne, bn, bk, bias, out, ld_out, gelu);
-    default: return tpanel_bk<0>(xt, ld_xt, M, w, xt_off, ne, bn, bk, bias, out, ld_out, gelu);
+    case 16: tpanel_bk<16>(xt, ld_xt, M, w, xt_off, ne, bn, bk, bias, out, ld_out); break;
+    case 32: tpanel_bk<32>(xt, ld_xt, M, w, xt_off, ne, bn, bk, bias, out, ld_out); break;
+    case 64: tpanel_bk<64>(xt, ld_xt, M, w, xt_off, ne, bn, bk, bias, out, ld_out); break;
+    default: tpanel_bk<0>(xt, ld_xt, M, w, xt_off, ne, bn, bk, bias, out, ld_out);
   }
+  if (gelu) gelu_block(out, ld_out, M, bn);
 }
 
 }  // namespace
