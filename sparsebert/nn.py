@@ -268,11 +268,13 @@ class _MaskedMixin:
         optimizer, at its next step: :func:`sync_optimizer_state`) to exactly zero, in place.
         They then stay zero: the forward masks, so their gradient is zero. ``masked_fill``, not a
         product: pruned means exactly zero, also where the weight was inf or nan."""
-        pruned = ~self.mask
-        self.weight.masked_fill_(pruned, 0.0)
-        grad = self.weight.grad
-        if grad is not None and not grad.is_sparse:
-            grad.masked_fill_(pruned, 0.0)
+        for t in (self.weight, self.weight.grad):
+            if t is None or t.is_sparse:
+                continue
+            if t.device.type == "cpu" and t.dtype in _SAME_SIZE_INT:
+                t.view(_SAME_SIZE_INT[t.dtype]).mul_(self.mask)   # == masked_fill_(~mask, 0), 5x faster
+            else:
+                t.masked_fill_(~self.mask, 0.0)
 
     @torch.no_grad()
     def set_mask(self, mask) -> None:
@@ -293,9 +295,51 @@ class _MaskedMixin:
         return float(self.mask.float().mean())
 
     def masked_weight(self) -> torch.Tensor:
-        # where, not weight * mask: the product first widens the bool mask to the weight's dtype
-        # (a second full-size pass; 20% slower on a 30522 x 384 table, measured).
+        # Never weight * float(mask): a nan/inf pruned weight would reach the output (nan * 0).
+        if (self.weight.device.type == "cpu" and self.weight.dtype in _SAME_SIZE_INT
+                and not torch.compiler.is_compiling() and not _exporting()):
+            return _MaskApply.apply(self.weight, self.mask)
         return torch.where(self.mask, self.weight, 0.0)
+
+
+# Float dtype -> the integer dtype of its size: a masked tensor is its bits times the mask.
+_SAME_SIZE_INT = {torch.float32: torch.int32, torch.float64: torch.int64,
+                  torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _mask_bits(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``torch.where(mask, t, 0.0)``, bit for bit (kept entries unchanged, nan/inf included;
+    pruned ones +0.0), as an integer product of t's bits with the mask: branch-free, so on CPU
+    5-7x faster than where/masked_fill on a random mask (1536 x 384 fp32, 1 thread)."""
+    return (t.view(_SAME_SIZE_INT[t.dtype]) * mask).view(t.dtype)
+
+
+class _MaskApply(torch.autograd.Function):
+    """``where(mask, weight, 0)`` with the same gradient ``where(mask, grad, 0)``; recomputed from
+    the live weight and mask on every call (nothing cached: optimizer and ``.data`` writes are
+    seen). The backward applies itself, so double backward works."""
+
+    generate_vmap_rule = True     # torch.func transforms (vmap, jvp, grad) work as with where
+
+    @staticmethod
+    def forward(weight, mask):
+        return _mask_bits(weight, mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+        ctx.jvp_mask = inputs[1]   # forward-mode AD has no saved_tensors
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        if grad.dtype not in _SAME_SIZE_INT or grad.device.type != "cpu":
+            return torch.where(mask, grad, 0.0), None
+        return _MaskApply.apply(grad, mask), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        return torch.where(ctx.jvp_mask, tangent, 0.0)
 
 
 class MaskedLinear(nn.Linear, _MaskedMixin):

@@ -232,3 +232,66 @@ def test_set_layout_keeps_the_parameter_and_its_flags_and_gathers_grad():
     assert not frozen.values.requires_grad and frozen.values.shape[0] == 4
     with pytest.raises(ValueError, match="only shrink"):
         frozen.set_layout(BlockLayout.dense((64, 64), 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_masked_weight_is_where_bit_for_bit_with_its_gradients(dtype):
+    """masked_weight (an integer product of the weight's bits with the mask on CPU) equals
+    torch.where(mask, w, 0) bit for bit, nan/inf/-0.0 included, and so do its gradients (first,
+    second, forward-mode); a .data write to the weight is seen at the next call."""
+    from sparsebert.nn import MaskedLinear
+    g = torch.Generator().manual_seed(0)
+    lin = MaskedLinear(16, 8, mask=torch.rand(8, 16, generator=g) > 0.5).to(dtype)
+    w = lin.weight
+    with torch.no_grad():
+        w.copy_(torch.randn(8, 16, generator=g).to(dtype))
+        w[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+    lin.mask[0, :4] = torch.tensor([True, False, True, False])
+    lin.mask[1, :4] = torch.tensor([False, True, False, True])
+    with torch.no_grad():
+        w[1, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+
+    def bits(t):
+        return t.detach().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+    got, ref = lin.masked_weight(), torch.where(lin.mask, w, 0.0)
+    assert torch.equal(bits(got), bits(ref))
+    up = torch.randn(8, 16, generator=g).to(dtype)
+    up[2, :3] = float("nan")
+    (gw,) = torch.autograd.grad(got, w, up, create_graph=True)
+    (rw,) = torch.autograd.grad(ref, w, up, create_graph=True)
+    assert torch.equal(bits(gw), bits(rw))
+    if dtype == torch.float64:
+        with torch.no_grad():
+            w.nan_to_num_(0.0, 0.0, 0.0)          # finite differences need finite weights
+        torch.autograd.gradcheck(lambda t: lin.masked_weight() * t, torch.randn(8, 16, dtype=dtype, requires_grad=True))
+        from sparsebert.nn import _MaskApply
+        tan = torch.randn(8, 16, dtype=dtype, generator=g)
+        _, jt = torch.func.jvp(lambda t: _MaskApply.apply(t, lin.mask), (w.detach(),), (tan,))
+        assert torch.equal(jt, torch.where(lin.mask, tan, 0.0))
+        x = torch.randn(3, 16, dtype=dtype, requires_grad=True)
+        torch.autograd.gradgradcheck(lambda x, t: F.linear(x, lin.masked_weight() * t),
+                                     (x, torch.randn(8, 16, dtype=dtype, requires_grad=True)))
+    lin.mask[3, 5] = True
+    w.data[3, 5] = 7.0
+    assert float(lin.masked_weight().detach()[3, 5]) == 7.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_mask_zeroes_weight_and_grad_like_masked_fill(dtype):
+    """apply_mask_ (in place, an integer product of the bits on CPU) gives exactly
+    masked_fill_(~mask, 0): kept bits untouched (nan, inf, -0.0), pruned +0.0 (nan included)."""
+    g = torch.Generator().manual_seed(1)
+    lin = MaskedLinear(16, 8).to(dtype)
+    mask = torch.rand(8, 16, generator=g) > 0.5
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(8, 16, generator=g).to(dtype))
+        lin.weight[:2, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+    lin.weight.grad = torch.randn(8, 16, generator=g).to(dtype)
+    lin.weight.grad[2, :3] = float("nan")
+    want_w = lin.weight.detach().clone().masked_fill_(~mask, 0.0)
+    want_g = lin.weight.grad.clone().masked_fill_(~mask, 0.0)
+    lin.set_mask(mask)
+    ib = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype]
+    assert torch.equal(lin.weight.detach().view(ib), want_w.view(ib))
+    assert torch.equal(lin.weight.grad.view(ib), want_g.view(ib))
