@@ -8,20 +8,13 @@ import pytest
 
 from sparsebert.study import data as D
 from sparsebert.study import runner as R
-from study_fixtures import make_fixture_cache
+from study_fixtures import make_fixture_cache, tiny_study_preset
 from sparsebert.study.report import markdown_table, write_report
 
 
 def tiny_preset(**kw):
-    p = R.Preset(name="test", description="test", levels=(0.0, 0.5), modes=("unstructured", "block"),
-                 tasks=("polarity", "movie-score"), model="scratch",
-                 scratch=dict(hidden=64, layers=2, heads=2, intermediate=128, max_position=64),
-                 seq_len=16, mlm_train_blocks=40, mlm_dev_blocks=4,
-                 head=dict(blocks=40, max_steps=3, batch_size=64, eval_every=1),
-                 pretrain=dict(steps=6, batch_size=8, prune_every=1, ramp_fraction=0.5, backend="reference"),
-                 finetune=dict(epochs=1, max_steps=3, batch_size=8, max_len=16),
-                 lrs=(1e-3,), max_train=24, max_dev=12, demo=True)
-    return replace(p, **kw)
+    """The fixtures' tiny study with a second task (movie-score) unless ``kw`` says otherwise."""
+    return tiny_study_preset(**{"tasks": ("polarity", "movie-score"), **kw})
 
 
 @pytest.fixture
@@ -230,7 +223,7 @@ def test_a_control_whose_levels_are_not_studied_is_said(tmp_path, monkeypatch):
 def test_every_download_happens_before_the_workers_start(tmp_path, monkeypatch):
     """Workers (and torchrun ranks) share one data cache: the main process fetches everything first
     (a task's archive was once fetched by both workers at once, first needed in their fine-tuning)."""
-    from study_fixtures import make_fixture_cache
+    from study_fixtures import make_fixture_cache, tiny_study_preset
     cache = make_fixture_cache(tmp_path / "cache", n_sentences=60, n_articles=6)
     seen = {}
 
