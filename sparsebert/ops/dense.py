@@ -18,8 +18,9 @@ all there in row-major order, so the dense weight is one permuting copy of ``val
 MiniLM-size shapes (384x384 .. 1536x384, 32x32 blocks, one thread, weights in cache) that copy
 took 0.05-0.30 ms against 0.24-1.12 ms for the former zero-fill + 2-D scatter + copy
 (``RESULTS.md``, issue #14, run G); inside a model, with the weights coming from memory, it is
-still a visible share of a small GEMM (same section). The copy is made on every call and dropped: no dense weight outlives a call,
-so no update of ``values`` (fused optimizers, ``.data`` writes) can be served stale.
+still a visible share of a small GEMM (same section). The copy is made on every call and dropped:
+no dense weight outlives a call, so no update of ``values`` (fused optimizers, ``.data`` writes)
+can be served stale.
 
 Cost of the check, CPU (one thread, best of 15; ``benchmarks`` shapes, M = 2048 tokens): 0.4-1.6%
 of the fp32 GEMM, 2-7% of the (faster) bf16 GEMM. On CUDA it is one host sync per call (the
@@ -47,6 +48,11 @@ def is_full(lt: LayoutTensors) -> bool:
     return lt.nnz == lt.n_row_blocks * lt.n_col_blocks
 
 
+def _flat_block_index(lt: LayoutTensors) -> torch.Tensor:
+    """Each kept block's position ``r * C + c`` in the row-major grid of all blocks."""
+    return lt.row_idx.long() * lt.n_col_blocks + lt.col_idx.long()
+
+
 def densify_values(values, lt: LayoutTensors):
     """The dense ``[N, K]`` weight (zeros in pruned blocks), a new tensor on every call."""
     R, C = lt.n_row_blocks, lt.n_col_blocks
@@ -56,7 +62,7 @@ def densify_values(values, lt: LayoutTensors):
         # one flat index per kept block: a 1-D index_copy_ is several times cheaper than the
         # 2-D advanced-index assignment
         src = values.new_zeros(R * C, lt.bn, lt.bk)
-        src.index_copy_(0, lt.row_idx.long() * C + lt.col_idx.long(), values)
+        src.index_copy_(0, _flat_block_index(lt), values)
     return src.view(R, C, lt.bn, lt.bk).transpose(1, 2).reshape(lt.N, lt.K)
 
 
@@ -86,4 +92,4 @@ def grad_weight(x, dy, lt: LayoutTensors):
     dw = (dy.t() @ x).reshape(lt.n_row_blocks, lt.bn, lt.n_col_blocks, lt.bk).transpose(1, 2)
     if is_full(lt):
         return dw.reshape(lt.nnz, lt.bn, lt.bk)      # all blocks, row-major: one copy
-    return dw.reshape(-1, lt.bn, lt.bk).index_select(0, lt.row_idx.long() * lt.n_col_blocks + lt.col_idx.long())
+    return dw.reshape(-1, lt.bn, lt.bk).index_select(0, _flat_block_index(lt))
