@@ -147,10 +147,9 @@ def sync_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             ref = _masked.get(p)
             layer = ref() if ref is not None else None
             if layer is not None and layer.weight is p:
-                pruned = ~layer.mask
                 for v in state.values():
                     if torch.is_tensor(v) and v.shape == p.shape:
-                        v.masked_fill_(pruned.to(v.device), 0)
+                        _zero_pruned_(v, layer.mask.to(v.device))
     _synced[optimizer] = _generation[0]
 
 
@@ -269,12 +268,8 @@ class _MaskedMixin:
         They then stay zero: the forward masks, so their gradient is zero. ``masked_fill``, not a
         product: pruned means exactly zero, also where the weight was inf or nan."""
         for t in (self.weight, self.weight.grad):
-            if t is None or t.is_sparse:
-                continue
-            if t.device.type == "cpu" and t.dtype in _SAME_SIZE_INT:
-                t.view(_SAME_SIZE_INT[t.dtype]).mul_(self.mask)   # == masked_fill_(~mask, 0), 5x faster
-            else:
-                t.masked_fill_(~self.mask, 0.0)
+            if t is not None and not t.is_sparse:
+                _zero_pruned_(t, self.mask)
 
     @torch.no_grad()
     def set_mask(self, mask) -> None:
@@ -312,6 +307,15 @@ def _mask_bits(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     pruned ones +0.0), as an integer product of t's bits with the mask: branch-free, so on CPU
     5-7x faster than where/masked_fill on a random mask (1536 x 384 fp32, 1 thread)."""
     return (t.view(_SAME_SIZE_INT[t.dtype]) * mask).view(t.dtype)
+
+
+def _zero_pruned_(t: torch.Tensor, mask: torch.Tensor) -> None:
+    """``t.masked_fill_(~mask, 0)``, bit for bit, in place; on CPU float tensors as the integer
+    product of t's bits with the mask (branch-free, ~5x faster on a random mask)."""
+    if t.device.type == "cpu" and t.dtype in _SAME_SIZE_INT:
+        t.view(_SAME_SIZE_INT[t.dtype]).mul_(mask)
+    else:
+        t.masked_fill_(~mask, 0)
 
 
 class _MaskApply(torch.autograd.Function):
