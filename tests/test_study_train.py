@@ -179,3 +179,47 @@ def test_optimized_training_keeps_the_losses_and_saves_a_plain_model(tok, mode, 
     assert all(a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(p0, p1))
     assert [l for _, l in f1["loss_curve"]] == pytest.approx([l for _, l in f0["loss_curve"]], rel=1e-4, abs=1e-4)
     assert f1["dev_score"] == f0["dev_score"]
+
+
+def test_mean_pooling_reads_only_real_tokens(tok):
+    from sparsebert.study.finetune import SequenceModel
+    torch.manual_seed(0)
+    model = SequenceModel(tiny(tok).bert, 2, dropout=0.0, pooling="mean").eval()
+    ids = blocks(tok, 2, 10)
+    att = torch.ones_like(ids)
+    att[1, 6:] = 0                                # the second sequence is 6 tokens + 4 pads
+    padded = ids.clone()
+    padded[1, 6:] = tok.pad_token_id
+    with torch.no_grad():
+        out = model(padded, att)
+        alone = model(ids[1:, :6], att[1:, :6])   # the same 6 tokens without padding
+        h = model.bert(input_ids=padded, attention_mask=att).last_hidden_state
+        by_hand = model.classifier(h[0].mean(0))
+    torch.testing.assert_close(out[1], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0], by_hand, atol=1e-6, rtol=1e-6)
+    cls = SequenceModel(model.bert, 2, dropout=0.0, pooling="cls").eval()
+    cls.classifier.load_state_dict(model.classifier.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(cls(padded, att), out)   # cls reads the pooler, not the mean
+
+
+def test_pooling_is_validated_and_mean_pooled_finetuning_learns(tok):
+    with pytest.raises(ValueError, match="pooling"):
+        FinetuneConfig(pooling="max")
+    enc = tiny(tok).bert
+    res = finetune(enc, FinetuneConfig(lr=1e-3, epochs=6, batch_size=8, max_len=16, pooling="mean"), task(), tok,
+                   torch.device("cpu"), progress=False)
+    assert res["dev_score"] > 80.0 and res["train_loss"] < 0.65   # chance: 50, ln 2 = 0.693
+
+
+def test_keep_freed_memory_sets_glibc_thresholds_in_a_subprocess():
+    # mallopt changes the whole process: try it in a fresh one. On glibc every mallopt call must
+    # be accepted (a refused one returns False).
+    import platform
+    import subprocess
+    import sys
+    code = "from sparsebert.study.training import keep_freed_memory as k; print(k(), k())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    expect = "True True" if platform.libc_ver()[0] == "glibc" else "False False"
+    assert out.stdout.split()[-2:] == expect.split()

@@ -84,7 +84,7 @@ def _common(s):
 
 def _cmd_study(args) -> int:
     require_device(args.device)
-    from .pretrain import configure_threads
+    from .training import configure_threads, keep_freed_memory
     from .data import TASKS, DataUnavailable
     from .runner import PRESETS, Study
 
@@ -125,6 +125,7 @@ def _cmd_study(args) -> int:
         return run_study_ranks(replace(p, workers=1), out, args.cache_dir, args.device, args.threads,
                                progress=not args.no_progress)
     threads = configure_threads(args.threads)
+    keep_freed_memory()
     print(f"torch CPU threads: {threads}")
     try:
         Study(p, out, args.cache_dir, device=args.device, progress=not args.no_progress).run()
@@ -150,7 +151,7 @@ def run_study_ranks(preset, out, cache_dir=None, device: str = "auto", threads=N
     import torch.distributed as dist
 
     from .data import DataUnavailable
-    from .pretrain import configure_threads
+    from .training import configure_threads, keep_freed_memory
     from .runner import Study
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -159,6 +160,7 @@ def run_study_ranks(preset, out, cache_dir=None, device: str = "auto", threads=N
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         dev = f"cuda:{local % max(1, torch.cuda.device_count())}"
     configure_threads(_local_threads(threads))
+    keep_freed_memory()
     # a rank may wait at the second meeting for as long as the slowest rank's jobs take
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(hours=timeout_h))
     failed = {}
@@ -214,9 +216,10 @@ def _cmd_pretrain(args) -> int:
     elif has_train_state(out) and not args.force:
         raise UsageError(f"--out {out} holds an unfinished pretrain run ({RESUME_DIR}/): pass --resume to continue "
                          "it or --force to start over")
-    from .pretrain import configure_threads
+    from .training import configure_threads, keep_freed_memory
     from .. import distributed as D
     configure_threads(_local_threads(args.threads))
+    keep_freed_memory()
     ctx = D.setup(args.device)
     dev = ctx.device
     _require_backend(args.backend, dev)
@@ -288,9 +291,10 @@ def _cmd_finetune(args) -> int:
         raise UsageError(f"{enc_dir} not found (write one with `sparsebert pretrain --out DIR`)")
     if not (ckpt / "tokenizer").is_dir():
         raise UsageError(f"{ckpt / 'tokenizer'} not found (written by `sparsebert pretrain --out DIR`)")
-    from .pretrain import configure_threads
+    from .training import configure_threads, keep_freed_memory
     from .. import distributed as D
     configure_threads(_local_threads(args.threads))
+    keep_freed_memory()
     ctx = D.setup(args.device)
     try:
         return _finetune_run(args, ckpt, enc_dir, ctx)
@@ -311,6 +315,7 @@ def _finetune_run(args, ckpt, enc_dir, ctx) -> int:
     cfg = FinetuneConfig(task=args.task, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                          batch_size=args.batch_size, max_len=args.max_len, control=control,
                          prune_mode=args.mode, prune_sparsity=args.sparsity if control == "prune" else 0.0,
+                         pooling=args.pooling,
                          **({} if args.dropout is None else {"dropout": args.dropout}))
     if args.dropout is not None:
         _set_dropout(enc, args.dropout)
@@ -441,6 +446,9 @@ def add_subcommands(subparsers) -> None:
                    help=f"for --control finetune-prune: the target sparsity, {SPARSITY_HELP} (default 0.5)")
     s.add_argument("--dropout", type=unit_fraction, default=None,
                    help="dropout probability in [0, 1] for the encoder and the head (default: the encoder's, 0.1)")
+    s.add_argument("--pooling", choices=["cls", "mean"], default="cls",
+                   help="what the classifier reads: cls (BERT's pooler over [CLS]) or mean (the hidden states "
+                        "averaged over real tokens, as the study's presets for MiniLM) (default cls)")
     _common(s)
     s.set_defaults(func=_cmd_finetune)
 

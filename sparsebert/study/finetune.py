@@ -25,6 +25,7 @@ from .pretrain import attach_pooler
 from .training import autocast, linear_schedule, make_adamw, optimizer_step, pick_device, progress_bar
 
 CONTROLS = ("none", "deletion", "prune")
+POOLINGS = ("cls", "mean")
 
 
 @dataclass
@@ -41,6 +42,10 @@ class FinetuneConfig:
     dropout: float = 0.1
     seed: int = 0
     control: str = "none"
+    # what the classifier reads: "cls" (BERT's pooler over [CLS], as BertForSequenceClassification)
+    # or "mean" (the last hidden states averaged over real tokens: how a sentence encoder such as
+    # MiniLM-L6 was trained, and what the probe reads)
+    pooling: str = "cls"
     # for control "prune": what to prune to while fine-tuning
     prune_mode: str = "unstructured"
     prune_sparsity: float = 0.0
@@ -54,16 +59,23 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.control not in CONTROLS:
             raise ValueError(f"control must be one of {CONTROLS}, got {self.control!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.control == "prune" and not 0.0 < self.prune_sparsity < 1.0:
             raise ValueError("control 'prune' needs 0 < prune_sparsity < 1")
 
 
 class SequenceModel(nn.Module):
-    """BERT encoder + pooler + dropout + linear head (what BertForSequenceClassification does)."""
+    """BERT encoder + pooling + dropout + linear head. ``pooling="cls"``: BERT's pooler over [CLS]
+    (what BertForSequenceClassification does); ``"mean"``: the last hidden states averaged over the
+    real tokens (the pooler is not used)."""
 
-    def __init__(self, bert: nn.Module, num_labels: int, dropout: float = 0.1):
+    def __init__(self, bert: nn.Module, num_labels: int, dropout: float = 0.1, pooling: str = "cls"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.bert = bert
+        self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(bert.config.hidden_size, num_labels)
         nn.init.normal_(self.classifier.weight, std=0.02)
@@ -71,7 +83,13 @@ class SequenceModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
-        pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state[:, 0]
+        h = out.last_hidden_state
+        if self.pooling == "mean":
+            m = (torch.ones(h.shape[:2], device=h.device) if attention_mask is None
+                 else attention_mask).unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        else:
+            pooled = out.pooler_output if out.pooler_output is not None else h[:, 0]
         return self.classifier(self.dropout(pooled))
 
 
@@ -216,7 +234,7 @@ def finetune(encoder: nn.Module, cfg: FinetuneConfig, data: TaskData, tokenizer,
     device = device or pick_device()
     torch.manual_seed(cfg.seed)
     spec = data.spec
-    model = SequenceModel(copy.deepcopy(encoder), spec.num_labels, cfg.dropout)
+    model = SequenceModel(copy.deepcopy(encoder), spec.num_labels, cfg.dropout, cfg.pooling)
     if cfg.control == "deletion":
         sparsebert.densify(model)
     elif cfg.control == "prune":

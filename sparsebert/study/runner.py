@@ -29,6 +29,7 @@ from .finetune import FinetuneConfig, finetune, load_encoder
 from .head import HeadConfig, fit_head
 from .pretrain import PretrainConfig, load_tokenizer, mlm_dev_loss, pick_device, pretrain, special_ids
 from .probe import ProbeConfig, probe
+from .training import keep_freed_memory
 from .report import write_report
 
 CONTROLS = ("scratch", "random", "deletion", "finetune-prune")
@@ -79,7 +80,7 @@ PRESETS: Dict[str, Preset] = {
         head=dict(blocks=640, max_steps=60, batch_size=512, lr=1e-2, eval_every=10, tol=0.02),
         pretrain=dict(steps=20, batch_size=8, lr=1e-4, ramp_fraction=0.5, prune_every=5),
         finetune=dict(epochs=2.0, max_steps=32, batch_size=32, token_budget=1024, max_len=64,
-                      warmup_fraction=0.1),
+                      warmup_fraction=0.1, pooling="mean"),
         probe=dict(max_len=64), lrs=(2e-4,), max_train=640, max_dev=400, demo=True),
     "gpu": Preset(
         name="gpu",
@@ -92,7 +93,7 @@ PRESETS: Dict[str, Preset] = {
         head=dict(blocks=4096, max_steps=400, batch_size=4096, lr=1e-2, eval_every=20, tol=0.005),
         pretrain=dict(steps=150, batch_size=64, lr=1e-4, ramp_fraction=0.5, prune_every=5, warmup_fraction=0.02),
         finetune=dict(epochs=2.0, max_steps=100, batch_size=64, token_budget=4096, max_len=128,
-                      warmup_fraction=0.1),
+                      warmup_fraction=0.1, pooling="mean"),
         probe=dict(max_len=128, batch_tokens=16384), lrs=(1e-4,), max_train=2000, max_dev=1000,
         workers=8, time_steps=20),
 }
@@ -224,6 +225,7 @@ class EncoderSpec:
 def _worker(job) -> dict:
     preset, out, cache_dir, device, indices, threads, number = job
     torch.set_num_threads(threads)
+    keep_freed_memory()
 
     def log(msg):
         print(f"[worker {number}] {msg}", flush=True)

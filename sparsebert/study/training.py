@@ -25,6 +25,34 @@ def autocast(device: torch.device, amp: bool):
     return contextlib.nullcontext()
 
 
+_KEPT_FREED = False
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed memory in this process's heap instead of handing it back to the OS.
+
+    glibc serves each large tensor with its own ``mmap`` and unmaps it when freed, so every
+    training step page-faults its activations back in (a cpu-demo study: 31 million minor faults,
+    75 s of system time). Raising the mmap and trim thresholds lets freed blocks be reused
+    (a 16-step MiniLM fine-tuning of the cpu-demo: 16.2 -> 13.4 CPU s, minor faults 526k -> 332k,
+    one run each on the shared 2-core machine). A no-op (False)
+    where the C library is not glibc."""
+    global _KEPT_FREED
+    if _KEPT_FREED:
+        return True
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+        # older glibc refuses an mmap threshold above 32 MiB
+        ok = ((libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
+              and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) and libc.mallopt(M_TOP_PAD, 64 << 20))
+    except (OSError, AttributeError):
+        return False
+    _KEPT_FREED = bool(ok)
+    return _KEPT_FREED
+
+
 def configure_threads(threads: Optional[int] = None) -> int:
     """CPU threads for torch. Default: the cores not already busy (1-minute load average), at
     least 1 — on a shared machine two OpenMP threads fighting other jobs for two cores run several
