@@ -79,7 +79,7 @@ PRESETS: Dict[str, Preset] = {
         seq_len=64, mlm_train_blocks=1200, mlm_dev_blocks=48,
         head=dict(blocks=640, max_steps=60, batch_size=512, lr=1e-2, eval_every=10, tol=0.02),
         pretrain=dict(steps=20, batch_size=8, lr=1e-4, ramp_fraction=0.5, prune_every=5),
-        finetune=dict(epochs=2.0, max_steps=32, batch_size=32, token_budget=1024, max_len=64,
+        finetune=dict(epochs=2.0, max_steps=64, batch_size=16, token_budget=512, max_len=64,
                       warmup_fraction=0.1, pooling="mean"),
         probe=dict(max_len=64), lrs=(2e-4,), max_train=640, max_dev=400, demo=True),
     "gpu": Preset(
@@ -92,7 +92,7 @@ PRESETS: Dict[str, Preset] = {
         mlm_dev_blocks=512, extra_text=False,
         head=dict(blocks=4096, max_steps=400, batch_size=4096, lr=1e-2, eval_every=20, tol=0.005),
         pretrain=dict(steps=150, batch_size=64, lr=1e-4, ramp_fraction=0.5, prune_every=5, warmup_fraction=0.02),
-        finetune=dict(epochs=2.0, max_steps=100, batch_size=64, token_budget=4096, max_len=128,
+        finetune=dict(epochs=3.0, max_steps=200, batch_size=32, token_budget=2048, max_len=128,
                       warmup_fraction=0.1, pooling="mean"),
         probe=dict(max_len=128, batch_tokens=16384), lrs=(1e-4,), max_train=2000, max_dev=1000,
         workers=8, time_steps=20),
