@@ -447,6 +447,41 @@ def test_forward_gelu_error_within_torchs(isa, monkeypatch):
         assert err <= err_torch, f"M={M}: GELU rel err {err:.3e} > PyTorch's {err_torch:.3e}"
 
 
+# The AVX-512 GELU's piece boundaries, a = (k + 1/2) / scale (csrc/cpu/bsr_cpu_kernels_impl.h,
+# kGeluScale), its clamp and end of the last polynomial piece, and the polynomial form's branch
+# points (sqrt 2, 5 sqrt 2, 10).
+_GELU_EDGES = [(k + 0.5) / 2.543859720 for k in range(15)] + [5.896551609, 5.7, 2 ** 0.5, 50 ** 0.5, 10.0]
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("path", ["panel", "dot", "tpanel"])
+def test_forward_gelu_every_piece_and_tile_remainder(isa, path, monkeypatch):
+    """GELU against float64 at each branch or table-piece boundary of every kernel set's GELU (and
+    on either side of it, both signs), on each forward path, with a token count and block width
+    that leave a remainder in every tile (57 tokens: 8-, 6-, 4- and 16-token tiles; 48 outputs:
+    a 32-wide and a 16-wide panel tile). Bound: |error| <= 3e-7 |x| / 2 (measured <= 2.1e-7),
+    and <= 2e-7 relative for x > 0 (measured <= 1.2e-7)."""
+    import sparsebert.ops.cpu_bsr as cb
+    if isa == "avx512" and cb.isa() != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setenv("SPARSEBERT_CPU_ISA", isa)
+    monkeypatch.setenv("SPARSEBERT_CPU_FWD", path)
+    edges = torch.tensor(_GELU_EDGES)
+    v = torch.cat([edges, edges.nextafter(torch.tensor(0.0)), edges.nextafter(torch.tensor(100.0))])
+    v = torch.cat([v, -v, torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, 88.0, -88.0])])
+    M, B = 57, 48
+    x = torch.cat([v, torch.linspace(-13, 13, M * B - v.numel())]).view(M, B)
+    lay = BlockLayout.from_mask(torch.ones(1, 1, dtype=torch.bool), (B, B))
+    y = cpu_bsr.forward(x, torch.eye(B).unsqueeze(0), None, lay.tensors(), activation="gelu").double()
+    xd = x.double()
+    want = torch.nn.functional.gelu(xd)
+    err = (y - want).abs()
+    worst = (err - 3e-7 * xd.abs() / 2).argmax()
+    assert (err <= 3e-7 * xd.abs() / 2).all(), f"x = {xd.flatten()[worst]}: {y.flatten()[worst]} vs {want.flatten()[worst]}"
+    pos = xd > 0
+    assert (err[pos] <= 2e-7 * want[pos]).all()
+
+
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 @pytest.mark.parametrize("path", ["panel", "dot", "tpanel"])
 def test_forward_adds_the_bias_after_the_products(isa, path, monkeypatch):

@@ -55,22 +55,117 @@ inline void stream_fence() {
 // ---- GELU epilogue (exact form, x Phi(x) = 0.5 x (1 + erf(x / sqrt 2))) ---------------------
 // PyTorch's fp32 GELU on CPU runs oneDNN's gelu_erf (6.2e-8 relative error on N(0, 1) inputs,
 // rounding alone is 2.5e-8). The Abramowitz & Stegun 7.1.26 erf used here before (|error| 1.5e-7,
-// as at::vec::Vectorized<float>::erf) cost 2.8x PyTorch's error on gelu(bias) alone. Now (own fit,
-// Lawson minimax in float64, 3.0e-8 on the same inputs, <= 1.3 ulp for x >= 0):
-//  * |x| <= sqrt 2: gelu = h + h * x P(x^2), h = x / 2; P of degree 6 fits erf(x / sqrt 2) / x
-//    to 1.2e-9 relative.
-//  * |x| >  sqrt 2: E = erfc(|x| / sqrt 2) = exp(-x^2 / 2 + R(|x|)), R of degree 9 in |x| - 3 sqrt 2
-//    fits log erfc(|x| / sqrt 2) + x^2 / 2 on [sqrt 2, 5 sqrt 2] to 1.1e-8 (clamped beyond, where
-//    E < 1e-12); gelu = x - h E for x > 0, h E for x < 0 (no cancellation in the negative tail).
-//  * |x| > 10: x or 0 (so +-inf give +inf and 0, not inf - inf).
-// No division (the old form had one per element).
+// as at::vec::Vectorized<float>::erf) cost 2.8x PyTorch's error on gelu(bias) alone. Two own fits,
+// both 3.0e-8 on N(0, 1) inputs, no division:
+//  * AVX-512 (vgelu, table form): gelu = h + |h| E(|x|), h = x / 2, E(a) = erf(a / sqrt 2) from a
+//    16-piece table of degree-5 polynomials (benchmarks/gelu_table_fit.py; |error| <= 3.4e-8,
+//    about the float32 rounding of E itself), each lane's coefficients picked by vpermps. About
+//    22 instructions per vector instead of ~50: the polynomial form below cost 1.6 ns per output
+//    element in the panel tile, this one ~0.2 (benchmarks/RESULTS.md, "GELU epilogue, table").
+//    Negative tail: h (1 - E) cancels, so it is accurate to |h| * 3e-8 absolutely, not relatively
+//    (as oneDNN's 0.5 x (1 + erf)); x <= -5.9 gives 0 and x >= 5.9 gives x exactly.
+//  * AVX2, SSE2, other (vgelu, polynomial form, <= 1.3 ulp for x >= 0):
+//    - |x| <= sqrt 2: gelu = h + h * x P(x^2); P of degree 6 fits erf(x / sqrt 2) / x to 1.2e-9
+//      relative.
+//    - |x| >  sqrt 2: E = erfc(|x| / sqrt 2) = exp(-x^2 / 2 + R(|x|)), R of degree 9 in
+//      |x| - 3 sqrt 2 fits log erfc(|x| / sqrt 2) + x^2 / 2 on [sqrt 2, 5 sqrt 2] to 1.1e-8
+//      (clamped beyond, where E < 1e-12); gelu = x - h E for x > 0, h E for x < 0 (no
+//      cancellation in the negative tail).
+//    - |x| > 10: x or 0 (so +-inf give +inf and 0, not inf - inf).
 typedef int32_t ivec __attribute__((vector_size(SB_VW * sizeof(int32_t))));
 
+// Exact replacements of the selects they stand for (the same result for every input, NaN included),
+// one instruction each where the ISA has it instead of a compare and a blend:
+//   vmin(a, b) = a < b ? a : b, vmax(a, b) = a > b ? a : b (minps / maxps are defined so),
+//   vfloor(x) = floor(x) for |x| < 2^31 (vroundps on AVX2). The polynomial vgelu built on them
+//   was checked bit for bit over all 2^32 inputs against its compare-and-blend form (AVX2 and
+//   SSE2 builds): the same results.
+inline vec vmin(vec a, vec b) {
+#if (defined(__x86_64__) || defined(__i386__)) && SB_VW == 16
+  return (vec)_mm512_mask_min_ps((__m512)a, 0xffff, (__m512)a, (__m512)b);  // masked: no -Wmaybe-uninitialized (GCC 12)
+#elif (defined(__x86_64__) || defined(__i386__)) && SB_VW == 8
+  return (vec)_mm256_min_ps((__m256)a, (__m256)b);
+#elif (defined(__x86_64__) || defined(__i386__)) && SB_VW == 4
+  return (vec)_mm_min_ps((__m128)a, (__m128)b);
+#else
+  return a < b ? a : b;
+#endif
+}
+
+inline vec vmax(vec a, vec b) {
+#if (defined(__x86_64__) || defined(__i386__)) && SB_VW == 16
+  return (vec)_mm512_mask_max_ps((__m512)a, 0xffff, (__m512)a, (__m512)b);
+#elif (defined(__x86_64__) || defined(__i386__)) && SB_VW == 8
+  return (vec)_mm256_max_ps((__m256)a, (__m256)b);
+#elif (defined(__x86_64__) || defined(__i386__)) && SB_VW == 4
+  return (vec)_mm_max_ps((__m128)a, (__m128)b);
+#else
+  return a > b ? a : b;
+#endif
+}
+
+inline vec vabs(vec x) {  // x < 0 ? -x : x, except +0 for -0 (vgelu only compares and clamps it)
+  ivec b;
+  std::memcpy(&b, &x, sizeof b);
+  b &= 0x7fffffff;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+// Always inlined: a call clobbers every vector register (all caller-saved), the panel tile's
+// 16 accumulators included.
+#if (defined(__x86_64__) || defined(__i386__)) && SB_VW == 16
+// benchmarks/gelu_table_fit.py 5 5.7: worst |table - erf(a / sqrt 2)| = 3.41e-08
+constexpr float kGeluScale = 2.543859720e+00f;
+constexpr float kGeluClamp = 5.896551609e+00f;  // piece 15 (E = 1) from here on
+constexpr int kGeluDeg = 5;
+alignas(64) const float gt_coef[6][16] = {  // [power of t][piece]
+    {8.771510566e-17f, 3.057568967e-01f, 5.682536960e-01f, 7.617253661e-01f, 8.841453791e-01f, 9.506456256e-01f, 9.816570282e-01f, 9.940717816e-01f, 9.983381629e-01f, 9.995967150e-01f, 9.999154210e-01f, 9.999846816e-01f, 9.999976158e-01f, 9.999997020e-01f, 9.999999404e-01f, 1.000000000e+00f},
+    {3.136511445e-01f, 2.903294265e-01f, 2.302626967e-01f, 1.564748138e-01f, 9.110739082e-02f, 4.545180500e-02f, 1.942839660e-02f, 7.115593646e-03f, 2.232922707e-03f, 6.003778544e-04f, 1.383133931e-04f, 2.730187771e-05f, 4.617530522e-06f, 6.691389558e-07f, 8.308308708e-08f, 0.000000000e+00f},
+    {-1.361757929e-15f, -2.243151702e-02f, -3.558189422e-02f, -3.626994416e-02f, -2.815799788e-02f, -1.756002568e-02f, -9.007395245e-03f, -3.848961322e-03f, -1.380354282e-03f, -4.173077177e-04f, -1.068833590e-04f, -2.311001299e-05f, -4.381870895e-06f, -1.046834768e-06f, 2.665880459e-07f, 0.000000000e+00f},
+    {-8.077912964e-03f, -6.321859080e-03f, -2.264771610e-03f, 1.574687543e-03f, 3.455077764e-03f, 3.351781517e-03f, 2.283320995e-03f, 1.204427215e-03f, 5.112583167e-04f, 1.780801249e-04f, 5.148113996e-05f, 1.244229225e-05f, 2.526558774e-06f, 4.325919463e-07f, 6.261706176e-08f, 0.000000000e+00f},
+    {4.438960440e-15f, 8.140641148e-04f, 1.083570765e-03f, 7.490466814e-04f, 1.939702342e-04f, -1.899183408e-04f, -2.939521801e-04f, -2.249231038e-04f, -1.223562431e-04f, -5.210017844e-05f, -1.727440031e-05f, -5.063567187e-06f, -7.624475415e-07f, 9.891074342e-07f, -1.168699555e-06f, 0.000000000e+00f},
+    {1.857409661e-04f, 1.203544598e-04f, -1.442978737e-05f, -1.051277068e-04f, -1.031595093e-04f, -4.763371544e-05f, 1.848932470e-06f, 2.087341090e-05f, 1.837691889e-05f, 1.013454130e-05f, 4.138205895e-06f, 1.324901177e-06f, 3.418985841e-07f, 7.224592480e-08f, 1.262702742e-08f, 0.000000000e+00f},
+};
+
+// table[k] for the piece index k in the low 4 bits of each lane of idx (vpermps).
+__attribute__((always_inline)) inline vec vpick(const float* table, vec idx) {
+  const __m512 t = _mm512_load_ps(table);
+  return (vec)_mm512_mask_permutexvar_ps(t, 0xffff, (__m512i)idx, t);
+}
+
+__attribute__((always_inline)) inline vec vgelu(vec x) {
+  const vec xc = vmax(vec{} - kGeluClamp, x);  // below: E = 1, h + |h| = 0 (and -inf gives 0, not nan)
+  const vec h = 0.5f * xc;
+  const vec a = vmin(vabs(xc), vec{} + kGeluClamp);  // above: piece 15, E = 1, h + |h| = x (+inf too)
+  const vec y = a * kGeluScale + 8388608.0f;  // 2^23 + round(a * scale): k in the low mantissa bits
+  const vec t = a * kGeluScale - (y - 8388608.0f);  // |t| <= 1/2
+  vec e = vpick(gt_coef[kGeluDeg], y);
+#pragma GCC unroll 8
+  for (int j = kGeluDeg - 1; j >= 0; --j) e = e * t + vpick(gt_coef[j], y);
+  return vabs(h) * e + h;  // h (1 + erf(x / sqrt 2)), erf odd
+}
+#else
+inline vec vfloor(vec x) {
+#if (defined(__x86_64__) || defined(__i386__)) && SB_VW == 8
+  return (vec)_mm256_round_ps((__m256)x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
+  const vec n = __builtin_convertvector(__builtin_convertvector(x, ivec), vec);
+  return n > x ? n - 1.0f : n;  // the conversion truncates toward zero
+#endif
+}
+
+inline vec vldexp(vec y, vec n) {  // y * 2^n for integral n in [-126, 127]
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;  // 2^n
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
 __attribute__((always_inline)) inline vec vexp(vec x) {  // for x <= 0 (here -z^2): clamped at -87.3, so 2^n stays normal
-  x = x < -87.3f ? vec{} - 87.3f : x;
+  x = vmax(vec{} - 87.3f, x);  // x < -87.3 ? -87.3 : x
   const vec fx = x * 1.44269504088896341f + 0.5f;
-  vec n = __builtin_convertvector(__builtin_convertvector(fx, ivec), vec);
-  n = n > fx ? n - 1.0f : n;  // floor (the conversion truncates toward zero)
+  const vec n = vfloor(fx);
   const vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
   vec p = vec{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -79,16 +174,11 @@ __attribute__((always_inline)) inline vec vexp(vec x) {  // for x <= 0 (here -z^
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const vec y = p * r * r + r + 1.0f;
-  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;  // 2^n
-  vec scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
+  return vldexp(y, n);
 }
 
-// Always inlined: a call clobbers every vector register (all caller-saved), the panel tile's
-// 16 accumulators included.
 __attribute__((always_inline)) inline vec vgelu(vec x) {
-  const vec ax = x < 0.0f ? -x : x;
+  const vec ax = vabs(x);
   const vec h = 0.5f * x;
   const vec s = x * x;
   vec p = vec{} + 8.677357073e-07f;
@@ -99,7 +189,7 @@ __attribute__((always_inline)) inline vec vgelu(vec x) {
   p = p * s - 1.329807192e-01f;
   p = p * s + 7.978845835e-01f;
   const vec small = h * (x * p) + h;
-  const vec u = (ax < 7.071067812f ? ax : vec{} + 7.071067812f) - 4.242640687f;
+  const vec u = vmin(ax, vec{} + 7.071067812f) - 4.242640687f;
   vec r = vec{} - 4.780088769e-09f;
   r = r * u + 7.042984862e-08f;
   r = r * u - 6.421403214e-07f;
@@ -114,11 +204,12 @@ __attribute__((always_inline)) inline vec vgelu(vec x) {
   const vec he = h * vexp(q);  // vexp clamps q at -87.3
   const vec big = x > 0.0f ? x - he : he;
   const vec g = ax <= 1.414213562f ? small : big;
-  return ax > 10.0f ? (x > 0.0f ? x : vec{}) : g;
+  return ax > 10.0f ? vmax(x, vec{}) : g;  // x > 0 ? x : 0
 }
+#endif
 
 // GELU in place over a finished [M, n] output block (n a multiple of VW), 4 independent vectors
-// per step. vgelu is one dependent chain of ~30 FMAs; dot finishes one vector at a time behind
+// per step. vgelu is one dependent chain (~30 FMAs in the polynomial form); dot finishes one vector at a time behind
 // a lane reduction, and applying it there ran those chains back to back (latency-bound).
 // The block is still in L1/L2; the result is bitwise the same.
 inline void gelu_block(float* out, int64_t ld_out, int64_t M, int64_t n) {
@@ -230,11 +321,16 @@ void panel_tile(const float* in, int64_t ld_in, const float* const* B, const int
       for (int i = 0; i < T; ++i) acc[0][i][v] += bv;
     }
   }
-  if (gelu) {
+  if (gelu) {  // GELU and store one accumulator at a time: each dies at its store (no spills)
 #pragma GCC unroll 16
     for (int i = 0; i < T; ++i)
 #pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) acc[0][i][v] = vgelu(acc[0][i][v]);
+      for (int v = 0; v < V; ++v) {
+        const vec g = vgelu(acc[0][i][v]);
+        float* o = out + i * ld_out + col0 + v * VW;
+        if (nt) stream(o, g); else store(o, g);
+      }
+    return;
   }
   if (nt) {
 #pragma GCC unroll 16
