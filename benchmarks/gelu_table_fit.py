@@ -1,24 +1,22 @@
-"""Fits the AVX-512 GELU epilogue's piecewise erf table (csrc/cpu/bsr_cpu_kernels_impl.h, ``gt_coef``)
-and prints it as C++.
+"""Fits the GELU epilogue's piecewise erf tables (csrc/cpu/bsr_cpu_kernels_impl.h, ``gt_coef``) and
+prints one as C++: AVX-512 (16 pieces, degree 5) and AVX2 (8 pieces, degree 7), one piece per
+vector lane.
 
-E(a) = erf(a / sqrt 2) for a = |x| >= 0 is cut into 16 pieces by k = round(a * GT_SCALE): pieces
-0..14 are degree-5 polynomials in t = a * GT_SCALE - k (|t| <= 1/2), piece 15 is exactly 1 (a >= 14.5
-/ GT_SCALE = 5.7, where 1 - E < 1.2e-8: GELU is then x or 0 exactly). The kernel picks each lane's
+E(a) = erf(a / sqrt 2) for a = |x| >= 0 is cut into P pieces by k = round(a * scale): pieces
+0..P-2 are polynomials in t = a * scale - k (|t| <= 1/2), piece P-1 is exactly 1 (a >= (P - 1.5) /
+scale = 5.7, where 1 - E < 1.2e-8: GELU is then x or 0 exactly). The kernel picks each lane's
 coefficients with one vpermps per coefficient. Each piece: near-minimax (Lawson-reweighted least
 squares on Chebyshev nodes, float64), then the constant term rounded to float32 and the rest refitted
 around it, then rounded. Prints the worst absolute error of the float32 table (evaluated in float64).
 
-    python benchmarks/gelu_table_fit.py [degree] [L]
+    python benchmarks/gelu_table_fit.py [degree] [L] [pieces]     # 5 5.7 16 (AVX-512), 7 5.7 8 (AVX2)
 """
 import sys
 from math import erf, sqrt
 
 import numpy as np
 
-PIECES = 16
-
-
-def fit(deg=5, L=5.7):
+def fit(deg=5, L=5.7, PIECES=16):
     scale = np.float32((PIECES - 1.5) / L)
     E = np.vectorize(lambda a: erf(a / sqrt(2)))
     coef = np.zeros((PIECES, deg + 1))
@@ -49,10 +47,11 @@ def fit(deg=5, L=5.7):
 def main():
     deg = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     L = float(sys.argv[2]) if len(sys.argv) > 2 else 5.7
-    scale, coef, worst = fit(deg, L)
-    print(f"// benchmarks/gelu_table_fit.py {deg} {L}: worst |table - erf(a / sqrt 2)| = {worst:.2e}")
+    PIECES = int(sys.argv[3]) if len(sys.argv) > 3 else 16
+    scale, coef, worst = fit(deg, L, PIECES)
+    print(f"// benchmarks/gelu_table_fit.py {deg} {L} {PIECES}: worst |table - erf(a / sqrt 2)| = {worst:.2e}")
     print(f"constexpr float kGeluScale = {scale:.9e}f;")
-    print(f"constexpr float kGeluClamp = {np.float32((PIECES - 1) / scale):.9e}f;  // piece 15 (E = 1) from here on")
+    print(f"constexpr float kGeluClamp = {np.float32((PIECES - 1) / scale):.9e}f;  // the last piece (E = 1) from here on")
     print(f"constexpr int kGeluDeg = {deg};")
     print(f"alignas(64) const float gt_coef[{deg + 1}][{PIECES}] = {{  // [power of t][piece]")
     for j in range(deg + 1):

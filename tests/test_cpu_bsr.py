@@ -447,10 +447,11 @@ def test_forward_gelu_error_within_torchs(isa, monkeypatch):
         assert err <= err_torch, f"M={M}: GELU rel err {err:.3e} > PyTorch's {err_torch:.3e}"
 
 
-# The AVX-512 GELU's piece boundaries, a = (k + 1/2) / scale (csrc/cpu/bsr_cpu_kernels_impl.h,
-# kGeluScale), its clamp and end of the last polynomial piece, and the polynomial form's branch
-# points (sqrt 2, 5 sqrt 2, 10).
-_GELU_EDGES = [(k + 0.5) / 2.543859720 for k in range(15)] + [5.896551609, 5.7, 2 ** 0.5, 50 ** 0.5, 10.0]
+# The table GELU's piece boundaries, a = (k + 1/2) / scale (csrc/cpu/bsr_cpu_kernels_impl.h,
+# kGeluScale: AVX-512 and AVX2), its clamps and the end of the last polynomial piece, and the
+# polynomial form's branch points (sqrt 2, 5 sqrt 2, 10).
+_GELU_EDGES = ([(k + 0.5) / 2.543859720 for k in range(15)] + [(k + 0.5) / 1.140350819 for k in range(7)]
+               + [5.896551609, 6.138462067, 5.7, 2 ** 0.5, 50 ** 0.5, 10.0])
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])

@@ -57,14 +57,15 @@ inline void stream_fence() {
 // rounding alone is 2.5e-8). The Abramowitz & Stegun 7.1.26 erf used here before (|error| 1.5e-7,
 // as at::vec::Vectorized<float>::erf) cost 2.8x PyTorch's error on gelu(bias) alone. Two own fits,
 // both 3.0e-8 on N(0, 1) inputs, no division:
-//  * AVX-512 (vgelu, table form): gelu = h + |h| E(|x|), h = x / 2, E(a) = erf(a / sqrt 2) from a
-//    16-piece table of degree-5 polynomials (benchmarks/gelu_table_fit.py; |error| <= 3.4e-8,
-//    about the float32 rounding of E itself), each lane's coefficients picked by vpermps. About
-//    22 instructions per vector instead of ~50: the polynomial form below cost 1.6 ns per output
-//    element in the panel tile, this one ~0.2 (benchmarks/RESULTS.md, "GELU epilogue, table").
+//  * AVX-512 and AVX2 (vgelu, table form): gelu = h + |h| E(|x|), h = x / 2, E(a) = erf(a / sqrt 2)
+//    from a table of one polynomial piece per vector lane (benchmarks/gelu_table_fit.py; AVX-512:
+//    16 pieces of degree 5, AVX2: 8 of degree 7; |error| <= 3.4e-8, about the float32 rounding
+//    of E itself), each lane's coefficients picked by vpermps. About 22 (AVX2 ~26) instructions
+//    per vector instead of ~50: the polynomial form below cost 1.6 ns per output element in the
+//    AVX-512 panel tile, this one ~0.2 (benchmarks/RESULTS.md, "GELU epilogue, table").
 //    Negative tail: h (1 - E) cancels, so it is accurate to |h| * 3e-8 absolutely, not relatively
-//    (as oneDNN's 0.5 x (1 + erf)); x <= -5.9 gives 0 and x >= 5.9 gives x exactly.
-//  * AVX2, SSE2, other (vgelu, polynomial form, <= 1.3 ulp for x >= 0):
+//    (as oneDNN's 0.5 x (1 + erf)); beyond the clamp (5.9, AVX2 6.1) it gives 0 or x exactly.
+//  * SSE2 and other (vgelu, polynomial form, <= 1.3 ulp for x >= 0):
 //    - |x| <= sqrt 2: gelu = h + h * x P(x^2); P of degree 6 fits erf(x / sqrt 2) / x to 1.2e-9
 //      relative.
 //    - |x| >  sqrt 2: E = erfc(|x| / sqrt 2) = exp(-x^2 / 2 + R(|x|)), R of degree 9 in
@@ -76,10 +77,9 @@ typedef int32_t ivec __attribute__((vector_size(SB_VW * sizeof(int32_t))));
 
 // Exact replacements of the selects they stand for (the same result for every input, NaN included),
 // one instruction each where the ISA has it instead of a compare and a blend:
-//   vmin(a, b) = a < b ? a : b, vmax(a, b) = a > b ? a : b (minps / maxps are defined so),
-//   vfloor(x) = floor(x) for |x| < 2^31 (vroundps on AVX2). The polynomial vgelu built on them
-//   was checked bit for bit over all 2^32 inputs against its compare-and-blend form (AVX2 and
-//   SSE2 builds): the same results.
+//   vmin(a, b) = a < b ? a : b, vmax(a, b) = a > b ? a : b (minps / maxps are defined so).
+//   The polynomial vgelu built on them was checked bit for bit over all 2^32 inputs against its
+//   compare-and-blend form (SSE2 build): the same results.
 inline vec vmin(vec a, vec b) {
 #if (defined(__x86_64__) || defined(__i386__)) && SB_VW == 16
   return (vec)_mm512_mask_min_ps((__m512)a, 0xffff, (__m512)a, (__m512)b);  // masked: no -Wmaybe-uninitialized (GCC 12)
@@ -114,10 +114,11 @@ inline vec vabs(vec x) {  // x < 0 ? -x : x, except +0 for -0 (vgelu only compar
 
 // Always inlined: a call clobbers every vector register (all caller-saved), the panel tile's
 // 16 accumulators included.
-#if (defined(__x86_64__) || defined(__i386__)) && SB_VW == 16
-// benchmarks/gelu_table_fit.py 5 5.7: worst |table - erf(a / sqrt 2)| = 3.41e-08
+#if (defined(__x86_64__) || defined(__i386__)) && (SB_VW == 16 || SB_VW == 8)
+#if SB_VW == 16
+// benchmarks/gelu_table_fit.py 5 5.7 16: worst |table - erf(a / sqrt 2)| = 3.41e-08
 constexpr float kGeluScale = 2.543859720e+00f;
-constexpr float kGeluClamp = 5.896551609e+00f;  // piece 15 (E = 1) from here on
+constexpr float kGeluClamp = 5.896551609e+00f;  // the last piece (E = 1) from here on
 constexpr int kGeluDeg = 5;
 alignas(64) const float gt_coef[6][16] = {  // [power of t][piece]
     {8.771510566e-17f, 3.057568967e-01f, 5.682536960e-01f, 7.617253661e-01f, 8.841453791e-01f, 9.506456256e-01f, 9.816570282e-01f, 9.940717816e-01f, 9.983381629e-01f, 9.995967150e-01f, 9.999154210e-01f, 9.999846816e-01f, 9.999976158e-01f, 9.999997020e-01f, 9.999999404e-01f, 1.000000000e+00f},
@@ -127,17 +128,37 @@ alignas(64) const float gt_coef[6][16] = {  // [power of t][piece]
     {4.438960440e-15f, 8.140641148e-04f, 1.083570765e-03f, 7.490466814e-04f, 1.939702342e-04f, -1.899183408e-04f, -2.939521801e-04f, -2.249231038e-04f, -1.223562431e-04f, -5.210017844e-05f, -1.727440031e-05f, -5.063567187e-06f, -7.624475415e-07f, 9.891074342e-07f, -1.168699555e-06f, 0.000000000e+00f},
     {1.857409661e-04f, 1.203544598e-04f, -1.442978737e-05f, -1.051277068e-04f, -1.031595093e-04f, -4.763371544e-05f, 1.848932470e-06f, 2.087341090e-05f, 1.837691889e-05f, 1.013454130e-05f, 4.138205895e-06f, 1.324901177e-06f, 3.418985841e-07f, 7.224592480e-08f, 1.262702742e-08f, 0.000000000e+00f},
 };
+#else
+// benchmarks/gelu_table_fit.py 7 5.7 8: worst |table - erf(a / sqrt 2)| = 2.92e-08
+constexpr float kGeluScale = 1.140350819e+00f;
+constexpr float kGeluClamp = 6.138462067e+00f;  // the last piece (E = 1) from here on
+constexpr int kGeluDeg = 7;
+alignas(64) const float gt_coef[8][8] = {  // [power of t][piece]
+    {-1.122289009e-16f, 6.194716096e-01f, 9.205431342e-01f, 9.914808273e-01f, 9.995480180e-01f, 9.999883771e-01f, 9.999998808e-01f, 1.000000000e+00f},
+    {6.996834278e-01f, 4.763395488e-01f, 1.503009498e-01f, 2.198046818e-02f, 1.489849412e-03f, 4.680337588e-05f, 6.814507287e-07f, 0.000000000e+00f},
+    {3.580469254e-15f, -1.831509173e-01f, -1.155806333e-01f, -2.535451576e-02f, -2.292279853e-03f, -8.986432658e-05f, -2.326634331e-06f, 0.000000000e+00f},
+    {-8.967490494e-02f, -1.410334185e-02f, 3.999049589e-02f, 1.668019220e-02f, 2.158426447e-03f, 1.093257524e-04f, 2.331283213e-06f, 0.000000000e+00f},
+    {-2.845704426e-14f, 2.617609501e-02f, -5.563190207e-04f, -6.370109972e-03f, -1.359243412e-03f, -9.434746607e-05f, 3.538965302e-06f, 0.000000000e+00f},
+    {1.033669058e-02f, -2.395456191e-03f, -4.440824967e-03f, 1.014732756e-03f, 5.918613751e-04f, 5.929932740e-05f, 2.015784503e-06f, 0.000000000e+00f},
+    {6.432637219e-14f, -2.309246920e-03f, 1.141064917e-03f, 2.709710097e-04f, -1.766862551e-04f, -2.744246012e-05f, -1.511415576e-05f, 0.000000000e+00f},
+    {-9.079242009e-04f, 4.541224625e-04f, 1.494814205e-04f, -1.762699685e-04f, 1.552281719e-05f, 1.036173126e-05f, 7.271974596e-07f, 0.000000000e+00f},
+};
+#endif
 
-// table[k] for the piece index k in the low 4 bits of each lane of idx (vpermps).
+// table[k] for the piece index k in the low 4 (AVX2: 3) bits of each lane of idx (vpermps).
 __attribute__((always_inline)) inline vec vpick(const float* table, vec idx) {
+#if SB_VW == 16
   const __m512 t = _mm512_load_ps(table);
-  return (vec)_mm512_mask_permutexvar_ps(t, 0xffff, (__m512i)idx, t);
+  return (vec)_mm512_mask_permutexvar_ps(t, 0xffff, (__m512i)idx, t);  // masked: no -Wmaybe-uninitialized
+#else
+  return (vec)_mm256_permutevar8x32_ps(_mm256_load_ps(table), (__m256i)idx);
+#endif
 }
 
 __attribute__((always_inline)) inline vec vgelu(vec x) {
   const vec xc = vmax(vec{} - kGeluClamp, x);  // below: E = 1, h + |h| = 0 (and -inf gives 0, not nan)
   const vec h = 0.5f * xc;
-  const vec a = vmin(vabs(xc), vec{} + kGeluClamp);  // above: piece 15, E = 1, h + |h| = x (+inf too)
+  const vec a = vmin(vabs(xc), vec{} + kGeluClamp);  // above: the last piece, E = 1, h + |h| = x (+inf too)
   const vec y = a * kGeluScale + 8388608.0f;  // 2^23 + round(a * scale): k in the low mantissa bits
   const vec t = a * kGeluScale - (y - 8388608.0f);  // |t| <= 1/2
   vec e = vpick(gt_coef[kGeluDeg], y);
@@ -146,13 +167,9 @@ __attribute__((always_inline)) inline vec vgelu(vec x) {
   return vabs(h) * e + h;  // h (1 + erf(x / sqrt 2)), erf odd
 }
 #else
-inline vec vfloor(vec x) {
-#if (defined(__x86_64__) || defined(__i386__)) && SB_VW == 8
-  return (vec)_mm256_round_ps((__m256)x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-#else
+inline vec vfloor(vec x) {  // for |x| < 2^31
   const vec n = __builtin_convertvector(__builtin_convertvector(x, ivec), vec);
   return n > x ? n - 1.0f : n;  // the conversion truncates toward zero
-#endif
 }
 
 inline vec vldexp(vec y, vec n) {  // y * 2^n for integral n in [-126, 127]
