@@ -36,6 +36,7 @@ def cells(quick: bool):
                         continue   # 8192 tokens at 50%: seconds per round
                     yield K, N, sparsity, block, M, "panel"
                 yield K, N, sparsity, block, 128, "tpanel"
+                yield K, N, sparsity, block, 16, "dot"
 
 
 def main():
