@@ -291,10 +291,11 @@ class _MaskedMixin:
 
     def masked_weight(self) -> torch.Tensor:
         # Never weight * float(mask): a nan/inf pruned weight would reach the output (nan * 0).
-        if (self.weight.device.type == "cpu" and self.weight.dtype in _SAME_SIZE_INT
+        weight = self.weight
+        if (weight.is_cpu and weight.dtype in _SAME_SIZE_INT
                 and not torch.compiler.is_compiling() and not _exporting()):
-            return _MaskApply.apply(self.weight, self.mask)
-        return torch.where(self.mask, self.weight, 0.0)
+            return _MaskApply.apply(weight, self.mask)
+        return torch.where(self.mask, weight, 0.0)
 
 
 # Float dtype -> the integer dtype of its size: a masked tensor is its bits times the mask.
@@ -423,7 +424,42 @@ class MaskedEmbedding(nn.Embedding, _MaskedMixin):
 def _exporting() -> bool:
     """True while torch.export (the dynamo ONNX exporter), the TorchScript ONNX exporter or
     torch.jit.trace is tracing: the block-sparse layers then run as their dense equivalent."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return True
+    if torch.compiler.is_compiling():
+        return torch.onnx.is_in_onnx_export()     # what dynamo traced here before
+    return _in_onnx_export()
+
+
+def _onnx_flag_holders():
+    """The two objects whose flags ``torch.onnx.is_in_onnx_export()`` reads, or None when this
+    torch keeps them elsewhere. That function imports both on every call (2 us; a layer's forward
+    asks it, 37 times per MiniLM forward): here they are imported once and read directly."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        try:
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+        except ImportError:
+            from torch.onnx._globals import GLOBALS
+    except ImportError:
+        return None
+    if not (hasattr(_flags, "_is_onnx_exporting") and hasattr(GLOBALS, "in_onnx_export")):
+        return None
+    return _flags, GLOBALS
+
+
+_onnx_flags = []   # [holders or None], filled on first use
+
+
+def _in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()``, reading the same two flags without its imports."""
+    if not _onnx_flags:
+        _onnx_flags.append(_onnx_flag_holders())
+    holders = _onnx_flags[0]
+    if holders is None:
+        return torch.onnx.is_in_onnx_export()
+    flags, globals_ = holders
+    return globals_.in_onnx_export or flags._is_onnx_exporting
 
 
 def _untraced():
@@ -546,7 +582,12 @@ class BlockSparseLinear(nn.Module):
                 bias = None if bias is None else bias.data
             y = F.linear(x, _export_scatter(self.layout, values), bias)
             return F.gelu(y) if self.activation == "gelu" else y
-        return bsr_linear(x, self.values, self.layout, self.bias, backend=self.backend,
+        # Parameters straight from the module's dict (self.values goes through Module.__getattr__,
+        # ~0.5 us each); anything else named so (a parametrization's property) through getattr.
+        params = self._parameters
+        values = params["values"] if "values" in params else self.values
+        bias = params["bias"] if "bias" in params else self.bias
+        return bsr_linear(x, values, self.layout, bias, backend=self.backend,
                           activation=self.activation)
 
     def to_dense(self) -> nn.Linear:

@@ -219,3 +219,147 @@ def test_auto_takes_the_fastest_backend_per_op_when_training(monkeypatch):
     bsr_linear(ref_x, ref_v, lay, backend="reference").backward(torch.ones_like(y))
     assert torch.allclose(x.grad, ref_x.grad, atol=1e-4) and torch.allclose(v.grad, ref_v.grad, atol=1e-4)
     backends.clear_auto_cache()
+
+
+# ---- the per-call dispatch: what it computes once, and what it reads every call -----------------
+def _bad_inputs(lay):
+    """Inputs _check rejects (and a few it accepts), for a (32, 32) layout of (16, 16) blocks."""
+    nnz = lay.nnz
+    x, v, b = torch.randn(4, 32), torch.randn(nnz, 16, 16), torch.randn(32)
+    return [
+        (x, v, b), (x.double(), v.double(), b.double()), (torch.randn(2, 3, 32), v, None),
+        (x.t().contiguous().t()[:, :32], v, b[::1]),                       # strided x: accepted
+        (torch.randn(32), v, b),                                           # 1-D x: accepted
+        (torch.randn(4, 30), v, b), (torch.tensor(1.0), v, b), (x.half(), v, b), (x.int(), v, b),
+        (x, torch.randn(nnz + 1, 16, 16), b), (x, torch.randn(nnz, 16, 8), b), (x, v.reshape(nnz, 256), b),
+        (x, v.double(), b), (x, v, torch.randn(33)), (x, v, b.double()), (x, v, torch.randn(1, 32)),
+        (x, v.to("meta"), b), (x, v, b.to("meta")), ([[1.0] * 32], v, b), (x, v.numpy(), b),
+    ]
+
+
+def _outcome(fn, *args):
+    try:
+        fn(*args)
+    except Exception as e:    # noqa: BLE001 - the error itself is what is compared
+        return type(e), str(e)
+    return None
+
+
+def test_fast_input_test_accepts_exactly_what_check_accepts():
+    import importlib
+    op = importlib.import_module("sparsebert.ops.bsr_linear")   # the module (its function shadows it)
+    lay = random_layout(2, 2, 0.5, (16, 16), seed=1)
+    consts = op._consts(lay)
+    for x, v, b in _bad_inputs(lay):
+        assert op._accepts(x, v, b, consts) == (_outcome(op._check, x, v, lay, b) is None), \
+            (getattr(x, "shape", x), getattr(v, "shape", v))
+
+
+def test_bad_input_gets_the_same_error_after_good_calls():
+    # The first call fills the layout's cache; every later call is still checked in full.
+    lay = random_layout(2, 2, 0.5, (16, 16), seed=1)
+    fresh = BlockLayout.from_mask(lay.block_mask, lay.block, lay.shape)   # same layout, empty cache
+    x, v, b = _bad_inputs(lay)[0]
+    bsr_linear(x, v, lay, b, backend="reference")
+    for x2, v2, b2 in _bad_inputs(lay)[5:]:
+        got = _outcome(bsr_linear, x2, v2, lay, b2, "reference")
+        assert got is not None and got == _outcome(bsr_linear, x2, v2, fresh, b2, "reference")
+    with pytest.raises(TypeError, match="layout must be a sparsebert.BlockLayout"):
+        bsr_linear(x, v, lay.tensors(), b)
+
+
+def test_dispatch_follows_a_new_layout_new_values_and_grad_mode():
+    from sparsebert import BlockSparseLinear
+    torch.manual_seed(3)
+    layer = BlockSparseLinear.from_dense(torch.nn.Linear(64, 64), 0.25, block=(16, 16), backend="reference")
+    x = torch.randn(5, 64)
+
+    def expect():
+        return x @ layer.dense_weight().detach().T + layer.bias.detach()
+
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expect(), rtol=0, atol=1e-5)
+        old_layout, old_values = layer.layout, layer.values.detach().clone()
+        layer.values.mul_(2)                              # in place: read at the next call
+        torch.testing.assert_close(layer(x), expect(), rtol=0, atol=1e-5)
+        layer.values.data = layer.values.data * 0.5       # .data write: the same
+        torch.testing.assert_close(layer(x), expect(), rtol=0, atol=1e-5)
+        layer.set_layout(old_layout.intersect(torch.rand(4, 4) < 0.5))   # new layout, fewer blocks
+        assert layer.layout.nnz < old_layout.nnz
+        torch.testing.assert_close(layer(x), expect(), rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="values has shape"):       # old values, new layout
+            bsr_linear(x, old_values, layer.layout, layer.bias)
+    y = layer(x.requires_grad_())                          # grad mode on: the autograd path
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert layer.values.grad.shape == layer.values.shape
+
+
+def test_auto_cache_key_follows_the_layout_density(monkeypatch):
+    backends.clear_auto_cache()
+    monkeypatch.setattr(backends, "_candidates", lambda device: ("dense", "reference"))
+    monkeypatch.setattr(backends, "_time_ops", lambda mod, x, v, lt, train, reps=3: {
+        op: (1.0 if mod.NAME == "reference" else 2.0) for op in ("forward", "grad_input", "grad_weight")})
+    full = BlockLayout.dense((32, 32), (16, 16))
+    half = full.intersect(torch.tensor([[True, False], [False, True]]))
+    x = torch.randn(3, 32)
+    bsr_linear(x, torch.randn(full.nnz, 16, 16), full)
+    bsr_linear(x, torch.randn(half.nnz, 16, 16), half)
+    assert sorted(k[5] for k in backends._choice_cache) == [0.5, 1.0]
+    backends.clear_auto_cache()                            # cleared: timed again on the next call
+    bsr_linear(x, torch.randn(half.nnz, 16, 16), half)
+    assert len(backends._choice_cache) == 1
+    backends.clear_auto_cache()
+
+
+def test_layer_reads_parametrized_or_swapped_parameters():
+    # The layer reads values/bias from its parameter dict when they are there, through getattr
+    # otherwise: functional_call's swapped tensors and a parametrization's property are both seen.
+    from torch.func import functional_call
+    from torch.nn.utils import parametrize
+    from sparsebert import BlockSparseLinear
+    torch.manual_seed(4)
+    layer = BlockSparseLinear.from_dense(torch.nn.Linear(32, 32), 0.5, block=(16, 16), backend="reference")
+    x = torch.randn(3, 32)
+
+    def direct(values, bias):
+        return bsr_linear(x, values, layer.layout, bias, backend="reference")
+
+    with torch.no_grad():
+        v2, b2 = torch.randn_like(layer.values), torch.randn_like(layer.bias)
+        assert torch.equal(functional_call(layer, {"values": v2, "bias": b2}, (x,)), direct(v2, b2))
+        assert torch.equal(layer(x), direct(layer.values, layer.bias))
+
+        class Negate(torch.nn.Module):
+            def forward(self, v):
+                return -v
+
+        # (a parametrization of "values" itself clashes with ModuleDict.values in torch)
+        parametrize.register_parametrization(layer, "bias", Negate())
+        assert "bias" not in layer._parameters
+        original = layer.parametrizations.bias.original
+        assert torch.equal(layer(x), direct(layer.values, -original))
+
+
+def test_layer_sees_the_onnx_export_flags_torch_reads():
+    # nn._in_onnx_export reads the two flags torch.onnx.is_in_onnx_export() reads, without its imports.
+    from sparsebert import nn as sbnn
+    assert sbnn._in_onnx_export() is torch.onnx.is_in_onnx_export() is False
+    holders = sbnn._onnx_flag_holders()
+    if holders is None:
+        pytest.skip("this torch keeps the ONNX export flags elsewhere: torch's own function is used")
+    flags, globals_ = holders
+    for obj, attr in ((globals_, "in_onnx_export"), (flags, "_is_onnx_exporting")):
+        old = getattr(obj, attr)
+        setattr(obj, attr, True)
+        try:
+            assert torch.onnx.is_in_onnx_export() and sbnn._in_onnx_export() and sbnn._exporting()
+        finally:
+            setattr(obj, attr, old)
+        assert not sbnn._exporting()
+
+
+def test_plan_names_cached_and_unchanged():
+    assert backends.plan_names("cpu") == ("cpu", "cpu", "cpu")
+    assert backends.plan_names("dense,reference,cpu") == ("dense", "reference", "cpu")
+    assert backends.plan_names("cpu") is backends.plan_names("cpu")

@@ -86,10 +86,23 @@ def _layout_key(layout) -> tuple:
     return layout.shape, layout.block, layout.density
 
 
+def _rounded_layout_key(layout) -> tuple:
+    """:func:`_layout_key` with the density rounded as the ``auto`` cache keys it; for a
+    :class:`BlockLayout` computed once (layouts are immutable: a changed layer has a new one)."""
+    if isinstance(layout, LayoutTensors):
+        shape, block, density = _layout_key(layout)
+        return shape, block, round(density, 2)
+    key = layout._cache.get("auto_key")
+    if key is None:
+        shape, block, density = _layout_key(layout)
+        key = layout._cache["auto_key"] = (shape, block, round(density, 2))
+    return key
+
+
 def _auto_key(device_type: str, dtype, M: int, layout, train: bool) -> tuple:
     m_bucket = 1 << max(0, (max(M, 1) - 1).bit_length())   # next power of two
-    shape, block, density = _layout_key(layout)
-    return (device_type, dtype, m_bucket, shape, block, round(density, 2), train)
+    shape, block, density = _rounded_layout_key(layout)
+    return (device_type, dtype, m_bucket, shape, block, density, train)
 
 
 _OPS = ("forward", "grad_input", "grad_weight")
@@ -121,8 +134,16 @@ def _time_ops(mod, x, values, lt, train: bool, reps: int = 3) -> Dict[str, float
 def plan_names(plan: str):
     """``(forward, grad_input, grad_weight)`` backend names of a plan string: one name for all
     three, or three comma-separated names."""
-    names = plan.split(",")
-    return tuple(names) * 3 if len(names) == 1 else tuple(names)
+    names = _plans.get(plan)
+    if names is None:
+        names = tuple(plan.split(","))
+        names = names * 3 if len(names) == 1 else names
+        if len(_plans) < 1024:      # plans come from a handful of names; never grow unbounded
+            _plans[plan] = names
+    return names
+
+
+_plans: Dict[str, tuple] = {}
 
 
 def cached_choice(device_type: str, dtype, M: int, layout, train: bool) -> Optional[str]:
@@ -142,9 +163,11 @@ def choose(x, values, layout, train: bool = False) -> str:
     its first call (the op layer passes ``"auto"`` through the graph), so a compiled model needs
     no eager warm-up and never falls back to the reference path for want of a timing.
     """
-    key = _auto_key(x.device.type, x.dtype, x.shape[0], layout, train)
-    if key in _choice_cache:
-        return _choice_cache[key]
+    # (x.is_cpu: building x.device.type costs more than the rest of a cache hit)
+    key = _auto_key("cpu" if x.is_cpu else x.device.type, x.dtype, x.shape[0], layout, train)
+    hit = _choice_cache.get(key)
+    if hit is not None:
+        return hit
     lt = layout if isinstance(layout, LayoutTensors) else layout.tensors(x.device)
     reasons = {n: unsupported_reason(n, x, values, lt) for n in _candidates(x.device)}
     usable = [n for n, r in reasons.items() if r is None]
