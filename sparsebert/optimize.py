@@ -31,6 +31,12 @@ What it changes, in place (all of it undone by :func:`unoptimize`):
   (eval mode), runs as :func:`sparsebert.ops.cpu_bsr.add_layernorm_` over ``dense(h)``'s fresh
   output (fp32 CPU; anything else, and every training step, runs Hugging Face's code).
 
+* **BertLayer's feed-forward called directly** when it is not chunked
+  (``chunk_size_feed_forward == 0``, BERT's default): Hugging Face's ``apply_chunking_to_forward``
+  inspects the method's signature on every call; the result is the same call, bit for bit. Only
+  where ``BertLayer.forward`` is the version this restates (transformers 5.x); chunking,
+  cross-attention and the deprecated ``past_key_values`` run Hugging Face's forward.
+
 * **Cheaper CPU dropout** (``dropout="fast"``, default): CPU training dropout masks — hidden
   states and attention probabilities — drawn two elements per 64-bit random number
   (:mod:`sparsebert.fused`): the same keep probability (to 2**-32), different random numbers, so
@@ -139,13 +145,13 @@ class TrainingFusedBlockSparseLinear(BlockSparseLinear):
     gelu_mode = "save"
 
     def forward(self, x):
+        if self.activation != "gelu" or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return BlockSparseLinear.forward(self, x)   # inference (kernel epilogue), traced
         values, bias = self.values, self.bias
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
-        if (self.activation != "gelu" or not needs_grad or torch.compiler.is_compiling()
-                or x.dtype != values.dtype or x.device != values.device
+        needs_grad = x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
+        if (not needs_grad or x.dtype != values.dtype or x.device != values.device
                 or torch.is_autocast_enabled(x.device.type) or x.shape[-1] != self.in_features):
-            return super().forward(x)   # inference (kernel epilogue), traced, autocast, errors
+            return BlockSparseLinear.forward(self, x)   # no gradient wanted, autocast, errors
         return linear_gelu(x, values, self.layout, bias, self.backend, self.gelu_mode == "recompute")
 
 
@@ -154,46 +160,126 @@ _ADD_NORM_CLASSES = ("BertSelfOutput", "BertOutput")
 _add_norm_subclasses: dict = {}
 
 
+_cpu_kernels: list = []   # [cpu_bsr module, or None where its compiled ops do not load]
+
+
+def _cpu_backend():
+    """The ``cpu`` backend module if its compiled ops load here, else None. Decided once: the
+    backend loads ``sparsebert._C`` once per process and keeps the outcome."""
+    if not _cpu_kernels:
+        ok = backends.unavailable_reason("cpu") is None
+        _cpu_kernels.append(backends.get("cpu") if ok else None)
+    return _cpu_kernels[0]
+
+
+def _param(module: nn.Module, name: str):
+    # module._parameters, not Module.__getattr__ (~0.5 us a lookup); getattr for anything else
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
+def _fp32_cpu_or_none(p) -> bool:
+    return p is None or (p.dtype == torch.float32 and p.is_cpu)
+
+
 def _add_norm_ok(module, h, residual) -> bool:
-    ln = module.LayerNorm
-    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and (not module.training or module.dropout.p == 0.0)
-            and h.device.type == "cpu" and h.dtype == torch.float32 and residual.dtype == torch.float32
-            and h.shape == residual.shape and h.is_contiguous() and residual.is_contiguous()
-            and isinstance(ln, nn.LayerNorm) and tuple(ln.normalized_shape) == (h.shape[-1],)
-            and all(p is None or (p.dtype == torch.float32 and p.device.type == "cpu")
-                    for p in (ln.weight, ln.bias))
-            and backends.unavailable_reason("cpu") is None)
+    """Whether ``add_layernorm_`` may run: the same conditions as ever, checked on every call
+    (the module, its LayerNorm and the tensors can all change); only the cpu backend's
+    availability is decided once."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if module.training and module.dropout.p != 0.0:
+        return False
+    if not (h.is_cpu and h.dtype == torch.float32 and residual.dtype == torch.float32
+            and h.shape == residual.shape and h.is_contiguous() and residual.is_contiguous()):
+        return False
+    ln = module._modules["LayerNorm"] if "LayerNorm" in module._modules else module.LayerNorm
+    return (isinstance(ln, nn.LayerNorm) and tuple(ln.normalized_shape) == (h.shape[-1],)
+            and _fp32_cpu_or_none(_param(ln, "weight")) and _fp32_cpu_or_none(_param(ln, "bias"))
+            and _cpu_backend() is not None)
 
 
 def _add_norm_forward(self, hidden_states, input_tensor):
     h = self.dense(hidden_states)
     if _add_norm_ok(self, h, input_tensor):
-        from .ops.cpu_bsr import add_layernorm_
+        ln = self.LayerNorm
         # h is dense()'s own new output, the dropout is the identity: overwrite it
-        return add_layernorm_(h, input_tensor, self.LayerNorm.weight, self.LayerNorm.bias,
-                              self.LayerNorm.eps)
+        return _cpu_backend().add_layernorm_(h, input_tensor, _param(ln, "weight"),
+                                             _param(ln, "bias"), ln.eps)
     h = self.dropout(h)
     return self.LayerNorm(h + input_tensor)
 
 
-def _add_norm_class(cls):
-    """The subclass of Hugging Face's ``cls`` (BertSelfOutput / BertOutput) whose forward fuses
-    the residual add and LayerNorm at CPU inference; a module attribute, so models pickle."""
-    sub = _add_norm_subclasses.get(cls)
+def _subclass(registry: dict, prefix: str, cls, forward):
+    """The subclass ``prefix + cls.__name__`` of ``cls`` with ``forward``, made once; a module
+    attribute, so models pickle (:func:`__getattr__` rebuilds it in a new process)."""
+    sub = registry.get(cls)
     if sub is None:
-        name = f"AddNorm{cls.__name__}"
-        sub = type(name, (cls,), {"forward": _add_norm_forward, "__module__": __name__,
-                                  "_sparsebert_base": cls})
+        name = f"{prefix}{cls.__name__}"
+        sub = type(name, (cls,), {"forward": forward, "__module__": __name__, "_sparsebert_base": cls})
         sub.__qualname__ = name
         globals()[name] = sub
-        _add_norm_subclasses[cls] = sub
+        registry[cls] = sub
     return sub
+
+
+def _add_norm_class(cls):
+    """The subclass of Hugging Face's ``cls`` (BertSelfOutput / BertOutput) whose forward fuses
+    the residual add and LayerNorm at CPU inference."""
+    return _subclass(_add_norm_subclasses, "AddNorm", cls, _add_norm_forward)
 
 
 def _fusable_add_norm(m: nn.Module) -> bool:
     return (type(m).__name__ in _ADD_NORM_CLASSES and isinstance(getattr(m, "LayerNorm", None), nn.LayerNorm)
             and isinstance(getattr(m, "dropout", None), nn.Dropout) and hasattr(m, "dense"))
+
+
+# ---- BertLayer's feed-forward called directly ------------------------------------------------
+# Hugging Face's BertLayer.forward ends with apply_chunking_to_forward(self.feed_forward_chunk,
+# self.chunk_size_feed_forward, 1, attention_output), which runs inspect.signature on the bound
+# method at every call (~15 us, 6 times per MiniLM forward) before calling
+# feed_forward_chunk(attention_output) when the chunk size is 0 (BERT's default). The subclass
+# below makes that call itself and hands every other case (chunking, cross-attention, the
+# deprecated past_key_values) to Hugging Face's forward. It restates one version of that forward,
+# so it is used only where BertLayer.forward has the signature and the names this was written
+# against (transformers 5.x); elsewhere layers are left alone.
+_LAYER_CLASSES = ("BertLayer",)
+_LAYER_PARAMS = ("self", "hidden_states", "attention_mask", "encoder_hidden_states",
+                 "encoder_attention_mask", "cache", "kwargs")
+_LAYER_NAMES = frozenset(("attention", "is_decoder", "hasattr", "ValueError", "crossattention",
+                          "apply_chunking_to_forward", "feed_forward_chunk",
+                          "chunk_size_feed_forward", "seq_len_dim"))
+_direct_ff_subclasses: dict = {}
+_direct_ff_checked: dict = {}      # BertLayer class -> whether its forward is the one restated
+
+
+def _direct_ff_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                       encoder_attention_mask=None, cache=None, **kwargs):
+    if (self.chunk_size_feed_forward or (self.is_decoder and encoder_hidden_states is not None)
+            or "past_key_values" in kwargs):
+        return self._sparsebert_base.forward(self, hidden_states, attention_mask, encoder_hidden_states,
+                                             encoder_attention_mask, cache=cache, **kwargs)
+    attention_output, _ = self.attention(hidden_states, attention_mask, cache=cache, **kwargs)
+    return self.feed_forward_chunk(attention_output)
+
+
+def _direct_ff_ok(cls) -> bool:
+    ok = _direct_ff_checked.get(cls)
+    if ok is None:
+        fn = inspect.unwrap(cls.forward)
+        try:
+            params = tuple(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            params = ()
+        code = getattr(fn, "__code__", None)
+        ok = (params == _LAYER_PARAMS and code is not None and frozenset(code.co_names) == _LAYER_NAMES
+              and callable(getattr(cls, "feed_forward_chunk", None)))
+        _direct_ff_checked[cls] = ok
+    return ok
+
+
+def _direct_ff_class(cls):
+    return _subclass(_direct_ff_subclasses, "DirectFF", cls, _direct_ff_forward)
 
 
 # ---- the MLM head at labelled positions -------------------------------------------------------
@@ -346,6 +432,9 @@ def optimize(model: nn.Module, *, labelled_head: bool = True, sdpa: bool = True,
         for m in model.modules():
             if _fusable_add_norm(m):
                 m.__class__ = _add_norm_class(type(m))
+    for m in model.modules():
+        if type(m).__name__ in _LAYER_CLASSES and _direct_ff_ok(type(m)):
+            m.__class__ = _direct_ff_class(type(m))
     handles = []
     head = _mlm_head(model) if labelled_head else None
     if head is not None:
@@ -374,7 +463,8 @@ def unoptimize(model: nn.Module) -> nn.Module:
         if type(m) is FastDropout:
             m.__class__ = nn.Dropout
         base = type(m).__dict__.get("_sparsebert_base")
-        if base is not None and type(m) in _add_norm_subclasses.values():
+        if base is not None and (type(m) in _add_norm_subclasses.values()
+                                 or type(m) in _direct_ff_subclasses.values()):
             m.__class__ = base
         if type(m) is TrainingFusedBlockSparseLinear:
             m.__class__ = BlockSparseLinear
@@ -388,8 +478,10 @@ def is_optimized(model: nn.Module) -> bool:
 
 
 def __getattr__(name):
-    # Unpickling an optimized model in a new process: build the add-norm subclass on demand.
-    if name.startswith("AddNorm") and name[len("AddNorm"):] in _ADD_NORM_CLASSES:
-        from transformers.models.bert import modeling_bert
-        return _add_norm_class(getattr(modeling_bert, name[len("AddNorm"):]))
+    # Unpickling an optimized model in a new process: build the subclass on demand.
+    for prefix, bases, make in (("AddNorm", _ADD_NORM_CLASSES, _add_norm_class),
+                                ("DirectFF", _LAYER_CLASSES, _direct_ff_class)):
+        if name.startswith(prefix) and name[len(prefix):] in bases:
+            from transformers.models.bert import modeling_bert
+            return make(getattr(modeling_bert, name[len(prefix):]))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

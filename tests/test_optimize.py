@@ -433,3 +433,137 @@ def test_add_norm_classes_pickle_and_unoptimize():
     unoptimize(m)
     assert type(m.bert.encoder.layer[1].output).__name__ == "BertOutput"
     assert type(m.bert.encoder.layer[1].attention.output).__name__ == "BertSelfOutput"
+
+
+def test_add_norm_fusion_follows_changes_to_the_blocks(monkeypatch):
+    # Every condition is read at each call: a block whose LayerNorm, mode or backend changes after
+    # optimize (and after fused calls) runs Hugging Face's code, and the output stays that model's.
+    cpu_bsr = _cpu_backend_or_skip()
+    opt_mod = _optimize_module()
+    ref = _model("block", torch.float32, dropout=0.1).eval()
+    opt = optimize(copy.deepcopy(ref)).eval()
+    calls = []
+    real = cpu_bsr.add_layernorm_
+    monkeypatch.setattr(cpu_bsr, "add_layernorm_", lambda *a: calls.append(1) or real(*a))
+    ids, _ = _batch()
+
+    def run():
+        calls.clear()
+        with torch.no_grad():
+            a, b = ref.bert(input_ids=ids).last_hidden_state, opt.bert(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        return len(calls)
+
+    assert run() == 4
+    for m in (ref, opt):                        # no LayerNorm any more in one block
+        m.bert.encoder.layer[1].output.LayerNorm = torch.nn.Identity()
+    assert run() == 3
+    for m in (ref, opt):                        # a LayerNorm without affine parameters: fused
+        m.bert.encoder.layer[1].output.LayerNorm = torch.nn.LayerNorm(64, elementwise_affine=False)
+    assert run() == 4
+    calls.clear()
+    opt.bert.encoder.layer[0].attention.output.train()    # training mode, dropout on: not fused
+    with torch.no_grad():
+        opt.bert(input_ids=ids)
+    assert len(calls) == 3
+    for m in (ref, opt):
+        m.bert.encoder.layer[0].attention.output.eval()
+        m.bert.encoder.layer[0].attention.output.dropout.p = 0.0
+        m.bert.encoder.layer[0].attention.output.train()       # training mode, p = 0: fused
+    assert run() == 4
+    monkeypatch.setattr(opt_mod, "_cpu_kernels", [None])        # no cpu kernels here: none fused
+    assert run() == 0
+
+
+def _optimize_module():
+    import importlib
+    return importlib.import_module("sparsebert.optimize")    # (sparsebert.optimize is the function)
+
+
+def _direct_ff_or_skip():
+    from transformers.models.bert.modeling_bert import BertLayer
+    opt_mod = _optimize_module()
+    if not opt_mod._direct_ff_ok(BertLayer):
+        pytest.skip("this transformers' BertLayer.forward is not the one optimize restates")
+    return opt_mod
+
+
+def _base_layers(model):
+    """A copy of ``model`` whose DirectFF layers are Hugging Face's BertLayer again."""
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if type(mod).__name__ == "DirectFFBertLayer":
+            mod.__class__ = type(mod)._sparsebert_base
+    return m
+
+
+@pytest.mark.parametrize("kind", ["dense", "block"])
+def test_direct_feed_forward_is_bitwise_hugging_faces_layer(kind, monkeypatch):
+    opt_mod = _direct_ff_or_skip()
+    from transformers import pytorch_utils
+    from transformers.models.bert import modeling_bert
+    opt = optimize(_model(kind, torch.float32, dropout=0.1))
+    assert all(type(layer).__name__ == "DirectFFBertLayer" for layer in opt.bert.encoder.layer)
+    base = _base_layers(opt)
+    chunked = []
+    real = pytorch_utils.apply_chunking_to_forward
+    monkeypatch.setattr(modeling_bert, "apply_chunking_to_forward",
+                        lambda fn, size, *a: chunked.append(size) or real(fn, size, *a))
+    ids, labels = _batch()
+    with torch.no_grad():                       # inference: bit for bit, HF's chunking never asked
+        opt.eval(), base.eval()
+        assert torch.equal(opt.bert(input_ids=ids).last_hidden_state, base.bert(input_ids=ids).last_hidden_state)
+    assert len(chunked) == 2                    # only the base model's two layers
+    opt.train(), base.train()                   # training, with dropout: same draws, same bits
+    (o1, g1), (o2, g2) = _loss_and_grads(opt, ids, labels), _loss_and_grads(base, ids, labels)
+    assert torch.equal(o1.loss, o2.loss) and all(torch.equal(g1[n], g2[n]) for n in g2)
+    checkpointed = []
+    for m in (opt, base):                       # gradient checkpointing: the wrapper still applies
+        (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
+        for layer in m.bert.encoder.layer:
+            real_ckpt = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = (
+                lambda *a, f=real_ckpt, **k: checkpointed.append(1) or f(*a, **k))
+    (o1, g1), (o2, g2) = _loss_and_grads(opt, ids, labels), _loss_and_grads(base, ids, labels)
+    assert torch.equal(o1.loss, o2.loss) and all(torch.equal(g1[n], g2[n]) for n in g2)
+    assert len(checkpointed) == 4
+    chunked.clear()
+    for m in (opt, base):                       # a chunked feed-forward: Hugging Face's code
+        (getattr(m, "activation_checkpointing_disable", None) or m.gradient_checkpointing_disable)()
+        m.eval()
+        for layer in m.bert.encoder.layer:
+            layer.chunk_size_feed_forward = 8
+    with torch.no_grad():
+        assert torch.equal(opt.bert(input_ids=ids).last_hidden_state, base.bert(input_ids=ids).last_hidden_state)
+    assert chunked == [8] * 4
+    assert opt_mod._direct_ff_ok(type(opt.bert.encoder.layer[0])._sparsebert_base)
+
+
+def test_direct_feed_forward_layers_pickle_and_unoptimize():
+    _direct_ff_or_skip()
+    import pickle
+    m = optimize(_model("block", torch.float32)).eval()
+    m2 = pickle.loads(pickle.dumps(m))
+    assert type(m2.bert.encoder.layer[0]) is type(m.bert.encoder.layer[0])
+    assert type(m.bert.encoder.layer[0]).__name__ == "DirectFFBertLayer"
+    unoptimize(m)
+    assert {type(layer).__name__ for layer in m.bert.encoder.layer} == {"BertLayer"}
+    assert not any(type(x).__module__ == "sparsebert.optimize" for x in m.modules())
+
+
+def test_a_changed_bert_layer_forward_is_left_alone(monkeypatch):
+    # optimize restates one version of BertLayer.forward: any other is left to Hugging Face.
+    opt_mod = _direct_ff_or_skip()
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    class OtherLayer(BertLayer):
+        def forward(self, hidden_states, attention_mask=None, **kwargs):
+            return super().forward(hidden_states, attention_mask, **kwargs) * 2
+
+    assert not opt_mod._direct_ff_ok(OtherLayer)
+    m = _model("block", torch.float32)
+    for layer in m.bert.encoder.layer:
+        layer.__class__ = OtherLayer
+    monkeypatch.setattr(opt_mod, "_LAYER_CLASSES", ("OtherLayer",))
+    optimize(m)
+    assert {type(layer) for layer in m.bert.encoder.layer} == {OtherLayer}
