@@ -363,3 +363,23 @@ def test_plan_names_cached_and_unchanged():
     assert backends.plan_names("cpu") == ("cpu", "cpu", "cpu")
     assert backends.plan_names("dense,reference,cpu") == ("dense", "reference", "cpu")
     assert backends.plan_names("cpu") is backends.plan_names("cpu")
+
+
+def test_layer_compiles_whole_and_matches_eager():
+    # The layer's forward (its parameter-dict reads, the export test) traces without a graph break.
+    from sparsebert import BlockSparseLinear
+    torch.manual_seed(0)
+    layer = BlockSparseLinear.from_dense(torch.nn.Linear(32, 48), 0.5, block=(16, 16), backend="reference")
+    layer.activation = "gelu"
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    grad = layer.values.grad.clone()
+    layer.values.grad = None
+    y_eager = layer(x)
+    y_eager.sum().backward()
+    torch.testing.assert_close(y, y_eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, layer.values.grad, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
