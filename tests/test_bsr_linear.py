@@ -383,3 +383,26 @@ def test_layer_compiles_whole_and_matches_eager():
     torch.testing.assert_close(grad, layer.values.grad, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x), rtol=1e-6, atol=1e-6)
+
+
+def test_backend_environment_variable_read_at_every_call(monkeypatch):
+    lay = random_layout(2, 2, 0.5, (16, 16), seed=6)
+    x, v = torch.randn(3, 32), torch.randn(lay.nnz, 16, 16)
+    used = []
+    for name in ("reference", "dense"):
+        mod = backends.get(name)
+        monkeypatch.setattr(mod, "forward", lambda *a, _f=mod.forward, _n=name, **k: used.append(_n) or _f(*a, **k))
+    monkeypatch.setattr(backends, "choose", lambda *a, **k: "dense")
+    bsr_linear(x, v, lay)
+    monkeypatch.setenv("SPARSEBERT_BACKEND", "reference")
+    bsr_linear(x, v, lay)
+    monkeypatch.setenv("SPARSEBERT_BACKEND", "")              # empty: auto
+    bsr_linear(x, v, lay)
+    monkeypatch.setenv("SPARSEBERT_BACKEND", "reference")
+    bsr_linear(x, v, lay, backend="dense")                     # a named backend wins
+    monkeypatch.delenv("SPARSEBERT_BACKEND")
+    bsr_linear(x, v, lay)
+    import os
+    monkeypatch.setattr(os, "environ", {"SPARSEBERT_BACKEND": "reference"})   # another mapping
+    bsr_linear(x, v, lay)
+    assert used == ["dense", "reference", "dense", "dense", "dense", "reference"]

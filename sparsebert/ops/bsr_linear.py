@@ -378,7 +378,7 @@ def resolve_backend(backend: str, x2: Tensor, values: Tensor, layout: BlockLayou
 def _resolve(backend: str, x2: Tensor, values: Tensor, layout: BlockLayout, train: bool,
              compiling: bool) -> str:
     if backend == "auto":
-        backend = os.environ.get("SPARSEBERT_BACKEND", "auto") or "auto"
+        backend = _env_backend()
     if backend == "auto":
         if compiling:
             return _AUTO_TRAIN if train else _AUTO
@@ -395,6 +395,24 @@ def _resolve(backend: str, x2: Tensor, values: Tensor, layout: BlockLayout, trai
 
 
 _supported = {}   # (backend, device, dtype, shape, block) already checked
+
+_ENV_NAME = "SPARSEBERT_BACKEND"
+try:   # CPython's os.environ keeps its entries, encoded, in a dict that every write updates
+    _environ, _environ_data = os.environ, os.environ._data
+    _environ_key, _environ_decode = os.environ.encodekey(_ENV_NAME), os.environ.decodevalue
+except AttributeError:   # pragma: no cover - another os.environ
+    _environ = None
+
+
+def _env_backend() -> str:
+    """``SPARSEBERT_BACKEND`` or ``"auto"``, read at every call. From os.environ's own dict where
+    it has one: ``os.environ.get`` goes through the Mapping machinery (~1 us, once per layer call)."""
+    if os.environ is _environ:
+        raw = _environ_data.get(_environ_key)
+        value = None if raw is None else _environ_decode(raw)
+    else:
+        value = os.environ.get(_ENV_NAME)
+    return value or "auto"
 
 
 ACTIVATIONS = ("none", "gelu")
