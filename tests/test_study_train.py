@@ -223,3 +223,23 @@ def test_keep_freed_memory_sets_glibc_thresholds_in_a_subprocess():
     assert out.returncode == 0, out.stderr
     expect = "True True" if platform.libc_ver()[0] == "glibc" else "False False"
     assert out.stdout.split()[-2:] == expect.split()
+
+
+def test_start_model_head_is_the_same_whatever_the_global_rng(tmp_path):
+    # MiniLM ships no MLM head: its random init must not depend on the caller's RNG state
+    from transformers import BertConfig, BertModel
+    from sparsebert.study.pretrain import load_minilm_mlm
+    BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path)
+    torch.manual_seed(1)
+    a = load_minilm_mlm(tmp_path)
+    torch.rand(1000)
+    after = torch.rand(3)
+    torch.manual_seed(2)
+    b = load_minilm_mlm(tmp_path)
+    for (n, p), q in zip(a.cls.named_parameters(), b.cls.parameters()):
+        assert torch.equal(p, q), n
+    torch.manual_seed(1)
+    load_minilm_mlm(tmp_path)
+    torch.rand(1000)
+    assert torch.equal(torch.rand(3), after)          # the caller's RNG stream is untouched

@@ -99,7 +99,12 @@ def load_minilm_mlm(model_dir: Path) -> nn.Module:
     _quiet_transformers()
     from safetensors.torch import load_file
     from transformers import BertForMaskedLM
-    model = BertForMaskedLM.from_pretrained(str(model_dir))
+    # the weights MiniLM lacks (the MLM head's transform) are initialised from a fixed seed, not
+    # from whatever state the global RNG is in (it differed between a fresh and a cached data
+    # fetch, and so did every result downstream); the caller's RNG is left as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertForMaskedLM.from_pretrained(str(model_dir))
     sd = load_file(str(Path(model_dir) / "model.safetensors"))
     pooler = {k.split("pooler.", 1)[1]: v for k, v in sd.items() if "pooler." in k}
     return attach_pooler(model, pooler)
