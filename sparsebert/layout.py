@@ -110,6 +110,11 @@ def as_bool_mask(mask, what: str = "mask") -> torch.Tensor:
     return m != 0
 
 
+def _as_device(device) -> torch.device:
+    """A ``torch.device`` (a cache key: equal devices hash equal, as their strings do)."""
+    return device if isinstance(device, torch.device) else torch.device(device if device is not None else "cpu")
+
+
 class BlockLayout:
     """The kept ``[bn, bk]`` blocks of an ``[N, K]`` weight. Immutable and hashable.
 
@@ -264,21 +269,20 @@ class BlockLayout:
 
     def index(self, device=None) -> torch.Tensor:
         """The packed int32 index (see :func:`pack_index`) on ``device``, cached per device."""
-        device = torch.device(device if device is not None else "cpu")
-        key = ("index", str(device))
+        key = ("index", _as_device(device))
         if key not in self._cache:
-            self._cache[key] = self._cpu_index().to(device)
+            self._cache[key] = self._cpu_index().to(key[1])
         return self._cache[key]
 
     def tensors(self, device=None) -> LayoutTensors:
         """The index arrays (views of :meth:`index`) on ``device``, cached per device."""
-        device = torch.device(device if device is not None else "cpu")
-        key = ("tensors", str(device))
-        if key not in self._cache:
+        key = ("tensors", _as_device(device))
+        hit = self._cache.get(key)     # on every layer call: keep a hit to one lookup
+        if hit is None:
             N, K = self.shape
             bn, bk = self.block
-            self._cache[key] = unpack_index(self.index(device), N, K, bn, bk, self.nnz)
-        return self._cache[key]
+            hit = self._cache[key] = unpack_index(self.index(key[1]), N, K, bn, bk, self.nnz)
+        return hit
 
     # ---- conversions --------------------------------------------------------------------
     def element_mask(self) -> torch.Tensor:

@@ -327,14 +327,13 @@ class _LayoutConsts:
     layout object. Layouts are immutable (a layer that prunes or loads gets a new layout object,
     with an empty cache), so nothing here can go stale; what the inputs are is read every call."""
 
-    __slots__ = ("N", "K", "values_shape", "bias_shape", "tensors")
+    __slots__ = ("N", "K", "values_shape", "bias_shape")
 
     def __init__(self, layout: BlockLayout):
         self.N, self.K = layout.shape
         bn, bk = layout.block
         self.values_shape = (layout.nnz, bn, bk)
         self.bias_shape = (self.N,)
-        self.tensors = {}         # torch.device -> layout.tensors(device)
 
 
 def _consts(layout) -> Optional[_LayoutConsts]:
@@ -483,10 +482,7 @@ def bsr_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Te
         args = (x2, values, bias, layout.index(x.device), N, K, bn, bk, name)
         y = _bsr_fwd_gelu(*args) if fuse_gelu else _bsr_fwd(*args)
     else:
-        device = x2.device
-        lt = consts.tensors.get(device)
-        if lt is None:
-            lt = consts.tensors[device] = layout.tensors(device)
+        lt = layout.tensors(x2.device)
         plan = backends.plan_names(name)
         with _eager_no_autocast(x2):
             if fuse_gelu:
