@@ -167,6 +167,15 @@ __attribute__((always_inline)) inline vec vgelu(vec x) {
   return vabs(h) * e + h;  // h (1 + erf(x / sqrt 2)), erf odd
 }
 #else
+// c[0] x^(N-1) + ... + c[N-1], highest power first (p * x - c and p * x + (-c) round alike)
+template <int N>
+__attribute__((always_inline)) inline vec horner(vec x, const float (&c)[N]) {
+  vec p = vec{} + c[0];
+#pragma GCC unroll 16
+  for (int j = 1; j < N; ++j) p = p * x + c[j];
+  return p;
+}
+
 inline vec vfloor(vec x) {  // for |x| < 2^31
   const vec n = __builtin_convertvector(__builtin_convertvector(x, ivec), vec);
   return n > x ? n - 1.0f : n;  // the conversion truncates toward zero
@@ -184,13 +193,9 @@ __attribute__((always_inline)) inline vec vexp(vec x) {  // for x <= 0 (here -z^
   const vec fx = x * 1.44269504088896341f + 0.5f;
   const vec n = vfloor(fx);
   const vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vec p = vec{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vec y = p * r * r + r + 1.0f;
+  static constexpr float c[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  const vec y = horner(r, c) * r * r + r + 1.0f;
   return vldexp(y, n);
 }
 
@@ -198,26 +203,16 @@ __attribute__((always_inline)) inline vec vgelu(vec x) {
   const vec ax = vabs(x);
   const vec h = 0.5f * x;
   const vec s = x * x;
-  vec p = vec{} + 8.677357073e-07f;
-  p = p * s - 1.770018571e-05f;
-  p = p * s + 2.292938298e-04f;
-  p = p * s - 2.373564057e-03f;
-  p = p * s + 1.994674839e-02f;
-  p = p * s - 1.329807192e-01f;
-  p = p * s + 7.978845835e-01f;
-  const vec small = h * (x * p) + h;
+  static constexpr float cp[] = {8.677357073e-07f, -1.770018571e-05f, 2.292938298e-04f,
+                                 -2.373564057e-03f, 1.994674839e-02f, -1.329807192e-01f,
+                                 7.978845835e-01f};
+  const vec small = h * (x * horner(s, cp)) + h;
   const vec u = vmin(ax, vec{} + 7.071067812f) - 4.242640687f;
-  vec r = vec{} - 4.780088769e-09f;
-  r = r * u + 7.042984862e-08f;
-  r = r * u - 6.421403214e-07f;
-  r = r * u + 5.369264727e-06f;
-  r = r * u - 4.337858263e-05f;
-  r = r * u + 3.383603180e-04f;
-  r = r * u - 2.620585728e-03f;
-  r = r * u + 2.130286396e-02f;
-  r = r * u - 2.147862613e-01f;
-  r = r * u - 1.720363021e+00f;
-  const vec q = r - h * x;  // -x^2 / 2 + R, one rounding (FMA)
+  static constexpr float cr[] = {-4.780088769e-09f, 7.042984862e-08f, -6.421403214e-07f,
+                                 5.369264727e-06f, -4.337858263e-05f, 3.383603180e-04f,
+                                 -2.620585728e-03f, 2.130286396e-02f, -2.147862613e-01f,
+                                 -1.720363021e+00f};
+  const vec q = horner(u, cr) - h * x;  // -x^2 / 2 + R, one rounding (FMA)
   const vec he = h * vexp(q);  // vexp clamps q at -87.3
   const vec big = x > 0.0f ? x - he : he;
   const vec g = ax <= 1.414213562f ? small : big;
