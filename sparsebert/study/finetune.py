@@ -85,9 +85,8 @@ class SequenceModel(nn.Module):
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
         h = out.last_hidden_state
         if self.pooling == "mean":
-            m = (torch.ones(h.shape[:2], device=h.device) if attention_mask is None
-                 else attention_mask).unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+            pooled = mean_pool(h, torch.ones(h.shape[:2], device=h.device) if attention_mask is None
+                               else attention_mask)
         else:
             pooled = out.pooler_output if out.pooler_output is not None else h[:, 0]
         return self.classifier(self.dropout(pooled))
@@ -110,6 +109,12 @@ def load_encoder(path) -> nn.Module:
         elif not saved and bert.pooler is not None:
             bert.pooler = None
     return load_sparse(path, model=model)
+
+
+def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L, H]`` hidden states averaged over each sequence's real tokens (mask 1): ``[B, H]``."""
+    m = attention_mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1)
 
 
 def encode(tokenizer, texts: Sequence[str], max_len: int) -> List[List[int]]:

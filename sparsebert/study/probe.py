@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .data import TaskData
-from .finetune import collate, encode, metrics
+from .finetune import collate, encode, mean_pool, metrics
 from .training import autocast, pick_device
 
 
@@ -50,8 +50,7 @@ def pooled_features(encoder: nn.Module, seqs: Sequence[Sequence[int]], pad_id: i
         ids, att = ids.to(device), att.to(device)
         with autocast(device, amp):
             h = encoder(input_ids=ids, attention_mask=att).last_hidden_state
-        m = att.unsqueeze(-1).to(h.dtype)
-        pooled = ((h * m).sum(1) / m.sum(1).clamp_min(1)).double().cpu()
+        pooled = mean_pool(h, att).double().cpu()
         for k, j in enumerate(idx):
             out[j] = pooled[k]
         i += n
