@@ -421,6 +421,14 @@ class MaskedEmbedding(nn.Embedding, _MaskedMixin):
         return super().extra_repr() + f", density={self.density:.3f}"
 
 
+def param_of(module: nn.Module, name: str):
+    """``getattr(module, name)``, from the module's parameter dict where it is there
+    (``Module.__getattr__`` costs ~0.5 us a lookup, on every layer call); anything else of that
+    name (a parametrization's property, a plain attribute) through getattr."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name)
+
+
 def _exporting() -> bool:
     """True while torch.export (the dynamo ONNX exporter), the TorchScript ONNX exporter or
     torch.jit.trace is tracing: the block-sparse layers then run as their dense equivalent."""
@@ -582,13 +590,8 @@ class BlockSparseLinear(nn.Module):
                 bias = None if bias is None else bias.data
             y = F.linear(x, _export_scatter(self.layout, values), bias)
             return F.gelu(y) if self.activation == "gelu" else y
-        # Parameters straight from the module's dict (self.values goes through Module.__getattr__,
-        # ~0.5 us each); anything else named so (a parametrization's property) through getattr.
-        params = self._parameters
-        values = params["values"] if "values" in params else self.values
-        bias = params["bias"] if "bias" in params else self.bias
-        return bsr_linear(x, values, self.layout, bias, backend=self.backend,
-                          activation=self.activation)
+        return bsr_linear(x, param_of(self, "values"), self.layout, param_of(self, "bias"),
+                          backend=self.backend, activation=self.activation)
 
     def to_dense(self) -> nn.Linear:
         """The equivalent ``nn.Linear`` (zeros in pruned blocks). A fused activation is not part of

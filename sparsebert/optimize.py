@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import BlockSparseLinear
+from .nn import BlockSparseLinear, param_of
 from .ops import backends
 from .ops.bsr_linear import resolve_backend
 
@@ -172,12 +172,6 @@ def _cpu_backend():
     return _cpu_kernels[0]
 
 
-def _param(module: nn.Module, name: str):
-    # module._parameters, not Module.__getattr__ (~0.5 us a lookup); getattr for anything else
-    params = module._parameters
-    return params[name] if name in params else getattr(module, name)
-
-
 def _fp32_cpu_or_none(p) -> bool:
     return p is None or (p.dtype == torch.float32 and p.is_cpu)
 
@@ -195,7 +189,7 @@ def _add_norm_ok(module, h, residual) -> bool:
         return False
     ln = module._modules["LayerNorm"] if "LayerNorm" in module._modules else module.LayerNorm
     return (isinstance(ln, nn.LayerNorm) and tuple(ln.normalized_shape) == (h.shape[-1],)
-            and _fp32_cpu_or_none(_param(ln, "weight")) and _fp32_cpu_or_none(_param(ln, "bias"))
+            and _fp32_cpu_or_none(param_of(ln, "weight")) and _fp32_cpu_or_none(param_of(ln, "bias"))
             and _cpu_backend() is not None)
 
 
@@ -204,8 +198,8 @@ def _add_norm_forward(self, hidden_states, input_tensor):
     if _add_norm_ok(self, h, input_tensor):
         ln = self.LayerNorm
         # h is dense()'s own new output, the dropout is the identity: overwrite it
-        return _cpu_backend().add_layernorm_(h, input_tensor, _param(ln, "weight"),
-                                             _param(ln, "bias"), ln.eps)
+        return _cpu_backend().add_layernorm_(h, input_tensor, param_of(ln, "weight"),
+                                             param_of(ln, "bias"), ln.eps)
     h = self.dropout(h)
     return self.LayerNorm(h + input_tensor)
 
