@@ -456,9 +456,8 @@ def unoptimize(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if type(m) is FastDropout:
             m.__class__ = nn.Dropout
-        base = type(m).__dict__.get("_sparsebert_base")
-        if base is not None and (type(m) in _add_norm_subclasses.values()
-                                 or type(m) in _direct_ff_subclasses.values()):
+        base = type(m).__dict__.get("_sparsebert_base")    # set only by _subclass
+        if base is not None:
             m.__class__ = base
         if type(m) is TrainingFusedBlockSparseLinear:
             m.__class__ = BlockSparseLinear
