@@ -235,3 +235,38 @@ def test_every_download_happens_before_the_workers_start(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         R.Study(p, tmp_path / "out", cache, progress=False, log=lambda m: None).run()
     assert seen["tasks"] == ["movie-score", "polarity"]
+
+
+def test_a_time_limit_starts_no_new_encoder_and_the_report_names_those_left_out(tmp_path, cache, monkeypatch):
+    import time
+    calls = counting(monkeypatch)
+    out, logs = tmp_path / "out", []
+    st = R.Study(tiny_preset(tasks=("polarity",)), out, cache, progress=False, log=logs.append,
+                 deadline=time.time() + 3600)
+    counted = R.pretrain
+
+    def limit_passes_during_the_first(*a, **k):
+        st.deadline = time.time() - 1.0          # the limit passes while the dense encoder pre-trains
+        return counted(*a, **k)
+    monkeypatch.setattr(R, "pretrain", limit_passes_during_the_first)
+    rows = st.run(parallel=False)
+    # the encoder that was running finished (its fine-tuning included); the other two never started
+    assert calls == {"pretrain": 1, "finetune": 1}
+    assert {r["mode"] for r in rows} == {"dense"}
+    assert any("2 of 3 encoders not run" in l for l in logs)
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["left_out"] == ["unstructured 50% seed 0", "block 32x32 50% seed 0"]
+    assert "Partial study" in (out / "results.md").read_text()
+    # the same study without a limit resumes: only the two missing encoders run
+    monkeypatch.setattr(R, "pretrain", counted)
+    rows = R.Study(tiny_preset(tasks=("polarity",)), out, cache, progress=False, log=logs.append).run(parallel=False)
+    assert calls == {"pretrain": 3, "finetune": 3}
+    assert {r["mode"] for r in rows} == {"dense", "unstructured", "block"}
+    assert "Partial study" not in (out / "results.md").read_text()
+
+
+def test_study_cli_time_limit_must_be_positive():
+    from sparsebert.cli import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["study", "--time-limit", "0"])
+    assert build_parser().parse_args(["study", "--time-limit", "300"]).time_limit == 300.0

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def _common(s):
 
 
 def _cmd_study(args) -> int:
+    # counted from the command's start: data fetch and head fit included
+    deadline = None if args.time_limit is None else time.time() + args.time_limit
     require_device(args.device)
     from .training import configure_threads, keep_freed_memory
     from .data import TASKS, DataUnavailable
@@ -123,12 +126,12 @@ def _cmd_study(args) -> int:
             raise UsageError(f"--workers {args.workers} under torchrun: the ranks already share the encoder jobs "
                              "(one rank, one process); leave --workers out")
         return run_study_ranks(replace(p, workers=1), out, args.cache_dir, args.device, args.threads,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, deadline=deadline)
     threads = configure_threads(args.threads)
     keep_freed_memory()
     print(f"torch CPU threads: {threads}")
     try:
-        Study(p, out, args.cache_dir, device=args.device, progress=not args.no_progress).run()
+        Study(p, out, args.cache_dir, device=args.device, progress=not args.no_progress, deadline=deadline).run()
     except DataUnavailable as e:
         print(f"sparsebert: error: {e}", file=sys.stderr)
         return 3
@@ -136,7 +139,7 @@ def _cmd_study(args) -> int:
 
 
 def run_study_ranks(preset, out, cache_dir=None, device: str = "auto", threads=None, progress: bool = True,
-                    timeout_h: float = 72.0) -> int:
+                    timeout_h: float = 72.0, deadline=None) -> int:
     """``sparsebert study`` under torchrun: every rank is one process of the study's job pool
     (:meth:`Study.run_ranks`: rank r runs encoder jobs r, r + N, ...; rank 0 then reports).
 
@@ -172,7 +175,7 @@ def run_study_ranks(preset, out, cache_dir=None, device: str = "auto", threads=N
 
     log = print if rank == 0 else (lambda m: None)
     try:
-        st = Study(preset, out, cache_dir, device=dev, progress=progress and rank == 0, log=log)
+        st = Study(preset, out, cache_dir, device=dev, progress=progress and rank == 0, log=log, deadline=deadline)
         st.run_ranks(rank, world, sync, failed)
     except DataUnavailable as e:
         print(f"sparsebert: error: {e}", file=sys.stderr)
@@ -369,6 +372,10 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--workers", type=positive_int, default=None,
                    help="processes that run the encoders (pre-training, probe, fine-tuning) side by side, at "
                         "least 1; CPU threads are split between them (default: the preset's, cpu-demo 2, gpu 8)")
+    s.add_argument("--time-limit", type=positive_float, default=None, metavar="SECONDS",
+                   help="start no encoder after this many seconds (those running finish): the report covers "
+                        "the encoders whose runs all completed and names the rest; the same command again "
+                        "resumes from the cache (default: no limit)")
     s.add_argument("--from-scratch", action="store_true",
                    help="a small random BERT instead of MiniLM (default off: MiniLM)")
     _common(s)
@@ -400,6 +407,10 @@ def add_subcommands(subparsers) -> None:
                    help="at most this many MLM training sequences of --seq-len tokens (default: all the text)")
     s.add_argument("--extra-text", action="store_true",
                    help="add Debian documentation to the MLM text (default off)")
+    s.add_argument("--time-limit", type=positive_float, default=None, metavar="SECONDS",
+                   help="start no encoder after this many seconds (those running finish): the report covers "
+                        "the encoders whose runs all completed and names the rest; the same command again "
+                        "resumes from the cache (default: no limit)")
     s.add_argument("--from-scratch", action="store_true",
                    help="start from a small random BERT instead of MiniLM (MiniLM's tokenizer if cached, else "
                         "a word vocabulary) (default off)")

@@ -287,6 +287,9 @@ def write_report(rows: Sequence[dict], tasks: Sequence[str], out_dir, meta: Opti
     md = [f"# {title}", ""]
     if note:
         md += [note, ""]
+    if meta.get("left_out"):
+        md += [f"**Partial study** (time limit): {len(meta['left_out'])} encoders not run, so their rows are "
+               f"missing: {', '.join(meta['left_out'])}. The same command again resumes from the run cache.", ""]
     head = meta.get("head")
     if head:
         md += [f"MLM head fit on frozen-encoder features: {head.get('positions')} masked positions, "

@@ -223,13 +223,13 @@ class EncoderSpec:
 
 
 def _worker(job) -> dict:
-    preset, out, cache_dir, device, indices, threads, number = job
+    preset, out, cache_dir, device, indices, threads, number, deadline = job
     torch.set_num_threads(threads)
     keep_freed_memory()
 
     def log(msg):
         print(f"[worker {number}] {msg}", flush=True)
-    st = Study(preset, out, cache_dir, device=device, progress=False, log=log)
+    st = Study(preset, out, cache_dir, device=device, progress=False, log=log, deadline=deadline)
     st.run_jobs(indices)
     return {"counts": {k: v for k, v in st.counts.items() if k.endswith("_trained")}, "phases": st.phases}
 
@@ -275,8 +275,12 @@ def step_time(base_mlm, encoder, blocks, ids, device, amp, batch_size: int, step
 
 class Study:
     def __init__(self, preset: Preset, out_dir, cache_dir=None, device: str = "auto", progress: bool = True,
-                 data: Optional[StudyData] = None, log: Callable[[str], None] = print):
+                 data: Optional[StudyData] = None, log: Callable[[str], None] = print,
+                 deadline: Optional[float] = None):
+        """``deadline``: a ``time.time()`` after which no encoder is started (those running finish);
+        the report then covers the encoders whose runs all completed (see :meth:`run`)."""
         self.p = preset
+        self.deadline = deadline
         self.out = Path(out_dir)
         self.store = RunStore(self.out / "runs")
         self.device = pick_device(device)
@@ -600,7 +604,22 @@ class Study:
         plan = self.encoder_plan()
         probing = self.probe_config() is not None
         for i in indices:
+            if self._past_deadline():
+                self._say(f"time limit reached: {plan[i].label()} and the encoders after it not started")
+                return
             self.run_encoder(plan[i], self.finetune_plan(plan[i]), probing)
+
+    def _past_deadline(self) -> bool:
+        return self.deadline is not None and time.time() >= self.deadline
+
+    def _all_cached(self, spec: EncoderSpec, fl, probing: bool) -> bool:
+        """Whether every run of one encoder (pre-training, probes, fine-tuning) is in the cache."""
+        key0 = self.pretrain_key(spec)
+        if spec.cfg is not None and self.store.get("pretrain", key0) is None:
+            return False
+        if probing and any(self.store.get("probe", self.probe_key(key0, t)) is None for t in self.p.tasks):
+            return False
+        return all(self.store.get("finetune", self.finetune_key(key0, f)) is not None for _, f in fl)
 
     def run_ranks(self, rank: int, world: int, sync: Callable[[bool], bool],
                   failed: Optional[dict] = None) -> Optional[List[dict]]:
@@ -646,7 +665,7 @@ class Study:
         n = min(self.p.workers, len(plan))
         threads = max(1, (os.cpu_count() or 1) // n)
         jobs = [(self.p, str(self.out), str(self.data.cache.root), str(self.device), list(range(i, len(plan), n)), threads,
-                 i) for i in range(n)]
+                 i, self.deadline) for i in range(n)]
         self._say(f"{len(plan)} encoders on {n} worker processes ({threads} CPU threads each)")
         with mp.get_context("spawn").Pool(n) as pool:
             for done in pool.imap_unordered(_worker, jobs):
@@ -667,6 +686,9 @@ class Study:
             k = (spec.mode, spec.block, spec.sparsity, spec.control)
             if spec.cfg is None or k in times:
                 continue
+            if self._past_deadline():
+                self._say("time limit reached: the remaining step times are the workers' (measured sharing the device)")
+                break
             enc = self.run_pretrain(spec, need_model=True)[1]
             times[k] = step_time(self.base_model(), enc, train, self._ids, self.device, self.amp,
                                  self.p.pretrain.get("batch_size", 16), self.p.time_steps)
@@ -706,9 +728,16 @@ class Study:
         if parallel and p.workers > 1 and len(plan) > 1:
             self._parallel(plan)
         records: List[dict] = []
+        left_out: List[str] = []
         for spec, fl in zip(plan, fplans):
+            if self._past_deadline() and not self._all_cached(spec, fl, probing):
+                left_out.append(spec.label())
+                continue
             records += self.run_encoder(spec, fl, probing)
-        if p.time_steps:
+        if left_out:
+            self.log(f"time limit reached: {len(left_out)} of {len(plan)} encoders not run ({', '.join(left_out)}); "
+                     "the report covers the rest; the same command again resumes from the cache")
+        if p.time_steps and records:
             self._time_steps(plan, records)
         self._bar.close()
         self._bar = None
@@ -726,6 +755,7 @@ class Study:
                 "loadavg_1min": _loadavg(),
                 "preset_config": asdict(p), "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "chance": self.chance(), "n_dev": {t: len(self.task_data(t).dev) for t in p.tasks},
+                "left_out": left_out,
                 "head": getattr(self, "head_result", None), "tasks": list(p.tasks)}
         paths = write_report(rows, p.tasks, self.out, meta, records=records)
         self.summary(rows, paths, elapsed)
