@@ -130,7 +130,7 @@ class BlockLayout:
         self.block = block
         self._mask = block_mask
         self._key = (shape, block, bytes(block_mask.to(torch.uint8).numpy().tobytes()))
-        self._cache = {}
+        self._cache = {"nnz": int(block_mask.sum())}
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
