@@ -642,7 +642,10 @@ def _convert(model: nn.Module, meta: dict, tensors: Dict[str, torch.Tensor]) -> 
                 new = cls.from_dense(old, mask=torch.ones(shape, dtype=torch.bool))
         replacements.append((name, new))
     for name, new in replacements:
-        _set_module(model, name, new)
+        if name:
+            _set_module(model, name, new)
+        else:            # the model is itself the sparse layer (sparsify of a bare nn.Linear)
+            model = new
     for entry in meta["layers"]:
         if "tied_to" in entry:
             model.get_submodule(entry["name"]).mask = model.get_submodule(entry["tied_to"]).mask
