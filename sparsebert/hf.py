@@ -15,7 +15,7 @@ from torch import nn
 from .config import SparsityConfig
 from .layout import BlockLayout, _as_block
 from .nn import BlockSparseLinear, MaskedEmbedding, MaskedLinear, note_replaced
-from .pruning.scores import block_scores, element_scores, global_masks, keep_count, topk_mask
+from .pruning.scores import block_scores, check_sparsity, element_scores, global_masks, keep_count, topk_mask
 
 # The paper's pruned matrices: Q, K, V, attention output, intermediate, output, pooler.
 BERT_LINEAR_TARGETS = (
@@ -282,8 +282,7 @@ def sparsify(model: nn.Module, sparsity: Union[float, SparsityConfig], block=(32
         raise ValueError(f"mode must be 'block' or 'unstructured', got {mode!r}")
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-    if not 0.0 <= float(sparsity) <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    sparsity = check_sparsity(sparsity)
     if mode == "block":
         bn, bk = _as_block(block)
     gen = torch.Generator().manual_seed(seed)

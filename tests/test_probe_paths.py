@@ -43,3 +43,24 @@ def test_checkpoint_of_a_bare_layer_round_trips(tmp_path, mode):
         loaded = sparsebert.load_sparse(tmp_path, model=template)
         assert type(loaded) is type(layer)
         torch.testing.assert_close(loaded(x), layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [True, "0.5", None])
+def test_sparsity_must_be_a_number(tiny_bert_config, bad):
+    # True passed the range check as 1.0 and pruned every weight; "0.5" failed inside the scoring
+    # with "'<=' not supported between 'float' and 'str'".
+    from transformers import BertModel
+    with pytest.raises(TypeError, match="sparsity must be a number"):
+        sparsebert.sparsify(BertModel(tiny_bert_config), sparsity=bad, block=16)
+    if bad is not None:    # from_dense(sparsity=None) means "give mask=": its own error
+        with pytest.raises(TypeError, match="sparsity must be a number"):
+            BlockSparseLinear.from_dense(torch.nn.Linear(32, 32), sparsity=bad, block=16)
+
+
+def test_bsr_linear_names_a_non_tensor_argument():
+    lay = BlockLayout.dense((32, 32), 16)
+    v = torch.randn(lay.nnz, 16, 16)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        sparsebert.bsr_linear([[0.0] * 32], v, lay)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor, got list"):
+        sparsebert.bsr_linear(torch.randn(2, 32), v, lay, [0.0] * 32)

@@ -306,6 +306,9 @@ def _check(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Tensor
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"layout must be a sparsebert.BlockLayout, got {type(layout).__name__}")
     N, K = layout.shape
+    for what, t in (("x", x), ("values", values), ("bias", bias)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; bsr_linear supports float16, bfloat16, float32, float64")
     if x.dim() < 1 or x.shape[-1] != K:

@@ -37,11 +37,23 @@ def block_scores(weight: torch.Tensor, block: Tuple[int, int], score: str = "mag
     raise ValueError(f"unknown score {score!r}; choose one of {SCORES}")
 
 
+def check_sparsity(sparsity) -> float:
+    """``sparsity`` as a float in ``[0, 1]``, or a one-line error. A bool or a string is not a
+    sparsity (``True`` would read as 1.0 and prune everything; ``"0.5"`` failed deep inside)."""
+    if sparsity is None or isinstance(sparsity, (bool, str, bytes)):
+        raise TypeError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+    try:
+        value = float(sparsity)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"sparsity must be a number in [0, 1], got {sparsity!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    return value
+
+
 def keep_count(n: int, sparsity: float) -> int:
     """Units kept out of ``n`` at ``sparsity``: the target rounded to whole units."""
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    return int(round(n * (1.0 - sparsity)))
+    return int(round(n * (1.0 - check_sparsity(sparsity))))
 
 
 def topk_mask(scores: torch.Tensor, k: int, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
