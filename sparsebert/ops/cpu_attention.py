@@ -1,0 +1,183 @@
+"""Fused CPU attention for inference: ``softmax(q kᵀ · scaling + mask) v`` in one kernel.
+
+``torch.ops.sparsebert_cpu.attention`` (``csrc/cpu/attention.cpp``): fp32, one work item per
+(batch, head) (split along the queries when there are fewer items than 4 per thread), threaded
+with ``at::parallel_for`` (``torch.set_num_threads`` applies). Each item packs Kᵀ and V once into
+L1/L2, keeps a tile of scores in L1, and takes the softmax in fp32 with the row maximum subtracted.
+AVX-512, AVX2 and a baseline build are picked by CPUID (``SPARSEBERT_CPU_ISA=avx512|avx2|generic``
+forces one); any S and D work.
+
+Inputs are what transformers' attention functions receive: ``query``/``key``/``value``
+``[B, H, S, D]`` with any strides but a contiguous last dimension (BERT's are transposed views of
+its projections and are read in place, not copied). The output is ``[B, Sq, H, D]`` contiguous,
+what those functions return after their transpose.
+
+Masks: ``None``; ``bool`` (True = attend, the SDPA / Hugging Face convention); or float32
+(added to the scaled scores), broadcastable to ``[B, H, Sq, Skv]`` and read through its strides
+(never expanded into memory). transformers 5.x with ``attn_implementation="sdpa"`` passes no mask
+for an unpadded batch and, for a padded one, a bool ``[B, 1, Sq, Skv]`` mask whose rows are all
+equal (the padding of the keys). The kernel detects rows that are equal for its queries and then
+skips the masked keys altogether (nothing computed for padding).
+
+Fully masked rows (every key masked for a query): the output row is **0**, as torch's CPU
+``scaled_dot_product_attention`` gives in torch 2.13 for a bool mask and for a float mask of
+``-inf`` (checked in tests). A float mask of ``finfo.min`` instead of ``-inf`` masks nothing away
+exactly: such a row averages v uniformly, in SDPA and here alike.
+
+:func:`unsupported_reason` says when the kernel does not apply (the caller then runs SDPA);
+:func:`attention` runs it and raises a one-line ``ValueError`` for bad input.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+_load_error: str | None = None
+_loaded = False
+_load_lock = threading.Lock()
+
+
+def _load() -> str | None:
+    """Import ``sparsebert._C`` once and look the op up; return why that failed, or None."""
+    global _loaded, _load_error
+    if _loaded:
+        return _load_error
+    with _load_lock:
+        if not _loaded:
+            try:
+                from .. import _C  # noqa: F401  (import registers torch.ops.sparsebert_cpu)
+                torch.ops.sparsebert_cpu.attention  # noqa: B018  (raises if this build lacks it)
+                _register_fake()
+            except Exception as e:  # ImportError, AttributeError (older build), ABI mismatch
+                _load_error = (f"sparsebert._C with the attention op does not load "
+                               f"({type(e).__name__}: {e})")
+            _loaded = True
+    return _load_error
+
+
+def _register_fake():
+    """Shape-only implementation, so meta tensors and torch.compile can trace the op."""
+    def fake(query, key, value, mask, scale):
+        b, h, s, d = query.shape
+        return query.new_empty(b, s, h, d)
+
+    try:
+        torch.library.register_fake("sparsebert_cpu::attention", fake)
+    except RuntimeError:  # already registered (a second copy of this module)
+        pass
+
+
+def available() -> bool:
+    return _load() is None
+
+
+def isa() -> str:
+    """The kernel set a call would use now (``avx512``, ``avx2`` or ``generic``)."""
+    err = _load()
+    if err is not None:
+        raise RuntimeError(err)
+    return torch.ops.sparsebert_cpu.attention_isa()
+
+
+def _shape_reason(query, key, value, attention_mask) -> str | None:
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            return f"{name} is not a tensor"
+        if t.dim() != 4:
+            return f"{name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}"
+    b, h, sq, d = query.shape
+    if key.shape[0] != b or key.shape[1] != h or key.shape[3] != d or value.shape != key.shape:
+        return (f"query {tuple(query.shape)}, key {tuple(key.shape)} and value "
+                f"{tuple(value.shape)} do not match (same B, H, D; key and value the same shape)")
+    if key.shape[2] == 0:
+        return "key has no positions"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.stride(3) != 1 and t.shape[3] != 1:
+            return f"{name} must have a contiguous last dimension, got strides {t.stride()}"
+    if attention_mask is not None:
+        m = attention_mask
+        if not isinstance(m, torch.Tensor):
+            return f"attention_mask must be a tensor or None, got {type(m).__name__}"
+        if m.dtype not in (torch.bool, torch.float32):
+            return f"attention_mask must be bool or float32, got {m.dtype}"
+        if m.device.type != "cpu":
+            return f"attention_mask must be on the CPU, got {m.device}"
+        want = (b, h, sq, key.shape[2])
+        if m.dim() > 4 or any(s != w and s != 1 for s, w in zip(reversed(m.shape), reversed(want))):
+            return f"attention_mask of shape {tuple(m.shape)} does not broadcast to [B, H, Sq, Skv] = {list(want)}"
+    return None
+
+
+def unsupported_reason(query, key, value, attention_mask=None, dropout=0.0) -> str | None:
+    """None when :func:`attention` applies to these inputs, else a short reason (use SDPA)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if isinstance(t, torch.Tensor):
+            if t.device.type != "cpu":
+                return f"{name} is on {t.device}, not the CPU"
+            if t.dtype != torch.float32:
+                return f"{name} is {t.dtype}, not float32"
+    if dropout:
+        return f"dropout {dropout} > 0"
+    if torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad
+            for t in (query, key, value, attention_mask)):
+        return "autograd needs a gradient (the fused kernel has no backward)"
+    reason = _shape_reason(query, key, value, attention_mask)
+    if reason is not None:
+        return reason
+    return _load()
+
+
+def attention(query, key, value, attention_mask=None, scaling=None) -> torch.Tensor:
+    """``softmax(query @ keyᵀ * scaling + mask) @ value`` as ``[B, Sq, H, D]`` contiguous.
+
+    query/key/value ``[B, H, S, D]`` float32 CPU tensors (any strides, last one 1); mask None,
+    bool (True = attend) or float32 additive, broadcastable to ``[B, H, Sq, Skv]``; ``scaling``
+    defaults to ``D ** -0.5``. No autograd (see :func:`unsupported_reason`).
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"cpu_attention: {name} is not a tensor")
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            raise ValueError(f"cpu_attention: {name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    reason = _shape_reason(query, key, value, attention_mask)
+    if reason is not None:
+        raise ValueError(f"cpu_attention: {reason}")
+    if torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad
+            for t in (query, key, value, attention_mask)):
+        raise ValueError("cpu_attention: inputs require grad; the fused kernel has no backward "
+                         "(use torch.no_grad() or scaled_dot_product_attention)")
+    err = _load()
+    if err is not None:
+        raise RuntimeError(err)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return torch.ops.sparsebert_cpu.attention(query, key, value, attention_mask, float(scaling))
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                      is_causal=None, **kwargs):
+    """transformers' attention-function signature (``AttentionInterface``): the fused kernel where
+    it applies, else ``transformers.integrations.sdpa_attention.sdpa_attention_forward``.
+
+    Falls back for everything the kernel does not do: a causal call without a mask (as SDPA's
+    ``is_causal``), ``position_bias``, ``softcap``, ``output_attentions``, grouped key/value heads,
+    and whatever :func:`unsupported_reason` names. Registering it under a new name needs a mask
+    function too (see the module tests): ``AttentionMaskInterface.register(name, sdpa_mask)``;
+    without one transformers passes *no* mask for a padded batch.
+    """
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    fused = (
+        not (query.shape[2] > 1 and attention_mask is None and causal)
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+        and not kwargs.get("output_attentions", False)
+        and unsupported_reason(query, key, value, attention_mask, dropout) is None
+    )
+    if not fused:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    return attention(query, key, value, attention_mask, scaling), None
