@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_NAME = "sparsebert_sdpa"
+ATTENTION_NAME = "sparsebert_sdpa"              # fast CPU dropout
+ATTENTION_NAME_TORCH_DROPOUT = "sparsebert_sdpa_torch_dropout"
 
 
 def keep_mask(shape, p: float, device=None) -> torch.Tensor:
@@ -96,12 +97,27 @@ def attention_math(query, key, value, attention_mask, scaling, p):
     return torch.matmul(w, value)
 
 
-def sdpa_fast_dropout(module, query, key, value, attention_mask, dropout: float = 0.0,
-                      scaling=None, is_causal=None, **kwargs):
-    """A Hugging Face attention function: SDPA, except for CPU training with attention dropout,
-    which runs :func:`attention_math` (SDPA's CPU path materialises the probabilities there too)."""
+def _cpu_inference_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
+    """:func:`sparsebert.ops.cpu_attention.attention` where it applies (CPU fp32, no gradient, no
+    dropout, a plain bidirectional attention), else None."""
+    from .ops import cpu_attention
+    if (is_causal if is_causal is not None else getattr(module, "is_causal", False)) \
+            or getattr(module, "num_key_value_groups", 1) != 1 or kwargs.get("position_bias") is not None \
+            or kwargs.get("softcap") is not None or kwargs.get("output_attentions"):
+        return None
+    if cpu_attention.unsupported_reason(query, key, value, attention_mask, dropout) is not None:
+        return None
+    return cpu_attention.attention(query, key, value, attention_mask, scaling)
+
+
+def _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, fast_dropout):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    simple = (_fast_ok(query, dropout, True)
+    if query.is_cpu and not torch.compiler.is_compiling():
+        out = _cpu_inference_attention(module, query, key, value, attention_mask, dropout, scaling,
+                                       is_causal, kwargs)
+        if out is not None:
+            return out, None
+    simple = (fast_dropout and _fast_ok(query, dropout, True)
               and not (is_causal if is_causal is not None else getattr(module, "is_causal", False))
               and getattr(module, "num_key_value_groups", 1) == 1
               and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
@@ -114,17 +130,35 @@ def sdpa_fast_dropout(module, query, key, value, attention_mask, dropout: float 
     return out.transpose(1, 2).contiguous(), None
 
 
+def sdpa_fast_dropout(module, query, key, value, attention_mask, dropout: float = 0.0,
+                      scaling=None, is_causal=None, **kwargs):
+    """A Hugging Face attention function: SDPA, except (1) CPU training with attention dropout,
+    which runs :func:`attention_math` (SDPA's CPU path materialises the probabilities there too),
+    and (2) CPU inference (fp32, no gradient, no dropout), which runs sparsebert's fused kernel
+    (:mod:`sparsebert.ops.cpu_attention`) where it is built."""
+    return _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, True)
+
+
+def sdpa_torch_dropout(module, query, key, value, attention_mask, dropout: float = 0.0,
+                       scaling=None, is_causal=None, **kwargs):
+    """As :func:`sdpa_fast_dropout` with PyTorch's own dropout: SDPA everywhere except CPU
+    inference (the fused kernel, which draws no random numbers)."""
+    return _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, False)
+
+
 _registered = False
 
 
-def register_attention() -> str:
-    """Register :func:`sdpa_fast_dropout` with Hugging Face (attention and SDPA-style masks) as
-    ``"sparsebert_sdpa"``; returns the name."""
+def register_attention(fast_dropout: bool = True) -> str:
+    """Register :func:`sdpa_fast_dropout` and :func:`sdpa_torch_dropout` with Hugging Face
+    (attention and SDPA-style masks) as ``"sparsebert_sdpa"`` and
+    ``"sparsebert_sdpa_torch_dropout"``; returns the name of the one ``fast_dropout`` asks for."""
     global _registered
     if not _registered:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-        AttentionInterface.register(ATTENTION_NAME, sdpa_fast_dropout)
-        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+        for name, fn in ((ATTENTION_NAME, sdpa_fast_dropout), (ATTENTION_NAME_TORCH_DROPOUT, sdpa_torch_dropout)):
+            AttentionInterface.register(name, fn)
+            AttentionMaskInterface.register(name, sdpa_mask)
         _registered = True
-    return ATTENTION_NAME
+    return ATTENTION_NAME if fast_dropout else ATTENTION_NAME_TORCH_DROPOUT

@@ -15,7 +15,10 @@ What it changes, in place (all of it undone by :func:`unoptimize`):
   ``logits_full[labels != -100]``), not ``[batch, seq, vocab]``. Without labels the head runs on
   every token, as before. Done with forward pre-hooks: no module is replaced, so ``state_dict``,
   ``save_pretrained`` and sparsebert checkpoints are unchanged.
-* **Scaled-dot-product attention** (``attn_implementation="sdpa"``) where the model supports it.
+* **Scaled-dot-product attention** where the model supports it (registered as
+  ``"sparsebert_sdpa"``, or ``"sparsebert_sdpa_torch_dropout"`` with ``dropout="torch"``): SDPA,
+  except CPU inference (fp32, no gradient, no dropout), which runs the fused kernel of
+  :mod:`sparsebert.ops.cpu_attention` (equal to SDPA within fp32 rounding).
 * **BERT's intermediate GELU fused into the block-sparse layer in training too.** Inference
   already runs it in the kernel's epilogue; under autograd :func:`sparsebert.bsr_linear` applies
   it as a separate op. Here one autograd node computes ``gelu(x Wᵀ + b)`` and its backward
@@ -402,7 +405,7 @@ def optimize(model: nn.Module, *, labelled_head: bool = True, sdpa: bool = True,
     state = {"sdpa_from": None}
     if sdpa and getattr(model, "_supports_sdpa", False) and hasattr(model, "set_attn_implementation"):
         current = getattr(model.config, "_attn_implementation", None)
-        want = fused.register_attention() if dropout == "fast" else "sdpa"
+        want = fused.register_attention(fast_dropout=dropout == "fast")
         if current != want:
             _own_config(model)
             model.set_attn_implementation(want)

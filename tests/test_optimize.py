@@ -102,7 +102,7 @@ def test_unfused_block_model_gets_fused_and_matches():
 def test_eager_attention_model_switches_to_sdpa_same_loss_without_dropout(kind):
     ref = _model(kind, attn="eager").eval()
     opt = optimize(copy.deepcopy(ref), dropout="torch")
-    assert opt.config._attn_implementation == "sdpa"
+    assert opt.config._attn_implementation == "sparsebert_sdpa_torch_dropout"   # SDPA + the CPU inference kernel
     ids, labels = _batch()
     (o1, g1), (o2, g2) = _loss_and_grads(ref, ids, labels), _loss_and_grads(opt, ids, labels)
     torch.testing.assert_close(o2.loss, o1.loss, **_tol(torch.float64))
@@ -567,3 +567,27 @@ def test_a_changed_bert_layer_forward_is_left_alone(monkeypatch):
     monkeypatch.setattr(opt_mod, "_LAYER_CLASSES", ("OtherLayer",))
     optimize(m)
     assert {type(layer) for layer in m.bert.encoder.layer} == {OtherLayer}
+
+
+@pytest.mark.parametrize("dropout_mode", ["fast", "torch"])
+def test_cpu_inference_attention_runs_the_fused_kernel_and_equals_sdpa(dropout_mode, monkeypatch):
+    from sparsebert.ops import cpu_attention
+    if not cpu_attention.available():
+        pytest.skip("sparsebert._C without the attention op")
+    ref = _model("block", dtype=torch.float32).eval()
+    opt = optimize(copy.deepcopy(ref), dropout=dropout_mode)
+    calls = []
+    real = cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids, _ = _batch()
+    am = torch.ones_like(ids)
+    am[1, 15:] = 0
+    with torch.no_grad():
+        r = ref.bert(input_ids=ids, attention_mask=am).last_hidden_state
+        o = opt.bert(input_ids=ids, attention_mask=am).last_hidden_state
+    assert len(calls) == 2                       # one per layer
+    torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-5)
+    # with a gradient wanted the kernel (no backward) is not used
+    calls.clear()
+    opt.bert(input_ids=ids, attention_mask=am).last_hidden_state.sum().backward()
+    assert calls == []
