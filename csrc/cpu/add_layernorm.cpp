@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include "cpu_isa.h"
 
 namespace sparsebert_cpu {
 
@@ -31,12 +32,9 @@ using RowsFn = void (*)(float*, int64_t, const float*, int64_t, int64_t, int64_t
 
 RowsFn pick_rows() {
 #if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
   const char* env = std::getenv("SPARSEBERT_CPU_ISA");
   const std::string want = env ? env : "";
-  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-                      __builtin_cpu_supports("fma");
+  const bool has512 = cpu_has_avx512();
   if (has512 && (want.empty() || want == "auto" || want == "avx512" || want == "autovec"))
     return add_layernorm_rows_avx512;
 #endif

@@ -20,36 +20,17 @@
 #include <vector>
 
 #include "attention_kernels.h"
+#include "cpu_isa.h"
 #include "output_pool.h"
 
 namespace sparsebert_cpu {
 namespace {
 
-bool has_avx512() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
-bool has_avx2() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
 // SPARSEBERT_CPU_ISA (read at every call, so tests can switch): auto (default), avx512 (also
 // for "autovec", which has no attention variant), avx2, generic.
 AttnKernels pick_kernels() {
-  static const bool k512 = has_avx512();
-  static const bool k2 = has_avx2();
+  static const bool k512 = cpu_has_avx512();
+  static const bool k2 = cpu_has_avx2();
   const char* env = std::getenv("SPARSEBERT_CPU_ISA");
   const std::string want = env ? env : "";
 #if defined(__x86_64__) || defined(__i386__)

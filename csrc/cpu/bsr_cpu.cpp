@@ -50,6 +50,7 @@
 #include <vector>
 
 #include "bsr_cpu_kernels.h"
+#include "cpu_isa.h"
 #include "output_pool.h"
 
 namespace sparsebert_cpu {
@@ -60,26 +61,6 @@ namespace {
 // separate translation units with `#pragma GCC target`, chosen here by CPUID at run time, so
 // one binary runs on any x86-64 CPU and uses AVX-512 where present (e.g. the Xeon CI/dev
 // machines). SPARSEBERT_CPU_ISA=avx512|avx2|generic|autovec forces a set (benchmarks, tests).
-bool cpu_has_avx512() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
-
 Kernels select_kernels_isa();
 
 // SPARSEBERT_CPU_PREFETCH=panel|sdd|all|none (experiments): which kernels software-prefetch.
