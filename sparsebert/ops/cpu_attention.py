@@ -29,31 +29,26 @@ exactly: such a row averages v uniformly, in SDPA and here alike.
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 
-_load_error: str | None = None
-_loaded = False
-_load_lock = threading.Lock()
+from . import cpu_bsr
+
+_op_state: list = []     # [why the op is unusable, or None]: decided once
 
 
 def _load() -> str | None:
-    """Import ``sparsebert._C`` once and look the op up; return why that failed, or None."""
-    global _loaded, _load_error
-    if _loaded:
-        return _load_error
-    with _load_lock:
-        if not _loaded:
-            try:
-                from .. import _C  # noqa: F401  (import registers torch.ops.sparsebert_cpu)
-                torch.ops.sparsebert_cpu.attention  # noqa: B018  (raises if this build lacks it)
+    """Why the attention op cannot run here, or None. ``sparsebert._C`` is loaded by the cpu
+    backend's own loader (:func:`sparsebert.ops.cpu_bsr._load`); a build from before the op
+    existed loads without it."""
+    if not _op_state:
+        err = cpu_bsr._load()
+        if err is None:
+            if hasattr(torch.ops.sparsebert_cpu, "attention"):
                 _register_fake()
-            except Exception as e:  # ImportError, AttributeError (older build), ABI mismatch
-                _load_error = (f"sparsebert._C with the attention op does not load "
-                               f"({type(e).__name__}: {e})")
-            _loaded = True
-    return _load_error
+            else:
+                err = "sparsebert._C was built without the attention op: rebuild it (make install)"
+        _op_state.append(err)
+    return _op_state[0]
 
 
 def _register_fake():
