@@ -97,26 +97,12 @@ def attention_math(query, key, value, attention_mask, scaling, p):
     return torch.matmul(w, value)
 
 
-def _cpu_inference_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs):
-    """:func:`sparsebert.ops.cpu_attention.attention` where it applies (CPU fp32, no gradient, no
-    dropout, a plain bidirectional attention), else None."""
-    from .ops import cpu_attention
-    if (is_causal if is_causal is not None else getattr(module, "is_causal", False)) \
-            or getattr(module, "num_key_value_groups", 1) != 1 or kwargs.get("position_bias") is not None \
-            or kwargs.get("softcap") is not None or kwargs.get("output_attentions"):
-        return None
-    if cpu_attention.unsupported_reason(query, key, value, attention_mask, dropout) is not None:
-        return None
-    return cpu_attention.attention(query, key, value, attention_mask, scaling)
-
-
 def _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, fast_dropout):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if query.is_cpu and not torch.compiler.is_compiling():
-        out = _cpu_inference_attention(module, query, key, value, attention_mask, dropout, scaling,
-                                       is_causal, kwargs)
-        if out is not None:
-            return out, None
+        from .ops import cpu_attention       # CPU inference: the fused kernel where it applies
+        if cpu_attention.applies(module, query, key, value, attention_mask, dropout, is_causal, **kwargs):
+            return cpu_attention.attention(query, key, value, attention_mask, scaling), None
     simple = (fast_dropout and _fast_ok(query, dropout, True)
               and not (is_causal if is_causal is not None else getattr(module, "is_causal", False))
               and getattr(module, "num_key_value_groups", 1) == 1

@@ -152,26 +152,28 @@ def attention(query, key, value, attention_mask=None, scaling=None) -> torch.Ten
     return torch.ops.sparsebert_cpu.attention(query, key, value, attention_mask, float(scaling))
 
 
+def applies(module, query, key, value, attention_mask, dropout=0.0, is_causal=None, **kwargs) -> bool:
+    """Whether a call of a transformers attention function (same arguments) may run the fused
+    kernel: not for a causal call without a mask (SDPA's ``is_causal``), ``position_bias``,
+    ``softcap``, ``output_attentions``, nor whatever :func:`unsupported_reason` names."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return (not (query.shape[2] > 1 and attention_mask is None and causal)
+            and kwargs.get("position_bias") is None
+            and kwargs.get("softcap") is None
+            and not kwargs.get("output_attentions", False)
+            and unsupported_reason(query, key, value, attention_mask, dropout) is None)
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                       is_causal=None, **kwargs):
     """transformers' attention-function signature (``AttentionInterface``): the fused kernel where
-    it applies, else ``transformers.integrations.sdpa_attention.sdpa_attention_forward``.
+    it :func:`applies`, else ``transformers.integrations.sdpa_attention.sdpa_attention_forward``.
 
-    Falls back for everything the kernel does not do: a causal call without a mask (as SDPA's
-    ``is_causal``), ``position_bias``, ``softcap``, ``output_attentions``, grouped key/value heads,
-    and whatever :func:`unsupported_reason` names. Registering it under a new name needs a mask
-    function too (see the module tests): ``AttentionMaskInterface.register(name, sdpa_mask)``;
-    without one transformers passes *no* mask for a padded batch.
+    Registering it under a new name needs a mask function too (see the module tests):
+    ``AttentionMaskInterface.register(name, sdpa_mask)``; without one transformers passes *no*
+    mask for a padded batch.
     """
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    fused = (
-        not (query.shape[2] > 1 and attention_mask is None and causal)
-        and kwargs.get("position_bias") is None
-        and kwargs.get("softcap") is None
-        and not kwargs.get("output_attentions", False)
-        and unsupported_reason(query, key, value, attention_mask, dropout) is None
-    )
-    if not fused:
+    if not applies(module, query, key, value, attention_mask, dropout, is_causal, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
