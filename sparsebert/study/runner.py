@@ -563,8 +563,7 @@ class Study:
         p = self.p
         records: List[dict] = []
         key0 = self.pretrain_key(spec)
-        need = any(self.store.get("finetune", self.finetune_key(key0, f)) is None for _, f in fl) or (
-            probing and any(self.store.get("probe", self.probe_key(key0, t)) is None for t in p.tasks))
+        need = self._runs_missing(key0, fl, probing)
         pres, enc, pkey = self.run_pretrain(spec, need_model=need)
         self._tick()
         cache_enc = {"enc": enc}
@@ -612,14 +611,17 @@ class Study:
     def _past_deadline(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
 
+    def _runs_missing(self, key0: str, fl, probing: bool) -> bool:
+        """Whether a probe or fine-tuning run of the encoder ``key0`` is not in the cache."""
+        return any(self.store.get("finetune", self.finetune_key(key0, f)) is None for _, f in fl) or (
+            probing and any(self.store.get("probe", self.probe_key(key0, t)) is None for t in self.p.tasks))
+
     def _all_cached(self, spec: EncoderSpec, fl, probing: bool) -> bool:
         """Whether every run of one encoder (pre-training, probes, fine-tuning) is in the cache."""
         key0 = self.pretrain_key(spec)
         if spec.cfg is not None and self.store.get("pretrain", key0) is None:
             return False
-        if probing and any(self.store.get("probe", self.probe_key(key0, t)) is None for t in self.p.tasks):
-            return False
-        return all(self.store.get("finetune", self.finetune_key(key0, f)) is not None for _, f in fl)
+        return not self._runs_missing(key0, fl, probing)
 
     def run_ranks(self, rank: int, world: int, sync: Callable[[bool], bool],
                   failed: Optional[dict] = None) -> Optional[List[dict]]:
