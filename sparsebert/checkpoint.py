@@ -40,6 +40,7 @@ from torch import nn
 
 from .layout import BlockLayout
 from .nn import BlockSparseLinear, MaskedEmbedding, MaskedLinear
+from .ops.backends import saved_name as saved_backend
 from .hf import _set_module, fuse_activations, sparse_layers, unfuse_activations
 
 FORMAT = "sparsebert-checkpoint"
@@ -263,16 +264,6 @@ def _interrupted_save_hint(path: str) -> str:
     return ""
 
 
-def _check_backend(backend) -> bool:
-    from .ops.backends import NAMES
-    if not isinstance(backend, str):
-        return False
-    parts = backend.split(",")
-    if len(parts) == 1:
-        return backend == "auto" or backend in NAMES
-    return len(parts) == 3 and all(p in NAMES for p in parts)
-
-
 def _check_meta(meta, meta_file: str) -> None:
     """Raise :class:`CheckpointError` naming the first thing wrong with the metadata's structure."""
     def bad(msg):
@@ -314,8 +305,8 @@ def _check_meta(meta, meta_file: str) -> None:
                 bad(f"{where}: 'nnz' must be a non-negative integer, got {e.get('nnz')!r}")
             if not isinstance(e.get("bias"), bool):
                 bad(f"{where}: 'bias' must be true or false, got {e.get('bias')!r}")
-            if "backend" in e and not _check_backend(e["backend"]):
-                bad(f"{where}: unknown backend {e['backend']!r}")
+            if "backend" in e and not isinstance(e["backend"], str):
+                bad(f"{where}: 'backend' must be a string, got {_json_type(e['backend'])}")
             if e.get("activation", "none") not in ACTIVATIONS:
                 bad(f"{where}: unknown activation {e.get('activation')!r} (expected one of {', '.join(ACTIVATIONS)})")
         else:
@@ -629,7 +620,8 @@ def _convert(model: nn.Module, meta: dict, tensors: Dict[str, torch.Tensor]) -> 
             if layout.nnz != entry["nnz"]:
                 raise CheckpointError(f"{name}: layout keeps {layout.nnz} blocks, metadata says {entry['nnz']}")
             ref = old.weight if isinstance(old, nn.Linear) else old.values
-            new = BlockSparseLinear(layout, bias=entry["bias"], backend=entry.get("backend", "auto"),
+            backend = saved_backend(entry.get("backend", "auto"), f"checkpoint layer {name!r}")
+            new = BlockSparseLinear(layout, bias=entry["bias"], backend=backend,
                                     device=ref.device, dtype=tensors[p + "values"].dtype)
         else:
             kind = nn.Embedding if entry["kind"] == "masked_embedding" else nn.Linear

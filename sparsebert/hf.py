@@ -15,6 +15,7 @@ from torch import nn
 from .config import SparsityConfig
 from .layout import BlockLayout, _as_block
 from .nn import BlockSparseLinear, MaskedEmbedding, MaskedLinear, note_replaced
+from .ops.backends import saved_name as saved_backend
 from .pruning.scores import block_scores, check_sparsity, element_scores, global_masks, keep_count, topk_mask
 
 # The paper's pruned matrices: Q, K, V, attention output, intermediate, output, pooler.
@@ -584,7 +585,8 @@ def from_pretrained(path, model: Optional[nn.Module] = None) -> nn.Module:
             raise CheckpointError(f"{path}: {name}.block_mask of shape {tuple(mask.shape)} does not tile ({N}, {K})")
         layout = BlockLayout.from_mask(mask.bool(), (N // mask.shape[0], K // mask.shape[1]), (N, K))
         entry = _match_suffix(info_layers, name)
-        new = BlockSparseLinear(layout, bias=old.bias is not None, backend=entry.get("backend", "auto"),
+        backend = saved_backend(entry.get("backend", "auto"), f"{path}: {name}")
+        new = BlockSparseLinear(layout, bias=old.bias is not None, backend=backend,
                                 device=old.weight.device, dtype=old.weight.dtype)
         _replace(target, paths, old, new)
     for name in masked_names:

@@ -17,6 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .layout import BlockLayout, _as_block, as_bool_mask
+from .ops import backends as _backends
 from .ops import bsr_linear
 from .ops.bsr_linear import ACTIVATIONS
 from .pruning.scores import block_scores, element_scores, keep_count, topk_mask
@@ -526,6 +527,20 @@ class BlockSparseLinear(nn.Module):
         with torch.no_grad():
             bound = 1.0 / max(1, self.in_features) ** 0.5
             self.values.uniform_(-bound, bound)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:   # an unknown name fails here, not at the first forward
+        self._backend = _backends.check_name(name)
+
+    def __setstate__(self, state):
+        # a layer pickled before ``backend`` became a checked property kept it as a plain attribute
+        if "backend" in state:
+            state["_backend"] = state.pop("backend")
+        super().__setstate__(state)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, sparsity: Optional[float] = None, block=(32, 32),

@@ -233,7 +233,7 @@ MALFORMED = [
     ("block", _set(["layers", 0, "nnz"], "2"), "'nnz' must be a non-negative integer"),
     ("block", _set(["layers", 0, "bias"], "yes"), "'bias' must be true or false"),
     ("block", _set(["layers", 0, "activation"], "relu"), "unknown activation 'relu'"),
-    ("block", _set(["layers", 0, "backend"], "tpu"), "unknown backend 'tpu'"),
+    ("block", _set(["layers", 0, "backend"], 5), "'backend' must be a string, got an integer"),
     ("block", lambda m: m["layers"].append(dict(m["layers"][0])), "listed twice"),
     ("block", _set(["version"], "2"), "version '2' is not supported"),
     ("block", _set(["version"], 3), "version 3 is not supported"),
@@ -254,6 +254,19 @@ def test_malformed_metadata_is_a_checkpoint_error_naming_the_problem(tmp_path, t
     _edit_meta(ck, edit)
     with pytest.raises(CheckpointError, match=match):
         sparsebert.load_sparse(ck)
+
+
+def test_a_backend_this_version_lacks_loads_as_auto_with_a_warning(tmp_path, tiny_bert_config):
+    # the backend only picks how the product is computed: a checkpoint naming one that is gone
+    # (or a plan string) must still load, never be refused as malformed
+    ck = tmp_path / "ck"
+    model = _model(tiny_bert_config)
+    sparsebert.save_sparse(model, ck)
+    _edit_meta(ck, _set(["layers", 0, "backend"], "cpu,reference,cpu"))
+    with pytest.warns(UserWarning, match="saved with backend 'cpu,reference,cpu'.*using 'auto'"):
+        loaded = sparsebert.load_sparse(ck)
+    name = json.loads((ck / C.META).read_text())["layers"][0]["name"]
+    assert loaded.get_submodule(name).backend == "auto"
 
 
 def test_a_missing_or_wrong_tensor_is_a_checkpoint_error(tmp_path, tiny_bert_config):

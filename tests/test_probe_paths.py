@@ -64,3 +64,33 @@ def test_bsr_linear_names_a_non_tensor_argument():
         sparsebert.bsr_linear([[0.0] * 32], v, lay)
     with pytest.raises(TypeError, match="bias must be a torch.Tensor, got list"):
         sparsebert.bsr_linear(torch.randn(2, 32), v, lay, [0.0] * 32)
+
+
+def test_an_unknown_backend_fails_where_the_layer_is_made(tiny_bert_config):
+    # the name was stored as given and refused only at the first forward (or, under
+    # torch.compile, inside the compiled op at run time)
+    from transformers import BertModel
+    lay = BlockLayout.dense((32, 32), 16)
+    with pytest.raises(ValueError, match="unknown backend 'cpu2'; choose one of .* or 'auto'"):
+        BlockSparseLinear(lay, backend="cpu2")
+    with pytest.raises(ValueError, match="unknown backend 'Triton'"):
+        BlockSparseLinear.from_dense(torch.nn.Linear(32, 32), sparsity=0.5, block=16, backend="Triton")
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        sparsebert.sparsify(BertModel(tiny_bert_config), 0.5, block=16, backend="nope")
+    layer = BlockSparseLinear(lay, backend="reference")
+    with pytest.raises(ValueError, match="unknown backend None"):
+        layer.backend = None
+    assert layer.backend == "reference"
+    layer.backend = "cpu"
+    assert layer.backend == "cpu"
+
+
+def test_a_layer_pickled_with_a_plain_backend_attribute_still_loads():
+    # before the checked property the name was an instance attribute `backend`
+    layer = BlockSparseLinear(BlockLayout.dense((32, 32), 16), backend="reference")
+    state = layer.__dict__.copy()
+    state["backend"] = state.pop("_backend")
+    old = BlockSparseLinear.__new__(BlockSparseLinear)
+    old.__setstate__(state)
+    assert old.backend == "reference"
+    torch.testing.assert_close(old(torch.ones(2, 32)), layer(torch.ones(2, 32)))

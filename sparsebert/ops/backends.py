@@ -27,10 +27,30 @@ _loaded: Dict[str, object] = {}
 _import_errors: Dict[str, str] = {}
 
 
+def check_name(name) -> str:
+    """``name`` if it is a backend a layer may be given ("auto" or one of :data:`NAMES`), else a
+    one-line ``ValueError`` (raised where the layer is made, not at its first forward)."""
+    if not isinstance(name, str) or (name != "auto" and name not in _MODULES):
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
+    return name
+
+
+def saved_name(name: str, where: str) -> str:
+    """The backend a saved layer asked for, or ``"auto"`` with a warning when this version has no
+    such backend: the backend only chooses how the product is computed, so the checkpoint loads."""
+    try:
+        return check_name(name)
+    except ValueError:
+        warnings.warn(f"{where}: saved with backend {name!r}, which this version does not have "
+                      f"({', '.join(NAMES)}); using 'auto'", stacklevel=3)
+        return "auto"
+
+
 def get(name: str):
     """The backend module ``name``; raises ``ValueError`` for unknown names, ``RuntimeError`` if it cannot load."""
     if name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)} or 'auto'")
+        check_name(name)   # raises: only "auto" passes, and it is no module
+        raise ValueError("'auto' is a choice among the backends, not a backend module")
     if name not in _loaded and name not in _import_errors:
         try:
             _loaded[name] = importlib.import_module(_MODULES[name])
