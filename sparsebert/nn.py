@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Optional
 
@@ -230,6 +231,21 @@ def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
     return flat.reshape(-1)[:n].reshape(tuple(shape))
 
 
+def _nonzero_blocks(w: torch.Tensor, layout) -> torch.Tensor:
+    """Bool ``[R, C]``: which ``layout.block`` blocks of the dense ``w`` hold a nonzero (or NaN)."""
+    (R, C), (bn, bk) = layout.grid, layout.block
+    return (w.detach() != 0).reshape(R, bn, C, bk).any(3).any(1)
+
+
+def _warn_dropped(key: str, dropped: torch.Tensor, what: str) -> None:
+    """A saved weight that is nonzero where its own mask prunes (edited, or written by another
+    tool): the load zeroes those entries, so say so instead of doing it silently."""
+    n = int(dropped.sum())
+    if n:
+        warnings.warn(f"{key}: {n} {what} are nonzero where the saved mask prunes them; "
+                      "they are dropped (set to zero) on loading", stacklevel=4)
+
+
 def _masked_save(module, destination, prefix, keep_vars, base) -> None:
     base._save_to_state_dict(module, destination, prefix, keep_vars)
     mask = destination.pop(prefix + "mask")
@@ -239,6 +255,7 @@ def _masked_save(module, destination, prefix, keep_vars, base) -> None:
 def _masked_load(module, base, state_dict, prefix, local_metadata, strict, missing_keys,
                  unexpected_keys, error_msgs) -> None:
     bits_key, mask_key = prefix + "mask_bits", prefix + "mask"
+    saved_mask = bits_key in state_dict or mask_key in state_dict
     if bits_key in state_dict:
         try:
             state_dict[mask_key] = unpack_bits(state_dict.pop(bits_key), module.weight.shape)
@@ -248,6 +265,9 @@ def _masked_load(module, base, state_dict, prefix, local_metadata, strict, missi
     elif mask_key not in state_dict and prefix + "weight" in state_dict:
         # A plain nn.Linear/nn.Embedding state dict: the layer keeps its mask.
         state_dict[mask_key] = module.mask.detach().clone()
+    w, mask = state_dict.get(prefix + "weight"), state_dict.get(mask_key)
+    if saved_mask and w is not None and mask is not None and w.shape == mask.shape:
+        _warn_dropped(prefix + "weight", (w.detach() != 0) & ~mask.to(w.device, torch.bool), "weights")
     base._load_from_state_dict(module, state_dict, prefix, local_metadata, strict, missing_keys,
                                unexpected_keys, error_msgs)
     module.apply_mask_()
@@ -696,6 +716,8 @@ class BlockSparseLinear(nn.Module):
                 error_msgs.append(f"size mismatch for {wkey}: copying a param with shape {tuple(w.shape)}, "
                                   f"the shape in the current model is {self.layout.shape}")
                 return
+            if layout is not None:
+                _warn_dropped(wkey, _nonzero_blocks(w, layout) & ~layout.block_mask.to(w.device), "blocks")
             state_dict[vkey] = (layout or self.layout).gather(w)
         if layout is not None:
             v = state_dict.get(vkey)

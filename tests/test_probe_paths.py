@@ -2,6 +2,7 @@
 failed on the code before its fix."""
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -94,3 +95,25 @@ def test_a_layer_pickled_with_a_plain_backend_attribute_still_loads():
     old.__setstate__(state)
     assert old.backend == "reference"
     torch.testing.assert_close(old(torch.ones(2, 32)), layer(torch.ones(2, 32)))
+
+
+@pytest.mark.parametrize("mode", ["block", "unstructured"])
+def test_a_saved_weight_nonzero_where_its_mask_prunes_warns_on_loading(tiny_bert_config, mode):
+    # a state dict (save_pretrained folder, Trainer checkpoint) whose weight was edited, or written
+    # by another tool, with nonzeros where its own mask prunes: the load zeroed them silently
+    from transformers import BertModel
+    torch.manual_seed(0)
+    model = sparsebert.sparsify(BertModel(tiny_bert_config), 0.5, block=16, mode=mode)
+    state = model.state_dict()
+    key = "encoder.layer.0.attention.self.query.weight"
+    clean = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")         # an untouched state dict loads without a warning
+        clean.load_state_dict(state)
+    w = state[key]
+    pruned = (w == 0).nonzero()[0]
+    state[key] = w.clone()
+    state[key][tuple(pruned)] = 0.5
+    with pytest.warns(UserWarning, match=f"{key}: 1 (blocks|weights) are nonzero where the saved mask prunes"):
+        clean.load_state_dict(state)
+    assert float(clean.state_dict()[key][tuple(pruned)]) == 0.0
