@@ -6,7 +6,8 @@ also the CUDA kernels (``csrc/cuda``). Switches (environment):
 * ``SPARSEBERT_NO_EXTENSION=1``  install pure Python (reference + Triton backends only)
 * ``SPARSEBERT_SKIP_CUDA=1``     build only the CPU kernels even where CUDA is available
 * ``SPARSEBERT_SKIP_CPU=1``      leave out the CPU kernels (a quicker build on a GPU machine)
-* ``TORCH_CUDA_ARCH_LIST``, ``MAX_JOBS``, ``CUDA_HOME``  honoured as by torch.utils.cpp_extension
+* ``TORCH_CUDA_ARCH_LIST``, ``MAX_JOBS``, ``CUDA_HOME``  honoured as by torch.utils.cpp_extension;
+  with no GPU visible and no ``TORCH_CUDA_ARCH_LIST`` the CUDA kernels are built for ``8.0;9.0a``
 
 Install with ``pip install --no-build-isolation -e .`` so the extension builds against the torch
 that will run it.
@@ -53,6 +54,13 @@ def _extensions():
         and bool(rel("csrc/cuda/*.cu"))
     )
     if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # torch derives the arch list from the visible GPUs and fails deep inside
+            # _get_cuda_arch_flags when there are none (a build machine, CI): build for the
+            # GPUs the kernels are written for (A100, H100/H200; 9.0a enables wgmma).
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0a"
+            print("sparsebert: no GPU visible: building the CUDA kernels for TORCH_CUDA_ARCH_LIST=8.0;9.0a",
+                  file=sys.stderr)
         sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
         defines.append(("SPARSEBERT_WITH_CUDA", None))
         # --- CUDA flags (csrc/cuda owns this list) ---
