@@ -214,12 +214,12 @@ at::Tensor as_f32(const at::Tensor& t) {
 }
 
 // SPARSEBERT_CPU_STREAM=0|1 forces non-temporal output stores off/on; by default an output of
-// 8 MiB or more (larger than this machine's L2s together, so not kept there for its consumer
-// anyway) is streamed.
-bool stream_output(int64_t bytes) {
+// 8 MiB or more (larger than the L2s together, so not kept there for its consumer anyway) that
+// is written in one pass is streamed (see run_panels for why not when it is accumulated).
+bool stream_output(int64_t bytes, bool one_pass) {
   const char* env = std::getenv("SPARSEBERT_CPU_STREAM");
   if (env && env[0] != '\0') return env[0] != '0';
-  return bytes >= (int64_t(8) << 20);
+  return one_pass && bytes >= (int64_t(8) << 20);
 }
 
 // out[:, j*bo : (j+1)*bo] = bias_j + sum over the entries [ptr[j], ptr[j+1]) of output block j;
@@ -281,7 +281,13 @@ void run_panels(const Kernels& kern, const float* in, int64_t ld_in, int64_t M,
   // 90%, M = 2048, forward: 2 threads 4.9-5.6 -> 3.7 ms, 1 thread 7.4 -> 7.0-7.3 ms): the output
   // is written once, and streaming it saves the read-for-ownership of every line and keeps the
   // input tile in L2. The last pass then prefetches no output lines (they are not read).
-  const bool nt = stream_output(M * ld_out * int64_t(sizeof(float))) &&
+  // Only when there is one pass (G == 1): after an earlier pass has brought the output lines into
+  // the cache, streaming them out again is slower than plain stores (1 thread, 90%, 1536->384:
+  // M = 8192 10.3 -> 7.0 ms without; M = 1024 forced on 0.88 -> 1.30 ms). Not below 8 MiB,
+  // although the op alone gains (90% 384->1536 + GELU, M = 1024, 6 MiB: 1.18 -> 1.04 ms): its
+  // consumer, the next layer, then reads it from memory instead of L3: the 90% MiniLM encoder at
+  // batch 8 was 2.7% slower with a 4 MiB threshold (benchmarks/RESULTS.md, 2026-12-02 host).
+  const bool nt = stream_output(M * ld_out * int64_t(sizeof(float)), G == 1) &&
                   reinterpret_cast<uintptr_t>(out) % 64 == 0 && ld_out % 16 == 0;
   Kernels::PanelFn panel = kern.panel, panel_last = kern.panel;
   const char* pf_env = std::getenv("SPARSEBERT_CPU_PREFETCH");
