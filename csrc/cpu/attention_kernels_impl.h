@@ -194,8 +194,12 @@ inline void pv_rows(int m, const float* p, int64_t ld_p, const float* v, int64_t
   }
 }
 
+// qk_cols and pv_cols are never inlined into run(): there the softmax's loop-invariant exp
+// constants stay live in vector registers, and GCC 12 then spilled five of the 24 accumulators
+// of the 12 x 2 PV tile to the stack inside its inner loop (a load and a store per FMA; ~28% of
+// a MiniLM-sized call in perf). As a call each tile gets the whole register file.
 template <int N>
-inline void qk_cols(int n, int m, const float* q, int64_t ld_q, const float* kt, int64_t ld_k,
+__attribute__((noinline)) void qk_cols(int n, int m, const float* q, int64_t ld_q, const float* kt, int64_t ld_k,
                     int64_t D, float* s, int64_t ld_s, float scale, const float* bias) {
   if constexpr (N >= 1) {
     if (n == N) return qk_rows<N, SB_QK_MR>(m, q, ld_q, kt, ld_k, D, s, ld_s, scale, bias);
@@ -209,7 +213,7 @@ constexpr int pv_rows_for(int n) {
 }
 
 template <int N>
-inline void pv_cols(int n, int64_t rows, const float* p, int64_t ld_p, const float* v,
+__attribute__((noinline)) void pv_cols(int n, int64_t rows, const float* p, int64_t ld_p, const float* v,
                     int64_t ld_v, int64_t nk, const float* inv, float* out, int64_t ld_o,
                     int64_t ncols) {
   if constexpr (N >= 1) {
