@@ -162,6 +162,32 @@ def test_threads_give_identical_results(isa):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_next_item_prefetch_changes_nothing(isa, monkeypatch, threads):
+    # The software prefetch of the next (batch, head)'s q, k, v rows (on by default only for
+    # large inputs) is forced on here at small, odd and broadcast shapes: the same bits as off,
+    # and no read past the inputs (the last item of each thread has no next).
+    gen = torch.Generator().manual_seed(5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cases = [hf_qkv(3, 5, 17, 9, 24, gen), hf_qkv(1, 1, 2, 130, 1, gen), hf_qkv(2, 12, 128, 128, 32, gen)]
+        q, k, v = hf_qkv(4, 3, 11, 6, 16, gen)        # k and v shared by every batch (stride 0)
+        cases.append((q, k[:1].expand(4, -1, -1, -1), v[:1].expand(4, -1, -1, -1)))
+        for q, k, v in cases:
+            B, H, Sq, D = q.shape
+            mask = make_mask("padding", B, H, Sq, k.shape[2], gen)
+            for m in (None, mask):
+                monkeypatch.setenv("SPARSEBERT_CPU_ATTN_PREFETCH", "0")
+                off = ca.attention(q, k, v, m)
+                monkeypatch.setenv("SPARSEBERT_CPU_ATTN_PREFETCH", "1")
+                on = ca.attention(q, k, v, m)
+                assert torch.equal(on, off)
+                check_close(on, q, k, v, m, D ** -0.5)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_inputs_not_modified():
     gen = torch.Generator().manual_seed(5)
     q, k, v = hf_qkv(2, 2, 7, 7, 16, gen)

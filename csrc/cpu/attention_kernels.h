@@ -29,7 +29,10 @@ struct AttnKernels {
   // Bytes of scratch one work item needs (the caller allocates it, once per thread).
   int64_t (*workspace_bytes)(const AttnArgs& a);
   // Queries [q0, q1) of head h of batch b: out[b, q0:q1, h, :]. ws: workspace_bytes(a) bytes.
-  void (*run)(const AttnArgs& a, int64_t b, int64_t h, int64_t q0, int64_t q1, void* ws);
+  // (nb, nh): the (batch, head) this thread does next, whose q, k and v rows are prefetched into
+  // L2 while this one computes; nb < 0: none (or the same head again).
+  void (*run)(const AttnArgs& a, int64_t b, int64_t h, int64_t q0, int64_t q1, void* ws,
+              int64_t nb, int64_t nh);
   int64_t query_tile;  // rows of scores kept at a time (splitting queries finer gains nothing)
   const char* name;
 };

@@ -334,7 +334,47 @@ inline Layout layout(const AttnArgs& a) {
 
 int64_t workspace_bytes(const AttnArgs& a) { return (layout(a).total + 16) * 4; }
 
-void run(const AttnArgs& a, int64_t b, int64_t h, int64_t q0, int64_t q1, void* ws_raw) {
+// Software prefetch (into L2) of the q, k and v rows of the (batch, head) a thread does next,
+// spread over this item's query tiles: those rows lie a whole token row apart (H * D floats),
+// which the hardware prefetchers do not follow, and at batch 64 they come from L3 or memory.
+struct NextRows {
+  const char* base[3];
+  int64_t stride[3], rows[3];
+  int64_t lines;     // cache lines per row
+  int64_t total;     // rows of all three
+  int t;             // cursor: tensor t, row r
+  int64_t r;
+};
+
+inline NextRows next_rows(const AttnArgs& a, int64_t nb, int64_t nh) {
+  NextRows n{};
+  n.t = 3;
+  if (nb < 0) return n;
+  n.base[0] = reinterpret_cast<const char*>(a.q + nb * a.q_sb + nh * a.q_sh);
+  n.base[1] = reinterpret_cast<const char*>(a.k + nb * a.k_sb + nh * a.k_sh);
+  n.base[2] = reinterpret_cast<const char*>(a.v + nb * a.v_sb + nh * a.v_sh);
+  n.stride[0] = a.q_ss * 4; n.stride[1] = a.k_ss * 4; n.stride[2] = a.v_ss * 4;
+  n.rows[0] = a.Sq; n.rows[1] = a.Skv; n.rows[2] = a.Skv;
+  n.lines = (a.D * 4 + 63) / 64;
+  n.total = a.Sq + 2 * a.Skv;
+  n.t = 0;
+  return n;
+}
+
+// Prefetch the next `count` rows of `n` (q rows, then k rows, then v rows).
+inline void prefetch_next(NextRows& n, int64_t count) {
+  for (; count > 0 && n.t < 3; --count) {
+    const char* row = n.base[n.t] + n.r * n.stride[n.t];
+    for (int64_t l = 0; l < n.lines; ++l) __builtin_prefetch(row + l * 64, 0, 2);
+    if (++n.r == n.rows[n.t]) { n.r = 0; ++n.t; }
+  }
+}
+
+void run(const AttnArgs& a, int64_t b, int64_t h, int64_t q0, int64_t q1, void* ws_raw,
+         int64_t nb, int64_t nh) {
+  NextRows next = next_rows(a, nb, nh);
+  const int64_t n_tiles = (q1 - q0 + SB_TQ - 1) / SB_TQ;
+  const int64_t per_tile = (next.total + n_tiles - 1) / n_tiles;
   const Layout L = layout(a);
   float* ws = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(ws_raw) + 63) & ~uintptr_t(63));
   float* kt = ws + L.kt;
@@ -406,6 +446,7 @@ void run(const AttnArgs& a, int64_t b, int64_t h, int64_t q0, int64_t q1, void* 
   const int64_t nvk = nkp / VW, nvd = dp / VW;
   for (int64_t t0 = q0; t0 < q1; t0 += SB_TQ) {
     const int64_t rows = q1 - t0 < SB_TQ ? q1 - t0 : SB_TQ;
+    prefetch_next(next, per_tile);
     for (int64_t i = 0; i < rows; i += SB_QK_MR) {
       const int m = static_cast<int>(rows - i < SB_QK_MR ? rows - i : SB_QK_MR);
       for (int64_t c = 0; c < nvk; c += SB_QK_NR) {
