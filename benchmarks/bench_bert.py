@@ -329,7 +329,8 @@ def _plot(rows, infer, path, title, cpu_time=False):
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))])
     ax.set_xticklabels([n for n, _ in names], rotation=45, fontsize=7)
     ax.set_ylabel("encoder inference speedup vs dense" + (" (CPU time)" if cpu_time else ""))
-    ax.legend(fontsize=7)
+    if batches:                     # no inference rows (--infer-batches with no value): no legend
+        ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
