@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .nn import BlockSparseLinear, param_of
 from .ops import backends
 from .ops.bsr_linear import resolve_backend
@@ -256,8 +257,65 @@ def _direct_ff_forward(self, hidden_states, attention_mask=None, encoder_hidden_
             or "past_key_values" in kwargs):
         return self._sparsebert_base.forward(self, hidden_states, attention_mask, encoder_hidden_states,
                                              encoder_attention_mask, cache=cache, **kwargs)
-    attention_output, _ = self.attention(hidden_states, attention_mask, cache=cache, **kwargs)
+    attention_output = None
+    if cache is None and not any(v is not None for v in kwargs.values()):   # (BertModel passes position_ids=None)
+        attention_output = _direct_attention(self.attention, hidden_states, attention_mask, kwargs)
+    if attention_output is None:
+        attention_output, _ = self.attention(hidden_states, attention_mask, cache=cache, **kwargs)
     return self.feed_forward_chunk(attention_output)
+
+
+# BertAttention.forward -> BertSelfAttention.forward -> the registered attention function, restated
+# for the plain self-attention case (no cache, no extra arguments, sparsebert's own attention
+# function): the two modules' calls, their deprecate_kwarg wrappers and the attention-interface
+# lookup cost ~2-4% of a 90%-sparse MiniLM forward at batch 1 (interleaved A/B). Same operations in
+# the same order (the same bits, dropout's random numbers included: tested); only where both
+# forwards are the transformers 5.x versions written against, checked once per class as for
+# BertLayer.
+_ATTN_NAMES = frozenset(("is_cross_attention", "output", "self"))
+_SELF_ATTN_NAMES = frozenset((
+    "ALL_ATTENTION_FUNCTIONS", "EncoderDecoderCache", "_attn_implementation", "attention_head_size", "config",
+    "contiguous", "dropout", "eager_attention_forward", "get_interface", "isinstance", "key", "layer_idx", "p",
+    "query", "reshape", "scaling", "self_attention_cache", "shape", "training", "transpose", "update", "value",
+    "view"))
+_direct_attn_checked: dict = {}
+
+
+def _names_are(cls, names) -> bool:
+    ok = _direct_attn_checked.get(cls)
+    if ok is None:
+        code = getattr(inspect.unwrap(cls.forward), "__code__", None)
+        ok = _direct_attn_checked[cls] = code is not None and frozenset(code.co_names) == names
+    return ok
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether calling ``m`` would run hooks (its own or global ones), as Module.__call__ tests: the
+    direct path must not skip them (Hugging Face's output_attentions capture is such a hook)."""
+    from torch.nn.modules import module as mm
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
+                or mm._global_backward_pre_hooks)
+
+
+def _direct_attention(attention, hidden_states, attention_mask, kwargs):
+    """``attention(hidden_states, attention_mask, **kwargs)[0]`` without the module calls, or None
+    where this is not that forward (then the caller runs Hugging Face's)."""
+    sa = getattr(attention, "self", None)
+    if (sa is None or attention.is_cross_attention or not _names_are(type(attention), _ATTN_NAMES)
+            or not _names_are(type(sa), _SELF_ATTN_NAMES) or _hooked(attention) or _hooked(sa)):
+        return None
+    impl = sa.config._attn_implementation
+    if impl not in (fused.ATTENTION_NAME, fused.ATTENTION_NAME_TORCH_DROPOUT):
+        return None
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, sa.attention_head_size)
+    query = sa.query(hidden_states).view(*hidden_shape).transpose(1, 2)
+    key = sa.key(hidden_states).view(*hidden_shape).transpose(1, 2)
+    value = sa.value(hidden_states).view(*hidden_shape).transpose(1, 2)
+    out, _ = fused._attention(sa, query, key, value, attention_mask, 0.0 if not sa.training else sa.dropout.p,
+                              sa.scaling, None, kwargs, impl == fused.ATTENTION_NAME)
+    return attention.output(out.reshape(*input_shape, -1).contiguous(), hidden_states)
 
 
 def _direct_ff_ok(cls) -> bool:
@@ -399,7 +457,6 @@ def optimize(model: nn.Module, *, labelled_head: bool = True, sdpa: bool = True,
         raise ValueError(f"gelu must be one of {GELU_MODES}, got {gelu!r}")
     if dropout not in DROPOUT_MODES:
         raise ValueError(f"dropout must be one of {DROPOUT_MODES}, got {dropout!r}")
-    from . import fused
     from .hf import fuse_activations
     unoptimize(model)
     state = {"sdpa_from": None}

@@ -539,6 +539,55 @@ def test_direct_feed_forward_is_bitwise_hugging_faces_layer(kind, monkeypatch):
     assert opt_mod._direct_ff_ok(type(opt.bert.encoder.layer[0])._sparsebert_base)
 
 
+def test_direct_attention_path_is_taken_only_where_it_restates_hugging_face(monkeypatch):
+    # BertAttention / BertSelfAttention are skipped in the plain case (their results bitwise equal:
+    # test_direct_feed_forward_is_bitwise_hugging_faces_layer); any other case runs their forwards
+    import functools
+    opt_mod = _direct_ff_or_skip()
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+    real = BertSelfAttention.forward
+    calls = []
+
+    def changed(*a, **k):                        # another forward: its code is not the one restated
+        calls.append(1)
+        return real(*a, **k)
+
+    @functools.wraps(real)
+    def counted(*a, **k):                        # the same forward (unwraps to it), counted
+        calls.append(1)
+        return real(*a, **k)
+
+    m = optimize(_model("block", torch.float32)).eval()
+    ids, _ = _batch()
+    for fn, want in ((changed, 2), (counted, 0)):
+        monkeypatch.setattr(BertSelfAttention, "forward", fn)
+        opt_mod._direct_attn_checked.clear()
+        calls.clear()
+        with torch.no_grad():
+            out = m.bert(input_ids=ids).last_hidden_state
+        assert len(calls) == want
+        if want == 2:
+            ref = out
+    assert torch.equal(out, ref)
+    calls.clear()
+    with torch.no_grad():                        # output_attentions: an argument and capture hooks
+        m.bert(input_ids=ids, output_attentions=True)
+    assert len(calls) == 2
+    calls.clear()
+    for layer in m.bert.encoder.layer:           # a hook of the user's on the module: it must run
+        layer.attention.self._forward_hooks.clear()
+    hooked = []
+    m.bert.encoder.layer[0].attention.self.register_forward_hook(lambda *a: hooked.append(1))
+    with torch.no_grad():
+        m.bert(input_ids=ids)
+    assert hooked == [1] and len(calls) == 1
+    calls.clear()
+    m.set_attn_implementation("eager")           # not sparsebert's attention function
+    with torch.no_grad():
+        torch.testing.assert_close(m.bert(input_ids=ids).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2
+
+
 def test_direct_feed_forward_layers_pickle_and_unoptimize():
     _direct_ff_or_skip()
     import pickle
