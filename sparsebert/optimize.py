@@ -58,6 +58,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_mod   # its global hooks (see _hooked)
 
 from . import fused
 from .nn import BlockSparseLinear, param_of
@@ -292,7 +293,7 @@ def _names_are(cls, names) -> bool:
 def _hooked(m: nn.Module) -> bool:
     """Whether calling ``m`` would run hooks (its own or global ones), as Module.__call__ tests: the
     direct path must not skip them (Hugging Face's output_attentions capture is such a hook)."""
-    from torch.nn.modules import module as mm
+    mm = _module_mod
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                 or mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
                 or mm._global_backward_pre_hooks)
