@@ -38,7 +38,11 @@ What it changes, in place (all of it undone by :func:`unoptimize`):
   (``chunk_size_feed_forward == 0``, BERT's default): Hugging Face's ``apply_chunking_to_forward``
   inspects the method's signature on every call; the result is the same call, bit for bit. Only
   where ``BertLayer.forward`` is the version this restates (transformers 5.x); chunking,
-  cross-attention and the deprecated ``past_key_values`` run Hugging Face's forward.
+  cross-attention and the deprecated ``past_key_values`` run Hugging Face's forward. Its
+  attention block likewise: ``BertAttention`` → ``BertSelfAttention`` → the attention function
+  run without the two module calls (the same operations, bit for bit) when there is no cache, no
+  non-``None`` extra argument (``output_attentions``, ...), no hook on either module, the model
+  runs sparsebert's attention function, and both forwards are the versions restated.
 
 * **Cheaper CPU dropout** (``dropout="fast"``, default): CPU training dropout masks — hidden
   states and attention probabilities — drawn two elements per 64-bit random number
