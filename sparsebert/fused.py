@@ -81,9 +81,11 @@ class FastDropout(nn.Dropout):
         return _Dropout.apply(x, float(self.p))
 
 
-def attention_math(query, key, value, attention_mask, scaling, p):
-    """softmax(q kᵀ · scaling + mask) with :func:`dropout`, times v: ``[B, H, T, D]`` in and out.
-    ``attention_mask``: None, a bool mask (True = attend) or an additive float mask."""
+def attention_math(query, key, value, attention_mask, scaling, p, return_weights=False, fast=True):
+    """softmax(q kᵀ · scaling + mask) with :func:`dropout` (``fast=False``: ``F.dropout``), times
+    v: ``[B, H, T, D]`` in and out; with ``return_weights``, also the probabilities (after the
+    dropout, as Hugging Face's eager attention returns them). ``attention_mask``: None, a bool
+    mask (True = attend) or an additive float mask."""
     w = torch.matmul(query, key.transpose(-2, -1))
     w.mul_(scaling)
     if attention_mask is not None:
@@ -93,8 +95,25 @@ def attention_math(query, key, value, attention_mask, scaling, p):
             w = w + attention_mask
     w = torch.softmax(w, dim=-1)
     if p > 0.0:
-        w = dropout(w, p, True)
-    return torch.matmul(w, value)
+        w = dropout(w, p, True) if fast else F.dropout(w, p, True)
+    out = torch.matmul(w, value)
+    return (out, w) if return_weights else out
+
+
+def _attention_with_weights(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                            fast_dropout):
+    """``output_attentions=True``: SDPA returns no probabilities (Hugging Face's sdpa then returns
+    an empty ``attentions`` tuple with a warning about "sdpa", although the user's model was
+    eager before :func:`sparsebert.optimize`), so compute them as the eager attention does."""
+    T, S = query.shape[-2], key.shape[-2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    if attention_mask is None and causal and T > 1:
+        # what SDPA's is_causal computes (top-left aligned), which sdpa_attention_forward asks for
+        attention_mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril()
+    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    out, w = attention_math(query, key, value, attention_mask, scaling, dropout,
+                            return_weights=True, fast=fast_dropout and _fast_ok(query, dropout, True))
+    return out.transpose(1, 2).contiguous(), w
 
 
 def _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, fast_dropout):
@@ -103,6 +122,11 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, is_c
         from .ops import cpu_attention       # CPU inference: the fused kernel where it applies
         if cpu_attention.applies(module, query, key, value, attention_mask, dropout, is_causal, **kwargs):
             return cpu_attention.attention(query, key, value, attention_mask, scaling), None
+    if (kwargs.get("output_attentions", False) and getattr(module, "num_key_value_groups", 1) == 1
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+            and query.shape[1] == key.shape[1]):
+        return _attention_with_weights(module, query, key, value, attention_mask, dropout, scaling,
+                                       is_causal, fast_dropout)
     simple = (fast_dropout and _fast_ok(query, dropout, True)
               and not (is_causal if is_causal is not None else getattr(module, "is_causal", False))
               and getattr(module, "num_key_value_groups", 1) == 1

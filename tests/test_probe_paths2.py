@@ -1,0 +1,35 @@
+"""More bugs found by probing the paths users take (optimize with Hugging Face options, dtypes,
+checkpoints, schedules, ...): each test failed on the code before its fix."""
+import pytest
+import torch
+
+import sparsebert
+
+
+def _tiny_config(**kw):
+    from transformers import BertConfig
+    return BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                      vocab_size=200, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0, **kw)
+
+
+@pytest.mark.parametrize("dropout", ["fast", "torch"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_optimize_keeps_output_attentions(dropout, grad):
+    # optimize switched an eager model's attention to SDPA, which returns no probabilities:
+    # output_attentions=True then gave an empty `attentions` tuple (with a warning about "sdpa").
+    from transformers import BertForSequenceClassification
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(_tiny_config(attn_implementation="eager")).eval()
+    sparsebert.sparsify(model, 0.5, block=16)
+    ids = torch.randint(0, 200, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.set_grad_enabled(grad):
+        ref = model(ids, mask, output_attentions=True)
+        sparsebert.optimize(model, dropout=dropout)
+        out = model(ids, mask, output_attentions=True)
+    assert len(out.attentions) == len(ref.attentions) == 2
+    for a, b in zip(out.attentions, ref.attentions):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
