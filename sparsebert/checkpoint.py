@@ -581,7 +581,50 @@ def load_sparse(path, model: Optional[nn.Module] = None) -> nn.Module:
         set_sparsity_config(staged, SparsityConfig.from_dict(cfg) if isinstance(cfg, dict) else None)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"malformed {META}: 'sparsity_config': {e}") from None
+    _check_no_other_save(path, staged)
     return staged.eval()
+
+
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")   # what save_pretrained writes
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (a NaN equals itself): what one save of the same state writes twice."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    flat = lambda t: t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return torch.equal(flat(a), flat(b))
+
+
+def _check_no_other_save(path: str, loaded: nn.Module) -> None:
+    """Refuse a folder that also holds a ``save_pretrained`` checkpoint of other weights.
+
+    Both savers keep files they do not write (save_sparse keeps ``model.safetensors``;
+    save_pretrained keeps ``sparsebert.json`` and ``sparse_model.safetensors``), and when the model
+    was loaded from a hub folder both write the same ``config.json``, so the manifest still
+    matches: after ``save_sparse(m, d)`` then ``m.save_pretrained(d)`` later weights, load_sparse
+    and from_pretrained returned the older ones without a word (and plain transformers loads a
+    stale ``model.safetensors`` in the other order). Both of one state are fine."""
+    present = [n for n in HF_WEIGHTS if os.path.isfile(os.path.join(path, n))]
+    if not present:
+        return
+    from .hf import _read_hf_tensors
+    try:
+        hf = _read_hf_tensors(path)
+    except CheckpointError:
+        return           # not a readable save_pretrained folder: nothing to disagree with
+    with torch.no_grad():
+        state = loaded.state_dict()
+    differ = [k for k, v in hf.items() if k not in state or not _same_bits(state[k], v)]
+    if not differ:
+        return
+    hf_time = os.path.getmtime(os.path.join(path, present[0]))
+    sparse_time = os.path.getmtime(os.path.join(path, MANIFEST if os.path.isfile(os.path.join(path, MANIFEST)) else META))
+    newer = "save_pretrained" if hf_time > sparse_time else "save_sparse"
+    raise CheckpointError(
+        f"{path} holds two different checkpoints: a save_sparse one ({META}, {TENSORS}) and a "
+        f"save_pretrained one ({present[0]}; {differ[0]} differs), the {newer} one written last: "
+        "remove the stale files or save each to its own folder")
 
 
 def _is_hf_folder(path: str) -> bool:

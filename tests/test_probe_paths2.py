@@ -33,3 +33,42 @@ def test_optimize_keeps_output_attentions(dropout, grad):
     for a, b in zip(out.attentions, ref.attentions):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+
+
+def _hub_style_model(tmp_path):
+    # loaded with from_pretrained, as from the hub: its config.json then records `architectures`
+    # and `dtype`, so save_sparse and save_pretrained write the same config.json
+    from transformers import BertForSequenceClassification
+    torch.manual_seed(0)
+    BertForSequenceClassification(_tiny_config()).save_pretrained(tmp_path / "hub")
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "hub").eval()
+    return sparsebert.sparsify(model, 0.5, block=16)
+
+
+@pytest.mark.parametrize("first", ["save_sparse", "save_pretrained"])
+def test_two_different_saves_in_one_folder_are_refused(tmp_path, first):
+    # save_sparse(m, d) then m.save_pretrained(d) of later weights: load_sparse / from_pretrained
+    # loaded the older save_sparse weights without a word (the manifest still matched).
+    model = _hub_style_model(tmp_path)
+    ck = tmp_path / "ck"
+    save = {"save_sparse": lambda: sparsebert.save_sparse(model, ck),
+            "save_pretrained": lambda: model.save_pretrained(ck)}
+    save[first]()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    save["save_pretrained" if first == "save_sparse" else "save_sparse"]()
+    for load in (sparsebert.load_sparse, sparsebert.from_pretrained):
+        with pytest.raises(sparsebert.CheckpointError, match="two different checkpoints"):
+            load(ck)
+
+
+def test_both_saves_of_one_state_in_one_folder_load(tmp_path):
+    model = _hub_style_model(tmp_path)
+    ck = tmp_path / "ck"
+    model.save_pretrained(ck)
+    sparsebert.save_sparse(model, ck)
+    ids = torch.randint(0, 200, (2, 8))
+    with torch.no_grad():
+        for load in (sparsebert.load_sparse, sparsebert.from_pretrained):
+            torch.testing.assert_close(load(ck)(ids).logits, model(ids).logits, rtol=0, atol=0)
