@@ -730,6 +730,16 @@ def _callback_class():
                 self.prepare(model)
             set_sparsity_config(model, self.config)
             self.schedule = self.config.cubic_schedule(max_steps=state.max_steps)
+            if state.max_steps and state.max_steps > 0 and self.schedule.end_step > state.max_steps:
+                # Nothing else says so: the run ends below the config's sparsity, which the
+                # checkpoints still record as the model's setup.
+                import warnings
+                last = _last_update_step(self.schedule, state.max_steps)
+                reached = self.schedule.sparsity_at(last) if last is not None else self.schedule.initial_sparsity
+                warnings.warn(f"PruningCallback: the schedule ends at step {self.schedule.end_step}, after the "
+                              f"run's last step ({state.max_steps}): the model reaches sparsity about {reached:.3g}, "
+                              f"not the config's {self.config.sparsity:.4g} (set end_step <= max_steps, or None)",
+                              stacklevel=2)
             opt = getattr(optimizer, "optimizer", optimizer)   # accelerate's wrapper
             self.pruner = Pruner(model, self.schedule, scope=self.config.scope, score=self.config.score,
                                  optimizer=opt if isinstance(opt, torch.optim.Optimizer) else None,

@@ -72,3 +72,35 @@ def test_both_saves_of_one_state_in_one_folder_load(tmp_path):
     with torch.no_grad():
         for load in (sparsebert.load_sparse, sparsebert.from_pretrained):
             torch.testing.assert_close(load(ck)(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+class _Pairs(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"input_ids": torch.randint(0, 200, (8,), generator=g), "labels": i % 2}
+
+
+@pytest.mark.parametrize("end_step,warns", [(10, True), (2, False), (None, False)])
+def test_pruning_callback_warns_when_the_schedule_outlasts_the_run(tmp_path, end_step, warns):
+    # A schedule ending after max_steps left the model well below the config's sparsity (here
+    # 0.0 instead of 0.75) without a word, while its checkpoints record sparsity=0.75.
+    import warnings
+    from transformers import BertForSequenceClassification, Trainer, TrainingArguments
+    from sparsebert.hf import PruningCallback
+    setup = sparsebert.SparsityConfig(sparsity=0.75, block=32, schedule={
+        "initial_sparsity": 0.0, "start_step": 5 if end_step == 10 else 1, "end_step": end_step, "frequency": 1})
+    trainer = Trainer(model=BertForSequenceClassification(_tiny_config()),
+                      args=TrainingArguments(str(tmp_path), max_steps=2, save_strategy="no", report_to="none",
+                                             per_device_train_batch_size=4, disable_tqdm=True),
+                      train_dataset=_Pairs(), callbacks=[PruningCallback(setup)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    hits = [str(w.message) for w in caught if "PruningCallback: the schedule ends" in str(w.message)]
+    if warns:
+        assert len(hits) == 1 and "reaches sparsity about 0, not the config's 0.75" in hits[0]
+    else:
+        assert not hits
