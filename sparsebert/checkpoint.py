@@ -527,7 +527,15 @@ def load_sparse(path, model: Optional[nn.Module] = None) -> nn.Module:
     except Exception as e:
         raise CheckpointError(f"corrupt checkpoint: cannot read {TENSORS}: {e}") from None
     _check_tensors(meta, tensors)
-    target = _build_model(path, meta) if model is None else copy.deepcopy(model)
+    if model is None:
+        target = _build_model(path, meta)
+    else:
+        # The template's own sparse layers are not the checkpoint's: back to dense first (as
+        # from_pretrained does), so a layer the checkpoint holds dense loads dense and a masked
+        # layer it does not list (the word embeddings of an unstructured template) is not left
+        # expecting a mask the checkpoint has not got.
+        from .hf import densify
+        target = densify(copy.deepcopy(model))
     staged = _convert(target, meta, tensors)
     state = dict(tensors)
     for key, src in meta["aliases"].items():

@@ -104,3 +104,24 @@ def test_pruning_callback_warns_when_the_schedule_outlasts_the_run(tmp_path, end
         assert len(hits) == 1 and "reaches sparsity about 0, not the config's 0.75" in hits[0]
     else:
         assert not hits
+
+
+@pytest.mark.parametrize("template_mode", ["unstructured", "block"])
+def test_load_sparse_into_a_template_sparsified_otherwise(tmp_path, template_mode):
+    # load_sparse(model=template) kept the template's own sparse layers that the checkpoint does
+    # not list: an unstructured template's masked word embeddings (refused: "missing
+    # [...word_embeddings.mask_bits]"), and a template sparse where the checkpoint is dense.
+    from transformers import BertForSequenceClassification
+    torch.manual_seed(0)
+    saved = sparsebert.sparsify(BertForSequenceClassification(_tiny_config()).eval(), 0.5, block=16,
+                                targets=[r"attention\.self\.query$"])
+    sparsebert.save_sparse(saved, tmp_path / "ck")
+    template = sparsebert.sparsify(BertForSequenceClassification(_tiny_config()), 0.75, block=32,
+                                   mode=template_mode)
+    loaded = sparsebert.load_sparse(tmp_path / "ck", model=template)
+    assert sorted(n for n, _ in sparsebert.hf.sparse_layers(loaded)) == \
+        sorted(n for n, _ in sparsebert.hf.sparse_layers(saved))
+    ids = torch.randint(0, 200, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, saved(ids).logits, rtol=0, atol=0)
+    assert len(sparsebert.hf.sparse_layers(template)) > 2       # the template is left as it was
