@@ -288,6 +288,8 @@ class _MaskedMixin:
         optimizer, at its next step: :func:`sync_optimizer_state`) to exactly zero, in place.
         They then stay zero: the forward masks, so their gradient is zero. ``masked_fill``, not a
         product: pruned means exactly zero, also where the weight was inf or nan."""
+        if self.weight.shape != self.mask.shape:
+            _resized(self, self.weight, self.mask)
         for t in (self.weight, self.weight.grad):
             if t is not None and not t.is_sparse:
                 _zero_pruned_(t, self.mask)
@@ -312,11 +314,22 @@ class _MaskedMixin:
 
     def masked_weight(self) -> torch.Tensor:
         # Never weight * float(mask): a nan/inf pruned weight would reach the output (nan * 0).
-        weight = self.weight
+        weight, mask = self.weight, self.mask
+        if weight.shape != mask.shape:
+            _resized(self, weight, mask)
         if (weight.is_cpu and weight.dtype in _SAME_SIZE_INT
                 and not torch.compiler.is_compiling() and not _exporting()):
-            return _MaskApply.apply(weight, self.mask)
-        return torch.where(self.mask, weight, 0.0)
+            return _MaskApply.apply(weight, mask)
+        return torch.where(mask, weight, 0.0)
+
+
+def _resized(layer, weight, mask):
+    """The weight changed shape under its mask: Hugging Face's ``resize_token_embeddings`` swaps
+    the ``.data`` of the word embeddings and the tied decoder, and left a deep broadcasting error
+    at the next forward (or, for new token ids, an index error in the mask lookup)."""
+    raise RuntimeError(f"{type(layer).__name__}: the weight is {tuple(weight.shape)} but its mask is "
+                       f"{tuple(mask.shape)}: the weight was resized after sparsify (resize_token_embeddings?); "
+                       "resize the embeddings before sparsify (or densify first, then resize and sparsify again)")
 
 
 # Float dtype -> the integer dtype of its size: a masked tensor is its bits times the mask.
@@ -422,9 +435,11 @@ class MaskedEmbedding(nn.Embedding, _MaskedMixin):
                                self.norm_type, self.scale_grad_by_freq, self.sparse)
         # Mask only the looked-up rows: the same values and gradients as embedding the masked
         # table, without a pass over the whole table (30522 x 768 for BERT) every step.
-        rows = F.embedding(ids, self.weight, self.padding_idx, None, 2.0,
-                           self.scale_grad_by_freq, self.sparse)
-        return torch.where(self.mask[ids], rows, 0.0)
+        weight, mask = self.weight, self.mask
+        if weight.shape != mask.shape:
+            _resized(self, weight, mask)
+        rows = F.embedding(ids, weight, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+        return torch.where(mask[ids], rows, 0.0)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         _masked_save(self, destination, prefix, keep_vars, nn.Embedding)

@@ -125,3 +125,19 @@ def test_load_sparse_into_a_template_sparsified_otherwise(tmp_path, template_mod
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, saved(ids).logits, rtol=0, atol=0)
     assert len(sparsebert.hf.sparse_layers(template)) > 2       # the template is left as it was
+
+
+@pytest.mark.parametrize("cls", ["BertForMaskedLM", "BertForSequenceClassification"])
+def test_resized_masked_embeddings_fail_with_a_clear_error(cls):
+    # resize_token_embeddings swaps the weight's .data of a MaskedEmbedding (and of the tied
+    # MaskedLinear decoder) and leaves the mask at the old vocabulary: the next forward failed
+    # with "The size of tensor a (210) must match the size of tensor b (200)", or with an index
+    # error in the mask lookup for a new token only, and densify likewise.
+    import transformers
+    model = getattr(transformers, cls)(_tiny_config())
+    sparsebert.sparsify(model, 0.5, mode="unstructured")
+    model.resize_token_embeddings(210, mean_resizing=False)
+    with pytest.raises(RuntimeError, match=r"MaskedEmbedding: the weight is \(210, 64\) but its mask is \(200, 64\)"):
+        model(torch.tensor([[1, 2, 205]]))
+    with pytest.raises(RuntimeError, match="resized after sparsify"):
+        sparsebert.densify(model)
