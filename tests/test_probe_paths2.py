@@ -141,3 +141,13 @@ def test_resized_masked_embeddings_fail_with_a_clear_error(cls):
         model(torch.tensor([[1, 2, 205]]))
     with pytest.raises(RuntimeError, match="resized after sparsify"):
         sparsebert.densify(model)
+
+
+def test_unoptimize_is_reachable_from_the_package():
+    # `sparsebert.optimize` is the function, so its module's unoptimize (the documented undo)
+    # was reachable only as `from sparsebert.optimize import unoptimize`:
+    # `sparsebert.unoptimize(model)` raised AttributeError.
+    from transformers import BertForSequenceClassification
+    model = sparsebert.optimize(BertForSequenceClassification(_tiny_config()))
+    assert sparsebert.is_optimized(model)
+    assert sparsebert.unoptimize(model) is model and not sparsebert.is_optimized(model)
