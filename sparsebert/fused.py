@@ -88,15 +88,27 @@ def attention_math(query, key, value, attention_mask, scaling, p, return_weights
     mask (True = attend) or an additive float mask."""
     w = torch.matmul(query, key.transpose(-2, -1))
     w.mul_(scaling)
+    empty = None
     if attention_mask is not None:
+        # A fully masked row (every key masked: an all-padding example) gives output 0, as SDPA
+        # does (see ops/cpu_attention). Masking with finfo.min, not -inf, keeps its softmax
+        # finite: -inf made the row NaN, and in training one NaN row poisoned the loss and every
+        # gradient. Elsewhere nothing changes (exp(finfo.min - row max) is 0).
+        lowest = torch.finfo(w.dtype).min
         if attention_mask.dtype == torch.bool:
-            w = w.masked_fill(~attention_mask, float("-inf"))
+            empty = ~attention_mask.any(-1, keepdim=True)
+            w = w.masked_fill(~attention_mask, lowest)
         else:
-            w = w + attention_mask
+            empty = (attention_mask == float("-inf")).all(-1, keepdim=True)
+            w = w + attention_mask.clamp(min=lowest)
     w = torch.softmax(w, dim=-1)
     if p > 0.0:
         w = dropout(w, p, True) if fast else F.dropout(w, p, True)
     out = torch.matmul(w, value)
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+        if return_weights:
+            w = w.masked_fill(empty, 0.0)
     return (out, w) if return_weights else out
 
 

@@ -151,3 +151,40 @@ def test_unoptimize_is_reachable_from_the_package():
     model = sparsebert.optimize(BertForSequenceClassification(_tiny_config()))
     assert sparsebert.is_optimized(model)
     assert sparsebert.unoptimize(model) is model and not sparsebert.is_optimized(model)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float-inf"])
+def test_attention_math_fully_masked_rows_are_zero_not_nan(mask_kind):
+    # attention_math (optimize's CPU training attention with dropout) masked with -inf, so a row
+    # with every key masked (an all-padding example) was NaN, and its gradient too; SDPA, which
+    # the same model runs without dropout, gives 0 there.
+    import torch.nn.functional as F
+    from sparsebert.fused import attention_math
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 8, requires_grad=True) for _ in range(3))
+    keep = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    keep[1] = False                   # the second example: every key masked
+    keep[0, :, :, 3:] = False
+    mask = keep if mask_kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    out = attention_math(q, k, v, mask, 8 ** -0.5, 0.0)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert (out[1] == 0).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    out, w = attention_math(q, k, v, mask, 8 ** -0.5, 0.2, return_weights=True)
+    assert torch.isfinite(out).all() and (w[1] == 0).all()
+
+
+def test_optimized_training_with_an_all_padding_example_has_a_finite_loss():
+    from transformers import BertForSequenceClassification
+    torch.manual_seed(0)
+    config = _tiny_config()
+    config.attention_probs_dropout_prob = 0.1
+    model = sparsebert.optimize(sparsebert.sparsify(BertForSequenceClassification(config), 0.5, block=16)).train()
+    ids = torch.randint(0, 200, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[2] = 0
+    loss = model(ids, mask, labels=torch.tensor([0, 1, 0])).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
