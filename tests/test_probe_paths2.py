@@ -188,3 +188,19 @@ def test_optimized_training_with_an_all_padding_example_has_a_finite_loss():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_optimize_keeps_output_attentions_of_a_causal_decoder():
+    # the causal case: SDPA gets no mask (is_causal), the probabilities must be the causal ones
+    from transformers import BertLMHeadModel
+    torch.manual_seed(0)
+    model = BertLMHeadModel(_tiny_config(attn_implementation="eager", is_decoder=True)).eval()
+    sparsebert.sparsify(model, 0.5, block=16)
+    ids = torch.randint(0, 200, (2, 8))
+    with torch.no_grad():
+        ref = model(ids, output_attentions=True, use_cache=False)
+        out = sparsebert.optimize(model)(ids, output_attentions=True, use_cache=False)
+    assert len(out.attentions) == 2
+    for a, b in zip(out.attentions, ref.attentions):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(out.logits, ref.logits)
