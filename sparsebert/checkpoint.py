@@ -185,6 +185,13 @@ def _swap_into_place(tmp: str, target: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _cwd() -> Optional[str]:
+    try:
+        return os.path.realpath(os.getcwd())
+    except OSError:
+        return None
+
+
 def save_sparse(model: nn.Module, path) -> None:
     """Write ``model`` (with sparse layers) to the folder ``path``, atomically.
 
@@ -196,10 +203,19 @@ def save_sparse(model: nn.Module, path) -> None:
     """
     from safetensors.torch import save_file
 
+    if not os.fspath(path):
+        # realpath("") is the working directory, which the save would then replace
+        raise CheckpointError("cannot save a checkpoint to '': the path is empty")
     tensors, meta = _collect(model)
     target = os.path.realpath(os.fspath(path))
     if os.path.exists(target) and not os.path.isdir(target):
         raise CheckpointError(f"cannot save a checkpoint to {os.fspath(path)}: it exists and is not a folder")
+    cwd = _cwd()
+    if cwd is not None and (cwd == target or cwd.startswith(target.rstrip(os.sep) + os.sep)):
+        # The save renames the folder aside and a new one into place: the working directory of
+        # this process (and of a shell started there) would be left in a deleted folder.
+        raise CheckpointError(f"cannot save a checkpoint to {os.fspath(path)}: it is (or holds) the current "
+                              "working directory, which the atomic save would replace; save to a subfolder")
     parent, base = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{base}.saving-", dir=parent)
@@ -211,6 +227,10 @@ def save_sparse(model: nn.Module, path) -> None:
             os.umask(umask)
             os.chmod(tmp, 0o777 & ~umask)
         save_file(tensors, os.path.join(tmp, TENSORS))
+        # safetensors writes its file 0600; the other files (and the folder) follow the umask
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(os.path.join(tmp, TENSORS), 0o666 & ~umask)
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):
             config.save_pretrained(tmp)

@@ -1,5 +1,7 @@
 """More bugs found by probing the paths users take (optimize with Hugging Face options, dtypes,
 checkpoints, schedules, ...): each test failed on the code before its fix."""
+import os
+
 import pytest
 import torch
 
@@ -204,3 +206,34 @@ def test_optimize_keeps_output_attentions_of_a_causal_decoder():
     for a, b in zip(out.attentions, ref.attentions):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(out.logits, ref.logits)
+
+
+@pytest.mark.parametrize("where", ["", ".", "..", "abs"])
+def test_save_sparse_refuses_the_working_directory(tmp_path, monkeypatch, where):
+    # The atomic save renames the target folder aside and a new one into place: saving to ""
+    # (realpath: the working directory), "." or a folder above it left the process (and a shell
+    # started there) in a deleted directory, where the next relative path failed.
+    work = tmp_path / "work" / "sub"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    layer = sparsebert.sparsify(torch.nn.Linear(32, 32), 0.5, block=16)
+    path = str(work) if where == "abs" else where
+    with pytest.raises(sparsebert.CheckpointError, match="the path is empty" if where == "" else "working directory"):
+        sparsebert.save_sparse(layer, path)
+    assert os.getcwd() == str(work) and (work / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(work)) == ["notes.txt"]
+    sparsebert.save_sparse(layer, "ck")            # a subfolder is fine
+    assert sparsebert.load_sparse("ck", model=torch.nn.Linear(32, 32)).layout.nnz == layer.layout.nnz
+
+
+def test_save_sparse_tensor_file_follows_the_umask(tmp_path):
+    # safetensors writes 0600: the tensor file alone was unreadable to the group and others,
+    # while the folder and the JSON files follow the umask
+    old = os.umask(0o022)
+    try:
+        sparsebert.save_sparse(sparsebert.sparsify(torch.nn.Linear(32, 32), 0.5, block=16), tmp_path / "ck")
+    finally:
+        os.umask(old)
+    for name in os.listdir(tmp_path / "ck"):
+        assert os.stat(tmp_path / "ck" / name).st_mode & 0o777 == 0o644, name
