@@ -219,17 +219,15 @@ def save_sparse(model: nn.Module, path) -> None:
     parent, base = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{base}.saving-", dir=parent)
+    umask = os.umask(0)          # (the only way to read it)
+    os.umask(umask)
     try:
         if os.path.isdir(target):
             shutil.copymode(target, tmp)
         else:
-            umask = os.umask(0)
-            os.umask(umask)
             os.chmod(tmp, 0o777 & ~umask)
         save_file(tensors, os.path.join(tmp, TENSORS))
         # safetensors writes its file 0600; the other files (and the folder) follow the umask
-        umask = os.umask(0)
-        os.umask(umask)
         os.chmod(os.path.join(tmp, TENSORS), 0o666 & ~umask)
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):
