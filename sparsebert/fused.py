@@ -134,16 +134,14 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, is_c
         from .ops import cpu_attention       # CPU inference: the fused kernel where it applies
         if cpu_attention.applies(module, query, key, value, attention_mask, dropout, is_causal, **kwargs):
             return cpu_attention.attention(query, key, value, attention_mask, scaling), None
-    if (kwargs.get("output_attentions", False) and getattr(module, "num_key_value_groups", 1) == 1
-            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-            and query.shape[1] == key.shape[1]):
+    # what attention_math computes: one key/value head per query head, no bias or softcap
+    plain = (getattr(module, "num_key_value_groups", 1) == 1 and kwargs.get("position_bias") is None
+             and kwargs.get("softcap") is None and query.shape[1] == key.shape[1])
+    if plain and kwargs.get("output_attentions", False):
         return _attention_with_weights(module, query, key, value, attention_mask, dropout, scaling,
                                        is_causal, fast_dropout)
-    simple = (fast_dropout and _fast_ok(query, dropout, True)
-              and not (is_causal if is_causal is not None else getattr(module, "is_causal", False))
-              and getattr(module, "num_key_value_groups", 1) == 1
-              and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-              and query.shape[1] == key.shape[1])
+    simple = (plain and fast_dropout and _fast_ok(query, dropout, True)
+              and not (is_causal if is_causal is not None else getattr(module, "is_causal", False)))
     if not simple:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
