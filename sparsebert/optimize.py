@@ -253,7 +253,25 @@ _LAYER_NAMES = frozenset(("attention", "is_decoder", "hasattr", "ValueError", "c
                           "apply_chunking_to_forward", "feed_forward_chunk",
                           "chunk_size_feed_forward", "seq_len_dim"))
 _direct_ff_subclasses: dict = {}
-_direct_ff_checked: dict = {}      # BertLayer class -> whether its forward is the one restated
+_restated_checked: dict = {}       # (class, names, params) -> whether its forward is the one restated
+
+
+def _restates(cls, names, params=None) -> bool:
+    """Whether ``cls.forward`` (unwrapped) is the version a restatement here was written against:
+    its code uses exactly ``names`` and, if given, takes exactly ``params``. Decided once per class."""
+    key = (cls, names, params)
+    ok = _restated_checked.get(key)
+    if ok is None:
+        fn = inspect.unwrap(cls.forward)
+        code = getattr(fn, "__code__", None)
+        ok = code is not None and frozenset(code.co_names) == names
+        if ok and params is not None:
+            try:
+                ok = tuple(inspect.signature(fn).parameters) == params
+            except (TypeError, ValueError):
+                ok = False
+        _restated_checked[key] = ok
+    return ok
 
 
 def _direct_ff_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
@@ -283,15 +301,6 @@ _SELF_ATTN_NAMES = frozenset((
     "contiguous", "dropout", "eager_attention_forward", "get_interface", "isinstance", "key", "layer_idx", "p",
     "query", "reshape", "scaling", "self_attention_cache", "shape", "training", "transpose", "update", "value",
     "view"))
-_direct_attn_checked: dict = {}
-
-
-def _names_are(cls, names) -> bool:
-    ok = _direct_attn_checked.get(cls)
-    if ok is None:
-        code = getattr(inspect.unwrap(cls.forward), "__code__", None)
-        ok = _direct_attn_checked[cls] = code is not None and frozenset(code.co_names) == names
-    return ok
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -307,8 +316,8 @@ def _direct_attention(attention, hidden_states, attention_mask, kwargs):
     """``attention(hidden_states, attention_mask, **kwargs)[0]`` without the module calls, or None
     where this is not that forward (then the caller runs Hugging Face's)."""
     sa = getattr(attention, "self", None)
-    if (sa is None or attention.is_cross_attention or not _names_are(type(attention), _ATTN_NAMES)
-            or not _names_are(type(sa), _SELF_ATTN_NAMES) or _hooked(attention) or _hooked(sa)):
+    if (sa is None or attention.is_cross_attention or not _restates(type(attention), _ATTN_NAMES)
+            or not _restates(type(sa), _SELF_ATTN_NAMES) or _hooked(attention) or _hooked(sa)):
         return None
     impl = sa.config._attn_implementation
     if impl not in (fused.ATTENTION_NAME, fused.ATTENTION_NAME_TORCH_DROPOUT):
@@ -324,18 +333,7 @@ def _direct_attention(attention, hidden_states, attention_mask, kwargs):
 
 
 def _direct_ff_ok(cls) -> bool:
-    ok = _direct_ff_checked.get(cls)
-    if ok is None:
-        fn = inspect.unwrap(cls.forward)
-        try:
-            params = tuple(inspect.signature(fn).parameters)
-        except (TypeError, ValueError):
-            params = ()
-        code = getattr(fn, "__code__", None)
-        ok = (params == _LAYER_PARAMS and code is not None and frozenset(code.co_names) == _LAYER_NAMES
-              and callable(getattr(cls, "feed_forward_chunk", None)))
-        _direct_ff_checked[cls] = ok
-    return ok
+    return _restates(cls, _LAYER_NAMES, _LAYER_PARAMS) and callable(getattr(cls, "feed_forward_chunk", None))
 
 
 def _direct_ff_class(cls):

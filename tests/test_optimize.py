@@ -561,7 +561,7 @@ def test_direct_attention_path_is_taken_only_where_it_restates_hugging_face(monk
     ids, _ = _batch()
     for fn, want in ((changed, 2), (counted, 0)):
         monkeypatch.setattr(BertSelfAttention, "forward", fn)
-        opt_mod._direct_attn_checked.clear()
+        opt_mod._restated_checked.clear()
         calls.clear()
         with torch.no_grad():
             out = m.bert(input_ids=ids).last_hidden_state
