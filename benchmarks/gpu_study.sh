@@ -13,10 +13,10 @@
 # 8 come back from $OUT):
 #   bash benchmarks/gpu_study.sh 150 /tmp/gs; cp /tmp/gs/{results.md,results.csv,results.json,study.tgz} $OUT/
 GPU_SCRIPT=study
+PACK_EXCLUDE=runs              # the run cache (checkpoints) stays out of study.tgz
 source "$(dirname "$0")/gpu_env.sh" "${2:-gpu_study}"
 LIMIT=${1:-150}
 CACHE=${GPU_STUDY_CACHE:-/tmp/sparsebert-gpu-cache}
-trap 'tar czf "$OUT_DIR/study.tgz" -C "$OUT_DIR" --exclude=study.tgz --exclude=runs . 2>/dev/null' EXIT
 
 stamp "joining the carried archives into $CACHE"
 missing=0
