@@ -497,3 +497,35 @@ def bsr_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Te
     if activation == "gelu" and not fuse_gelu:
         y = torch.nn.functional.gelu(y)
     return y.reshape(*lead, N)
+
+
+def infer_2d(x2: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Tensor] = None,
+             backend: str = "auto", activation: str = "none") -> Tensor:
+    """``bsr_linear(x2, values, layout, bias, backend, activation)`` for a caller that has checked
+    that no gradient is wanted, no autocast is on and nothing is being compiled or exported
+    (:func:`sparsebert.optimize`'s CPU inference layer): the same checks of the inputs, the same
+    dispatch and the same backend call, without the tests that cannot apply there. Anything
+    :func:`_accepts` does not take (errors included) goes through :func:`bsr_linear`."""
+    c = _consts(layout)
+    if (c is None or activation not in ACTIVATIONS or not _accepts(x2, values, bias, c)
+            or x2.dim() != 2 or not x2.is_contiguous()):
+        return bsr_linear(x2, values, layout, bias, backend=backend, activation=activation)
+    values = values.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    name = backends.plan_names(_resolve(backend, x2, values, layout, False, False))[_FWD]
+    lt = layout.tensors(x2.device)
+    if activation == "gelu":
+        return _forward_gelu(name, x2, values, bias, lt)
+    return backends.get(name).forward(x2, values, bias, lt)
+
+
+def settled_backend(backend: str, M: int, x: Tensor, layout: BlockLayout) -> Optional[str]:
+    """The backend :func:`bsr_linear` would run for an inference call of ``M`` rows like ``x``
+    (dtype, device), where that is already settled — ``auto``'s choice for this key timed, or a
+    named backend already checked for these inputs — else None (nothing is timed or checked here)."""
+    if backend == "auto":
+        backend = _env_backend()
+    if backend == "auto":
+        return backends.cached_choice("cpu" if x.is_cpu else x.device.type, x.dtype, M, layout, False)
+    return backend if (backend, x.device, x.dtype, layout.shape, layout.block) in _supported else None

@@ -90,17 +90,23 @@ def _shape_reason(query, key, value, attention_mask) -> str | None:
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.stride(3) != 1 and t.shape[3] != 1:
             return f"{name} must have a contiguous last dimension, got strides {t.stride()}"
-    if attention_mask is not None:
-        m = attention_mask
-        if not isinstance(m, torch.Tensor):
-            return f"attention_mask must be a tensor or None, got {type(m).__name__}"
-        if m.dtype not in (torch.bool, torch.float32):
-            return f"attention_mask must be bool or float32, got {m.dtype}"
-        if m.device.type != "cpu":
-            return f"attention_mask must be on the CPU, got {m.device}"
-        want = (b, h, sq, key.shape[2])
-        if m.dim() > 4 or any(s != w and s != 1 for s, w in zip(reversed(m.shape), reversed(want))):
-            return f"attention_mask of shape {tuple(m.shape)} does not broadcast to [B, H, Sq, Skv] = {list(want)}"
+    return mask_reason(attention_mask, (b, h, sq, key.shape[2]))
+
+
+def mask_reason(attention_mask, want) -> str | None:
+    """Why the kernel cannot take ``attention_mask`` for scores of shape ``want`` = (B, H, Sq, Skv),
+    or None."""
+    if attention_mask is None:
+        return None
+    m = attention_mask
+    if not isinstance(m, torch.Tensor):
+        return f"attention_mask must be a tensor or None, got {type(m).__name__}"
+    if m.dtype not in (torch.bool, torch.float32):
+        return f"attention_mask must be bool or float32, got {m.dtype}"
+    if m.device.type != "cpu":
+        return f"attention_mask must be on the CPU, got {m.device}"
+    if m.dim() > 4 or any(s != w and s != 1 for s, w in zip(reversed(m.shape), reversed(want))):
+        return f"attention_mask of shape {tuple(m.shape)} does not broadcast to [B, H, Sq, Skv] = {list(want)}"
     return None
 
 

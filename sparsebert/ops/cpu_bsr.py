@@ -166,3 +166,18 @@ def add_layernorm_(y, residual, weight, bias, eps: float):
     inference, one pass per row and no new tensor (``csrc/cpu/add_layernorm.cpp``). Returns ``y``."""
     _require().add_layernorm_(y, residual, weight, bias, float(eps))
     return y
+
+
+_layer_op: list = []   # [the bert_layer OpOverload, or None where sparsebert._C has none]
+
+
+def layer_op():
+    """``torch.ops.sparsebert_cpu.bert_layer`` (``csrc/cpu/bert_layer.cpp``: a BERT layer's nine
+    kernel calls at inference in one op), or None (a build from before it, or no attention op)."""
+    if not _layer_op:
+        ok = _load() is None and hasattr(torch.ops.sparsebert_cpu, "bert_layer")
+        if ok:
+            from . import cpu_attention
+            ok = cpu_attention._load() is None
+        _layer_op.append(torch.ops.sparsebert_cpu.bert_layer.default if ok else None)
+    return _layer_op[0]
