@@ -87,3 +87,33 @@ def test_full_layer_on_dense_backend_sees_every_write_and_trains_like_reference(
         l.values.data.mul_(-2.0)              # no version bump seen by autograd-unaware caches
     torch.testing.assert_close(layers["dense"](x), layers["reference"](x), rtol=1e-12, atol=1e-12)
     assert backends.get("dense").NAME == "dense"
+
+
+def test_dense_backend_reuses_its_cpu_scratch_weight_only_without_autograd():
+    from sparsebert.layout import BlockLayout
+    from sparsebert.ops import dense, reference
+    torch.manual_seed(0)
+    dense.empty_cache()
+    lay = BlockLayout.from_mask(torch.ones(1, 1, dtype=torch.bool), (16, 16), (16, 16))
+    with torch.inference_mode():                    # a scratch made in inference mode...
+        dense.forward(torch.randn(2, 16), torch.randn(1, 16, 16), None, lay.tensors("cpu"))
+    dense.forward(torch.randn(2, 16), torch.randn(1, 16, 16), None, lay.tensors("cpu"))   # ...serves outside
+    outs, ptrs = [], []
+    for N, K, keep in ((32, 64, None), (48, 32, None), (48, 32, 0.5)):   # two full layouts, one partial
+        mask = torch.ones(N // 16, K // 16, dtype=torch.bool) if keep is None else torch.rand(N // 16, K // 16) < keep
+        mask[0, 0] = True
+        lay = BlockLayout.from_mask(mask, (16, 16), (N, K))
+        lt = lay.tensors("cpu")
+        values, x = torch.randn(lay.nnz, 16, 16), torch.randn(5, K)
+        y = dense.forward(x, values, None, lt)
+        outs.append((y, reference.forward(x, values, None, lt)))
+        ptrs.append(dense._scratch.buffers[torch.float32].data_ptr())
+    assert ptrs[0] == ptrs[1] == ptrs[2]            # one scratch (the largest first) for all
+    for y, ref in outs:                             # each result stays its own after later calls
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    lay = BlockLayout.from_mask(torch.ones(2, 2, dtype=torch.bool), (16, 16), (32, 32))
+    values = torch.randn(4, 16, 16, requires_grad=True)
+    w = dense.densify_values(values, lay.tensors("cpu"), reuse=True)   # autograd records: a new tensor
+    assert w.requires_grad and w.data_ptr() != dense._scratch.buffers[torch.float32].data_ptr()
+    w.sum().backward()
+    assert torch.equal(values.grad, torch.ones_like(values))

@@ -242,3 +242,4 @@ def test_layer_op_follows_changes_to_the_layer(monkeypatch, change, op_calls):
     out = _run(m, ids)
     assert paths.op == op_calls
     assert torch.equal(out, ref)
+
