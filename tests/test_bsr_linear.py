@@ -406,3 +406,26 @@ def test_backend_environment_variable_read_at_every_call(monkeypatch):
     monkeypatch.setattr(os, "environ", {"SPARSEBERT_BACKEND": "reference"})   # another mapping
     bsr_linear(x, v, lay)
     assert used == ["dense", "reference", "dense", "dense", "dense", "reference"]
+
+
+@pytest.mark.parametrize("ref_time, want", [(1.04, "reference"), (1.06, "dense")])
+def test_auto_on_cpu_takes_dense_only_when_it_is_clearly_faster(monkeypatch, ref_time, want):
+    # timed alone, dense is flattered on CPUs (fresh pages in a model, reused alone): it must be
+    # more than 5% faster than the sparse candidate to be chosen there
+    backends.clear_auto_cache()
+    monkeypatch.setattr(backends, "_candidates", lambda device: ("dense", "reference"))
+    monkeypatch.setattr(backends, "_time_ops", lambda mod, x, v, lt, train, reps=3: {
+        op: (1.0 if mod.NAME == "dense" else ref_time) for op in ("forward", "grad_input", "grad_weight")})
+    lay = BlockLayout.dense((32, 32), (16, 16))
+    assert backends.choose(torch.randn(4, 32), torch.randn(lay.nnz, 16, 16), lay) == want
+
+
+def test_auto_times_cpu_candidates_with_l2_evicted(monkeypatch):
+    evictions = []
+    real = backends._evict_cpu_caches
+    monkeypatch.setattr(backends, "_evict_cpu_caches", lambda: evictions.append(1) or real())
+    lay = BlockLayout.dense((32, 32), (16, 16))
+    x, v = torch.randn(4, 32), torch.randn(lay.nnz, 16, 16)
+    t = backends._time_ops(backends.get("reference"), x, v, lay.tensors(), train=True, reps=3)
+    assert set(t) == {"forward", "grad_input", "grad_weight"}
+    assert len(evictions) == 3 * 5                  # every rep of every op (5 reps on CPU)
