@@ -206,7 +206,8 @@ def _add_norm_ok(module, h, residual) -> bool:
     availability is decided once."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
-    if module.training and module.dropout.p != 0.0:
+    drop = module.dropout          # its own mode decides, as when Hugging Face calls it
+    if drop.training and drop.p != 0.0:
         return False
     if not (h.is_cpu and h.dtype == torch.float32 and residual.dtype == torch.float32
             and h.shape == residual.shape and h.is_contiguous() and residual.is_contiguous()):
@@ -356,13 +357,14 @@ def _direct_attention(attention, hidden_states, attention_mask, kwargs):
     return attention.output(out.reshape(*input_shape, -1).contiguous(), hidden_states)
 
 
-# ---- BertLayer at CPU inference in one function ---------------------------------------------
+# ---- BertLayer at CPU inference in one call ---------------------------------------------------
 # A 90%-sparse MiniLM forward at batch 1 is ~4.2 ms of kernels and ~1.3 ms of Python: 14 module
 # calls a layer and each block-sparse layer's general dispatch (autocast, export and compile
 # tests). Where none of that can apply (no gradient, no autocast, not compiling or exporting, fp32
 # CPU input, no hook on a module skipped, the classes the versions restated, the linears
 # nn.Linear or sparsebert's own block-sparse layers), _infer_layer runs the layer's operations
-# itself: the same kernels on the same arguments in the same order, so the same bits (tested).
+# itself: as one C++ op where every step is a cpu kernel (_infer_layer_op), else from Python; the
+# same kernels on the same arguments in the same order either way, so the same bits (tested).
 _FF_CHUNK_NAMES = frozenset(("intermediate", "output"))
 _INTERMEDIATE_NAMES = frozenset(("dense", "intermediate_act_fn"))
 

@@ -243,3 +243,27 @@ def test_layer_op_follows_changes_to_the_layer(monkeypatch, change, op_calls):
     assert paths.op == op_calls
     assert torch.equal(out, ref)
 
+
+
+def test_a_dropout_left_in_training_mode_in_an_eval_model_still_drops(monkeypatch):
+    # Hugging Face's BertOutput calls its dropout module, whose own mode decides; the fused
+    # add + LayerNorm (module path and layer op alike) must not skip it when only the parent is eval
+    _skip_without_kernels()
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=160,
+                        vocab_size=VOCAB, max_position_embeddings=64, attn_implementation="sdpa",
+                        hidden_dropout_prob=0.3)
+    ref = BertForMaskedLM(config)
+    sparsebert.sparsify(ref, 0.5, block=(16, 16))
+    ref.eval()
+    opt = sparsebert.optimize(__import__("copy").deepcopy(ref), dropout="torch").eval()
+    for m in (ref, opt):
+        m.bert.encoder.layer[1].output.dropout.train()
+    ids = _ids()
+    for _ in range(2):
+        outs = []
+        for m in (ref, opt):
+            torch.manual_seed(7)
+            with torch.no_grad():
+                outs.append(m.bert(input_ids=ids).last_hidden_state)
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
