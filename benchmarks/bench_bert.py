@@ -224,22 +224,21 @@ def _time_inference(models, cfg, batches, seq, rounds, device, cold=False):
 def _breakdown(models, cfg, batches, seq, rounds, device):
     """{name: {batch: {part: mean CPU seconds per forward}}} of ``model.bert(ids)`` at inference:
     the process CPU time (``time.process_time``) spent inside the sparse kernels, the dense
-    backend, ``nn.Linear``, SDPA, GELU modules, LayerNorm, the fused add + LayerNorm and the
-    embeddings, and the rest (Python, adds, reshapes). ``torch.profiler`` reports wall time, which
+    backend, ``nn.Linear``, SDPA, the fused attention kernel, GELU modules, LayerNorm, the fused
+    add + LayerNorm, the embeddings and ``optimize``'s whole-layer op (all of a layer's kernels),
+    and the rest (Python, adds, reshapes). ``torch.profiler`` reports wall time, which
     on a shared machine counts the time spent waiting for a core."""
     import collections
 
     import torch.nn.functional as F
     from transformers.activations import GELUActivation
 
-    from sparsebert.ops import cpu_bsr, dense
+    from sparsebert.ops import cpu_attention, cpu_bsr, dense
     acc = collections.Counter()
     inside = [0]
     patched = []
 
-    def wrap(obj, attr, label):
-        real = getattr(obj, attr)
-
+    def timing(real, label):
         def timed(*a, **k):
             if inside[0]:
                 return real(*a, **k)
@@ -250,15 +249,32 @@ def _breakdown(models, cfg, batches, seq, rounds, device):
             finally:
                 acc[label] += time.process_time() - c
                 inside[0] -= 1
+        return timed
+
+    def wrap(obj, attr, label):
+        real = getattr(obj, attr)
         patched.append((obj, attr, real))
-        setattr(obj, attr, timed)
+        setattr(obj, attr, timing(real, label))
 
     for obj, attr, label in ((cpu_bsr, "forward", "sparse kernels"), (dense, "forward", "dense backend"),
-                             (torch.nn.Linear, "forward", "nn.Linear"), (F, "scaled_dot_product_attention", "sdpa"),
+                             (torch.nn.Linear, "forward", "nn.Linear"), (F, "linear", "nn.Linear"),
+                             (F, "scaled_dot_product_attention", "sdpa"),
                              (GELUActivation, "forward", "gelu"), (torch.nn.LayerNorm, "forward", "layernorm"),
                              (cpu_bsr, "add_layernorm_", "add+layernorm fused"),
-                             (torch.nn.Embedding, "forward", "embedding")):
+                             (torch.nn.Embedding, "forward", "embedding"),
+                             (cpu_attention, "attention", "attention kernel")):
         wrap(obj, attr, label)
+    # optimize's whole-layer op (its nine kernel calls are made from C++: one part)
+    real_layer_op = cpu_bsr.layer_op
+    patched.append((cpu_bsr, "layer_op", real_layer_op))
+    timed_op = {}
+
+    def layer_op():
+        op = real_layer_op()
+        if op is not None and "op" not in timed_op:
+            timed_op["op"] = timing(op, "layer op (whole layers)")
+        return None if op is None else timed_op["op"]
+    cpu_bsr.layer_op = layer_op
     out = {name: {} for name in models}
     try:
         for b in batches:

@@ -167,3 +167,23 @@ def test_with_baseline_runs_the_baseline_forward_after_the_first_call(monkeypatc
     base = bench_cpu.with_baseline(current)
     assert base() == "baseline" and base() == "baseline" and len(calls) == 2
     assert torch.is_tensor(current())                      # and the current one is back afterwards
+
+
+def test_bench_bert_breakdown_counts_the_layer_op(tmp_path):
+    """--infer-breakdown times optimize's whole-layer op as one part: a 90%-sparse model's layers
+    run there, not in "rest", and the parts add up to the total."""
+    pytest.importorskip("transformers")
+    from sparsebert.ops import cpu_bsr
+    if cpu_bsr.layer_op() is None:
+        pytest.skip("sparsebert._C has no bert_layer op here")
+    import bench_bert
+    bench_bert.main(["--device", "cpu", "--tiny", "--no-train", "--levels", "0.9", "--block", "16",
+                     "--head", "masked", "--infer-batches", "2", "--infer-rounds", "2", "--infer-breakdown",
+                     "--out", str(tmp_path)])
+    rows = {r["model"]: r for r in json.load(open(tmp_path / "bench_bert.json"))["inference_breakdown_ms"]}
+    parts = rows["block16 90%"]
+    assert parts["layer op (whole layers)"] > 0
+    dense_opt = rows["dense + optimize"]         # its linears run F.linear from optimize's Python path
+    assert dense_opt["nn.Linear"] > 0.3 * dense_opt["total"]
+    assert sum(v for k, v in parts.items() if k not in ("model", "block", "batch", "total")) == \
+        pytest.approx(parts["total"])
