@@ -209,10 +209,12 @@ def _add_norm_ok(module, h, residual) -> bool:
     drop = module.dropout          # its own mode decides, as when Hugging Face calls it
     if drop.training and drop.p != 0.0:
         return False
+    ln = module._modules["LayerNorm"] if "LayerNorm" in module._modules else module.LayerNorm
+    if _hooked(drop) or _hooked(ln):   # the fused pass calls neither module: their hooks would not run
+        return False
     if not (h.is_cpu and h.dtype == torch.float32 and residual.dtype == torch.float32
             and h.shape == residual.shape and h.is_contiguous() and residual.is_contiguous()):
         return False
-    ln = module._modules["LayerNorm"] if "LayerNorm" in module._modules else module.LayerNorm
     return (isinstance(ln, nn.LayerNorm) and tuple(ln.normalized_shape) == (h.shape[-1],)
             and _fp32_cpu_or_none(param_of(ln, "weight")) and _fp32_cpu_or_none(param_of(ln, "bias"))
             and _cpu_backend() is not None)
@@ -404,8 +406,9 @@ def _infer_layer(layer, x, attention_mask, kwargs):
             inter._modules.get("dense"), outm.get("dense"))
     skipped = (att, sa, so, inter, out, som.get("LayerNorm"), som.get("dropout"),
                outm.get("LayerNorm"), outm.get("dropout")) + lins
+    act_m = inter._modules.get("intermediate_act_fn")      # a module (FusedActivation) is not called
     if (any(type(m) not in _INFER_LINEARS for m in lins) or att.is_cross_attention
-            or any(m is None or _hooked(m) for m in skipped)):
+            or any(m is None or _hooked(m) for m in skipped) or (act_m is not None and _hooked(act_m))):
         return None
     impl = sa.config._attn_implementation
     if impl not in (fused.ATTENTION_NAME, fused.ATTENTION_NAME_TORCH_DROPOUT):

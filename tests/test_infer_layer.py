@@ -267,3 +267,31 @@ def test_a_dropout_left_in_training_mode_in_an_eval_model_still_drops(monkeypatc
             with torch.no_grad():
                 outs.append(m.bert(input_ids=ids).last_hidden_state)
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["output.LayerNorm", "output.dropout", "attention.output.LayerNorm",
+                                   "attention.output.dropout", "intermediate.intermediate_act_fn"])
+def test_a_hook_on_a_module_the_fused_paths_do_not_call_runs(monkeypatch, where):
+    # the fused add + LayerNorm calls neither the dropout nor the LayerNorm module, and the layer
+    # paths never call the (fused) activation module: a hook on any of them must send the call to
+    # the modules, where it runs (here it doubles the module's output, as the unoptimized model does)
+    _skip_without_kernels()
+    m = _model(sparsity=0.5)
+    for layer in m.modules():
+        if isinstance(layer, sparsebert.BlockSparseLinear):
+            layer.backend = "cpu"
+    ref = __import__("copy").deepcopy(m)
+    sparsebert.unoptimize(ref)
+    ids = _ids()
+    _run(m, ids)
+    _run(m, ids)                                    # hooks registered after fast calls
+    calls = []
+    for model in (ref, m):
+        mod = model.bert.encoder.layer[1]
+        for name in where.split("."):
+            mod = getattr(mod, name)
+        mod.register_forward_hook(lambda mo, i, o: (calls.append(1), o * 2)[1])
+    expected = _run(ref, ids)
+    out = _run(m, ids)
+    assert len(calls) == 2
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
