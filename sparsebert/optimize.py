@@ -275,6 +275,7 @@ _LAYER_PARAMS = ("self", "hidden_states", "attention_mask", "encoder_hidden_stat
 _LAYER_NAMES = frozenset(("attention", "is_decoder", "hasattr", "ValueError", "crossattention",
                           "apply_chunking_to_forward", "feed_forward_chunk",
                           "chunk_size_feed_forward", "seq_len_dim"))
+_LOSS_ONLY_KWARGS = frozenset(("num_items_in_batch",))
 _direct_ff_subclasses: dict = {}
 _restated_checked: dict = {}       # (class, names, params) -> whether its forward is the one restated
 
@@ -304,7 +305,9 @@ def _direct_ff_forward(self, hidden_states, attention_mask=None, encoder_hidden_
         return self._sparsebert_base.forward(self, hidden_states, attention_mask, encoder_hidden_states,
                                              encoder_attention_mask, cache=cache, **kwargs)
     attention_output = None
-    if cache is None and not any(v is not None for v in kwargs.values()):   # (BertModel passes position_ids=None)
+    # (BertModel passes position_ids=None; Trainer passes num_items_in_batch, which only a loss
+    # reads: both reach the attention function below as they would through the modules)
+    if cache is None and all(v is None or k in _LOSS_ONLY_KWARGS for k, v in kwargs.items()):
         if not torch.is_grad_enabled():
             out = _infer_layer(self, hidden_states, attention_mask, kwargs)
             if out is not None:

@@ -295,3 +295,29 @@ def test_a_hook_on_a_module_the_fused_paths_do_not_call_runs(monkeypatch, where)
     out = _run(m, ids)
     assert len(calls) == 2
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_trainer_evaluate_runs_the_fast_layer_paths(monkeypatch, tmp_path):
+    # Trainer passes num_items_in_batch down to every BertLayer: a loss-only argument, which must
+    # not send the layers to the module path (it did: no fast layer call under Trainer)
+    _skip_without_kernels()
+    from transformers import BertForSequenceClassification, Trainer, TrainingArguments
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=160,
+                        vocab_size=VOCAB, max_position_embeddings=64, attn_implementation="sdpa")
+    m = BertForSequenceClassification(config)
+    sparsebert.sparsify(m, 0.5, block=(16, 16))
+    sparsebert.optimize(m).eval()
+    g = torch.Generator().manual_seed(2)
+    data = [{"input_ids": torch.randint(1, VOCAB, (9,), generator=g), "labels": torch.tensor(i % 2)}
+            for i in range(6)]
+    losses = []
+    for force in (None, "module"):
+        with monkeypatch.context() as mp:
+            paths = _Paths(mp, force=force)
+            tr = Trainer(model=m, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[],
+                                                         per_device_eval_batch_size=3), eval_dataset=data)
+            losses.append(tr.evaluate()["eval_loss"])
+            if force is None:
+                assert paths.served == 2 * 2            # two layers, two batches
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
