@@ -335,11 +335,36 @@ _SELF_ATTN_NAMES = frozenset((
 
 def _hooked(m: nn.Module) -> bool:
     """Whether calling ``m`` would run hooks (its own or global ones), as Module.__call__ tests: the
-    direct path must not skip them (Hugging Face's output_attentions capture is such a hook)."""
+    direct path must not skip them (Hugging Face's output_attentions capture is such a hook), except
+    transformers' output-capturing hooks while no capture is active (:func:`_idle_capture_hooks`)."""
     mm = _module_mod
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
-                or mm._global_backward_pre_hooks)
+    if (m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+            or mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
+            or mm._global_backward_pre_hooks):
+        return True
+    hooks = m._forward_hooks
+    return bool(hooks) and not _idle_capture_hooks(hooks)
+
+
+_capture_state: list = []     # [transformers' output-collector context variable, or None]
+
+
+def _idle_capture_hooks(hooks) -> bool:
+    """Whether every hook in ``hooks`` is transformers' output-capturing hook and no capture is
+    active: each then returns at once. transformers 5 installs them for good on the first call with
+    ``output_attentions`` / ``output_hidden_states``; without this, that one call would turn the
+    direct paths off for the model's lifetime. Anything not recognised counts as a real hook."""
+    if not _capture_state:
+        try:
+            from transformers.utils import output_capturing as oc
+            _capture_state.append(oc._active_collector)
+        except (ImportError, AttributeError):
+            _capture_state.append(None)
+    collector = _capture_state[0]
+    if collector is None or collector.get():      # a capture is running: its hooks must run
+        return False
+    return all(getattr(h, "__module__", None) == "transformers.utils.output_capturing"
+               and getattr(h, "__name__", None) == "output_capturing_hook" for h in hooks.values())
 
 
 def _direct_attention(attention, hidden_states, attention_mask, kwargs):

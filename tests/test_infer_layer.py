@@ -321,3 +321,24 @@ def test_trainer_evaluate_runs_the_fast_layer_paths(monkeypatch, tmp_path):
             if force is None:
                 assert paths.served == 2 * 2            # two layers, two batches
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_fast_paths_survive_a_call_that_asked_for_hidden_states_or_attentions(monkeypatch):
+    # transformers 5 installs its output-capturing hooks for good at the first such call; while no
+    # capture runs they do nothing, and must not turn the fast paths off for the model's lifetime
+    _skip_without_kernels()
+    m = _model(sparsity=0.5)
+    ids = _ids()
+    ref = _module_path(monkeypatch, m, ids)
+    with torch.inference_mode():
+        hs = m.bert(input_ids=ids, output_hidden_states=True, output_attentions=True)
+    assert len(hs.hidden_states) == 3 and len(hs.attentions) == 2
+    assert m.bert.encoder.layer[0].attention.self._forward_hooks      # (the capture hooks are there)
+    paths = _Paths(monkeypatch)
+    assert torch.equal(_run(m, ids), ref)
+    assert paths.served == 2
+    with torch.inference_mode():                  # a capturing call still gets every state
+        again = m.bert(input_ids=ids, output_hidden_states=True)
+    assert paths.served == 2 and len(again.hidden_states) == 3
+    for a, b in zip(again.hidden_states, hs.hidden_states):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
