@@ -34,3 +34,18 @@ def test_the_hugging_face_section_runs_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "checkpoint-4" / "model.safetensors").is_file()
     assert torch.allclose(torch.as_tensor(ns["logits"]),
                           ns["same"](input_ids=ns["ids"]).logits.detach(), atol=1e-5)
+
+
+def test_the_use_section_optimize_example_runs_as_written(tmp_path, monkeypatch):
+    text = open(README, encoding="utf-8").read()
+    use = text.split("## Use\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", use, flags=re.S)
+    example = [b for b in blocks if "sparsebert.optimize(model)" in b]
+    assert len(example) == 1
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    exec(compile(blocks[0], "README.md", "exec"), ns)
+    exec(compile(example[0], "README.md", "exec"), ns)
+    labelled = int((ns["ids"] != -100).sum())
+    assert tuple(ns["out"].logits.shape) == (labelled, ns["model"].config.vocab_size)
+    assert ns["sparsebert"].is_optimized(ns["model"]) and ns["hidden"].shape[:2] == ns["ids"].shape
