@@ -298,7 +298,7 @@ def test_every_forward_kernel(kernel, isa, monkeypatch):
         mask[2] = False
         lay = BlockLayout.from_mask(mask, block)
         lt = lay.tensors()
-        for M in [1, 3, 5, 16, 17, 40]:
+        for M in [1, 3, 5, 16, 17, 40, 64, 128]:   # (tpanel runs 16 x 16 blocks up to 128 tokens)
             x, _, values, bias = _inputs(M, N, K, lay, torch.float32, seed=M)
             for b in (bias, None):
                 want = reference.forward(x, values, b, lt)
@@ -320,6 +320,24 @@ def test_default_forward_at_every_token_count(dtype, density):
         x, _, values, bias = _inputs(M, N, K, lay, dtype, seed=M)
         want = reference.forward(f(x), f(values), f(bias), lt).to(dtype)
         _close(cpu_bsr.forward(x, values, bias, lt), want, dtype, K)
+
+
+def test_default_forward_takes_tpanel_for_dense_enough_16x16_blocks_up_to_128_tokens(monkeypatch):
+    """16 x 16 blocks, at least half kept, 48..128 tokens: tpanel (the same bits as forcing it);
+    fewer kept, or more tokens: panel. Every count equals the reference."""
+    N, K, block = 96, 384, (16, 16)
+    for density, tp in ((0.6, True), (0.3, False), (1.0, True)):
+        lay = _layout(N, K, block, density, seed=int(density * 10))
+        lt = lay.tensors()
+        tp = tp and 2 * lay.nnz >= (N // 16) * (K // 16)
+        for M in (47, 48, 100, 128, 129, 200):
+            x, _, values, bias = _inputs(M, N, K, lay, torch.float32, seed=M)
+            monkeypatch.delenv("SPARSEBERT_CPU_FWD", raising=False)
+            y = cpu_bsr.forward(x, values, bias, lt)
+            _close(y, reference.forward(x, values, bias, lt), torch.float32, K)
+            if M >= 48:
+                monkeypatch.setenv("SPARSEBERT_CPU_FWD", "tpanel" if tp and M <= 128 else "panel")
+                assert torch.equal(y, cpu_bsr.forward(x, values, bias, lt)), (density, M)
 
 
 def test_forward_kernel_choice_is_checked(monkeypatch):

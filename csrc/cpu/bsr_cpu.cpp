@@ -346,12 +346,13 @@ void run_panels(const Kernels& kern, const float* in, int64_t ld_in, int64_t M,
 //  * tpanel (16 <= M < 48, short rows, i.e. fewer than 128 kept k per output): x transposed
 //    (tiny at this M), W broadcast as stored (on such rows dot's reductions cost up to half as
 //    much as its products).
-//  * panel (M >= 48): the register-blocked panel kernel over W blocks transposed by each work
-//    item just before use (run_panels, transpose_b), so the copy stays in L1/L2.
+//  * tpanel also for 16 x 16 blocks, at least half of them kept, 48 <= M <= 128.
+//  * panel (M >= 48 otherwise): the register-blocked panel kernel over W blocks transposed by each
+//    work item just before use (run_panels, transpose_b), so the copy stays in L1/L2.
 // SPARSEBERT_CPU_FWD=dot|tpanel|panel forces one (tests, benchmarks).
 enum class Fwd { kPanel, kDot, kTpanel };
 
-Fwd pick_forward(int64_t M, int64_t R, int64_t nnz, int64_t bk) {
+Fwd pick_forward(int64_t M, int64_t R, int64_t C, int64_t nnz, int64_t bn, int64_t bk) {
   const char* env = std::getenv("SPARSEBERT_CPU_FWD");
   if (env && env[0] != '\0') {
     const std::string want = env;
@@ -361,7 +362,14 @@ Fwd pick_forward(int64_t M, int64_t R, int64_t nnz, int64_t bk) {
                 want, "'");
     return Fwd::kPanel;
   }
-  if (M >= 48) return Fwd::kPanel;
+  if (M >= 48) {
+    // 16 x 16 blocks, at least half kept, up to 128 tokens: tpanel. The panel kernel's 16-wide
+    // tile has one FMA per broadcast of x; tpanel was 1.13-1.32x faster there (AVX-512, one thread,
+    // MiniLM shapes, M = 64 and 128, 50% and 100% kept); from 256 tokens, or at 10% kept, panel
+    // is as fast or faster for some shapes (benchmarks/RESULTS.md, "16 x 16 blocks").
+    if (bn == 16 && bk == 16 && M <= 128 && 2 * nnz >= R * C) return Fwd::kTpanel;
+    return Fwd::kPanel;
+  }
   if (M < 16) return Fwd::kDot;
   const bool long_rows = nnz * bk >= 128 * R;  // mean kept k per output >= 128
   return long_rows ? Fwd::kDot : Fwd::kTpanel;
@@ -427,7 +435,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& values, const std::opt
   at::Tensor bf;
   if (bias.has_value()) bf = as_f32(*bias);
   at::Tensor y = pooled_empty({M, N});
-  const Fwd how = pick_forward(M, ix.R, nnz, bk);
+  const Fwd how = pick_forward(M, ix.R, ix.C, nnz, bn, bk);
   if (how != Fwd::kPanel) {
     const at::Tensor xf = as_f32(x), vf = as_f32(values);
     forward_rows(kern, how == Fwd::kTpanel, xf.data_ptr<float>(), M, K, vf.data_ptr<float>(), ix,
