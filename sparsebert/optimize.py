@@ -367,6 +367,21 @@ def _idle_capture_hooks(hooks) -> bool:
                and getattr(h, "__name__", None) == "output_capturing_hook" for h in hooks.values())
 
 
+def _own_attention(sa) -> Optional[str]:
+    """The attention implementation of BertSelfAttention ``sa`` when it is sparsebert's (whose
+    function the restated paths call directly), else None."""
+    impl = sa.config._attn_implementation
+    return impl if impl in (fused.ATTENTION_NAME, fused.ATTENTION_NAME_TORCH_DROPOUT) else None
+
+
+def _attend(sa, query, key, value, attention_mask, kwargs, impl):
+    """BertSelfAttention's call of its attention function (sparsebert's ``impl``), restated:
+    ``[B, S, heads, D]``."""
+    out, _ = fused._attention(sa, query, key, value, attention_mask, 0.0 if not sa.training else sa.dropout.p,
+                              sa.scaling, None, kwargs, impl == fused.ATTENTION_NAME)
+    return out
+
+
 def _direct_attention(attention, hidden_states, attention_mask, kwargs):
     """``attention(hidden_states, attention_mask, **kwargs)[0]`` without the module calls, or None
     where this is not that forward (then the caller runs Hugging Face's)."""
@@ -374,16 +389,15 @@ def _direct_attention(attention, hidden_states, attention_mask, kwargs):
     if (sa is None or attention.is_cross_attention or not _restates(type(attention), _ATTN_NAMES)
             or not _restates(type(sa), _SELF_ATTN_NAMES) or _hooked(attention) or _hooked(sa)):
         return None
-    impl = sa.config._attn_implementation
-    if impl not in (fused.ATTENTION_NAME, fused.ATTENTION_NAME_TORCH_DROPOUT):
+    impl = _own_attention(sa)
+    if impl is None:
         return None
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, sa.attention_head_size)
     query = sa.query(hidden_states).view(*hidden_shape).transpose(1, 2)
     key = sa.key(hidden_states).view(*hidden_shape).transpose(1, 2)
     value = sa.value(hidden_states).view(*hidden_shape).transpose(1, 2)
-    out, _ = fused._attention(sa, query, key, value, attention_mask, 0.0 if not sa.training else sa.dropout.p,
-                              sa.scaling, None, kwargs, impl == fused.ATTENTION_NAME)
+    out = _attend(sa, query, key, value, attention_mask, kwargs, impl)
     return attention.output(out.reshape(*input_shape, -1).contiguous(), hidden_states)
 
 
@@ -438,8 +452,8 @@ def _infer_layer(layer, x, attention_mask, kwargs):
     if (any(type(m) not in _INFER_LINEARS for m in lins) or att.is_cross_attention
             or any(m is None or _hooked(m) for m in skipped) or (act_m is not None and _hooked(act_m))):
         return None
-    impl = sa.config._attn_implementation
-    if impl not in (fused.ATTENTION_NAME, fused.ATTENTION_NAME_TORCH_DROPOUT):
+    impl = _own_attention(sa)
+    if impl is None:
         return None
     B, S, H = x.shape
     x2 = x.view(-1, H)
@@ -449,8 +463,7 @@ def _infer_layer(layer, x, attention_mask, kwargs):
             return y.view(B, S, -1)
     hidden_shape = (B, S, -1, sa.attention_head_size)
     q, k, v = (_infer_linear(m, x2).view(hidden_shape).transpose(1, 2) for m in lins[:3])
-    ctx, _ = fused._attention(sa, q, k, v, attention_mask, 0.0 if not sa.training else sa.dropout.p,
-                              sa.scaling, None, kwargs, impl == fused.ATTENTION_NAME)
+    ctx = _attend(sa, q, k, v, attention_mask, kwargs, impl)
     h = _add_norm(so, _infer_linear(lins[3], ctx.reshape(B * S, -1).contiguous()), x2)
     i = _infer_linear(lins[4], h)
     act = inter.intermediate_act_fn
@@ -468,7 +481,7 @@ def _op_ready(m, K: int, x2, acts: str):
         return None
     values, bias, layout = param_of(m, "values"), param_of(m, "bias"), m.layout
     c = _consts(layout)
-    if (c is None or c.K != K or type(values) is not nn.Parameter and type(values) is not torch.Tensor
+    if (c is None or c.K != K or type(values) not in (nn.Parameter, torch.Tensor)
             or values.dtype != torch.float32 or not values.is_cpu or values.shape != c.values_shape
             or not values.is_contiguous()):
         return None
