@@ -112,13 +112,18 @@ def attention_math(query, key, value, attention_mask, scaling, p, return_weights
     return (out, w) if return_weights else out
 
 
+def _causal(module, is_causal) -> bool:
+    """Whether the call is causal: its ``is_causal``, else the module's attribute (False without one)."""
+    return is_causal if is_causal is not None else getattr(module, "is_causal", False)
+
+
 def _attention_with_weights(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                             fast_dropout):
     """``output_attentions=True``: SDPA returns no probabilities (Hugging Face's sdpa then returns
     an empty ``attentions`` tuple with a warning about "sdpa", although the user's model was
     eager before :func:`sparsebert.optimize`), so compute them as the eager attention does."""
     T, S = query.shape[-2], key.shape[-2]
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    causal = _causal(module, is_causal)
     if attention_mask is None and causal and T > 1:
         # what SDPA's is_causal computes (top-left aligned), which sdpa_attention_forward asks for
         attention_mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril()
@@ -141,7 +146,7 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, is_c
         return _attention_with_weights(module, query, key, value, attention_mask, dropout, scaling,
                                        is_causal, fast_dropout)
     simple = (plain and fast_dropout and _fast_ok(query, dropout, True)
-              and not (is_causal if is_causal is not None else getattr(module, "is_causal", False)))
+              and not _causal(module, is_causal))
     if not simple:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
