@@ -135,14 +135,16 @@ def _attention_with_weights(module, query, key, value, attention_mask, dropout, 
 
 def _attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, fast_dropout):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from .ops import cpu_attention
     if query.is_cpu and not torch.compiler.is_compiling():
-        from .ops import cpu_attention       # CPU inference: the fused kernel where it applies
+        # CPU inference: the fused kernel where it applies
         if cpu_attention.applies(module, query, key, value, attention_mask, dropout, is_causal, **kwargs):
             return cpu_attention.attention(query, key, value, attention_mask, scaling), None
     # what attention_math computes: one key/value head per query head, no bias or softcap
     plain = (getattr(module, "num_key_value_groups", 1) == 1 and kwargs.get("position_bias") is None
              and kwargs.get("softcap") is None and query.shape[1] == key.shape[1])
-    if plain and kwargs.get("output_attentions", False):
+    if plain and cpu_attention.wants_weights(module, kwargs):
         return _attention_with_weights(module, query, key, value, attention_mask, dropout, scaling,
                                        is_causal, fast_dropout)
     simple = (plain and fast_dropout and _fast_ok(query, dropout, True)

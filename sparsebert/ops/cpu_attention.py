@@ -158,6 +158,14 @@ def attention(query, key, value, attention_mask=None, scaling=None) -> torch.Ten
     return torch.ops.sparsebert_cpu.attention(query, key, value, attention_mask, float(scaling))
 
 
+def wants_weights(module, kwargs) -> bool:
+    """Whether the call must return the attention probabilities: ``output_attentions`` passed, or
+    set in the module's config (transformers then captures them from the module's output without
+    passing the argument down)."""
+    return bool(kwargs.get("output_attentions", False)
+                or getattr(getattr(module, "config", None), "output_attentions", False))
+
+
 def applies(module, query, key, value, attention_mask, dropout=0.0, is_causal=None, **kwargs) -> bool:
     """Whether a call of a transformers attention function (same arguments) may run the fused
     kernel: not for a causal call without a mask (SDPA's ``is_causal``), ``position_bias``,
@@ -166,7 +174,7 @@ def applies(module, query, key, value, attention_mask, dropout=0.0, is_causal=No
     return (not (query.shape[2] > 1 and attention_mask is None and causal)
             and kwargs.get("position_bias") is None
             and kwargs.get("softcap") is None
-            and not kwargs.get("output_attentions", False)
+            and not wants_weights(module, kwargs)
             and unsupported_reason(query, key, value, attention_mask, dropout) is None)
 
 
