@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import threading
 from typing import Optional
 
 import torch
@@ -181,6 +182,10 @@ _INFER_LINEARS = (nn.Linear, BlockSparseLinear, TrainingFusedBlockSparseLinear) 
 
 # ---- residual add + LayerNorm at CPU inference ---------------------------------------------
 _ADD_NORM_CLASSES = ("BertSelfOutput", "BertOutput")
+# the forward restated by _add_norm_forward: LayerNorm(dropout(dense(h)) + input_tensor)
+_ADD_NORM_NAMES = frozenset(("dense", "dropout", "LayerNorm"))
+_ADD_NORM_PARAMS = ("self", "hidden_states", "input_tensor")
+_PLAIN_DROPOUTS = (nn.Dropout, fused.FastDropout)
 _add_norm_subclasses: dict = {}
 
 
@@ -207,7 +212,8 @@ def _add_norm_ok(module, h, residual) -> bool:
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
     drop = module.dropout          # its own mode decides, as when Hugging Face calls it
-    if drop.training and drop.p != 0.0:
+    # exact types: a subclass may do more in its forward (the fused pass calls neither module)
+    if type(drop) not in _PLAIN_DROPOUTS or (drop.training and drop.p != 0.0):
         return False
     ln = module._modules["LayerNorm"] if "LayerNorm" in module._modules else module.LayerNorm
     if _hooked(drop) or _hooked(ln):   # the fused pass calls neither module: their hooks would not run
@@ -215,7 +221,7 @@ def _add_norm_ok(module, h, residual) -> bool:
     if not (h.is_cpu and h.dtype == torch.float32 and residual.dtype == torch.float32
             and h.shape == residual.shape and h.is_contiguous() and residual.is_contiguous()):
         return False
-    return (isinstance(ln, nn.LayerNorm) and tuple(ln.normalized_shape) == (h.shape[-1],)
+    return (type(ln) is nn.LayerNorm and tuple(ln.normalized_shape) == (h.shape[-1],)
             and _fp32_cpu_or_none(param_of(ln, "weight")) and _fp32_cpu_or_none(param_of(ln, "bias"))
             and _cpu_backend() is not None)
 
@@ -233,7 +239,16 @@ def _add_norm(self, h, input_tensor):
 
 
 def _add_norm_forward(self, hidden_states, input_tensor):
-    return _add_norm(self, self.dense(hidden_states), input_tensor)
+    base = self._sparsebert_base
+    if not _restates(base, _ADD_NORM_NAMES, _ADD_NORM_PARAMS):     # patched since optimize
+        return base.forward(self, hidden_states, input_tensor)
+    dense = self.dense
+    h = dense(hidden_states)
+    if type(dense) not in _INFER_LINEARS or _hooked(dense):
+        # the in-place pass may overwrite h only where nothing else holds it: the fresh output of
+        # a linear layer, not seen by a hook (which may have kept it) or aliased to the input
+        return self.LayerNorm(self.dropout(h) + input_tensor)
+    return _add_norm(self, h, input_tensor)
 
 
 def _subclass(registry: dict, prefix: str, cls, forward):
@@ -257,7 +272,8 @@ def _add_norm_class(cls):
 
 def _fusable_add_norm(m: nn.Module) -> bool:
     return (type(m).__name__ in _ADD_NORM_CLASSES and isinstance(getattr(m, "LayerNorm", None), nn.LayerNorm)
-            and isinstance(getattr(m, "dropout", None), nn.Dropout) and hasattr(m, "dense"))
+            and isinstance(getattr(m, "dropout", None), nn.Dropout) and hasattr(m, "dense")
+            and _restates(type(m), _ADD_NORM_NAMES, _ADD_NORM_PARAMS))
 
 
 # ---- BertLayer's feed-forward called directly ------------------------------------------------
@@ -277,31 +293,34 @@ _LAYER_NAMES = frozenset(("attention", "is_decoder", "hasattr", "ValueError", "c
                           "chunk_size_feed_forward", "seq_len_dim"))
 _LOSS_ONLY_KWARGS = frozenset(("num_items_in_batch",))
 _direct_ff_subclasses: dict = {}
-_restated_checked: dict = {}       # (class, names, params) -> whether its forward is the one restated
+_restated_checked: dict = {}       # (class, names, params, method) -> (the method, whether restated)
 
 
 def _restates(cls, names, params=None, method="forward") -> bool:
     """Whether ``cls.<method>`` (unwrapped) is the version a restatement here was written against:
-    its code uses exactly ``names`` and, if given, takes exactly ``params``. Decided once per class."""
+    its code uses exactly ``names`` and, if given, takes exactly ``params``. Decided once per class
+    and method object (a method patched onto the class later is checked afresh)."""
     key = (cls, names, params, method)
-    ok = _restated_checked.get(key)
-    if ok is None:
-        fn = inspect.unwrap(getattr(cls, method, None))
-        code = getattr(fn, "__code__", None)
-        ok = code is not None and frozenset(code.co_names) == names
-        if ok and params is not None:
-            try:
-                ok = tuple(inspect.signature(fn).parameters) == params
-            except (TypeError, ValueError):
-                ok = False
-        _restated_checked[key] = ok
+    raw = getattr(cls, method, None)
+    hit = _restated_checked.get(key)
+    if hit is not None and hit[0] is raw:
+        return hit[1]
+    fn = inspect.unwrap(raw) if raw is not None else None
+    code = getattr(fn, "__code__", None)
+    ok = code is not None and frozenset(code.co_names) == names
+    if ok and params is not None:
+        try:
+            ok = tuple(inspect.signature(fn).parameters) == params
+        except (TypeError, ValueError):
+            ok = False
+    _restated_checked[key] = (raw, ok)
     return ok
 
 
 def _direct_ff_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                        encoder_attention_mask=None, cache=None, **kwargs):
     if (self.chunk_size_feed_forward or (self.is_decoder and encoder_hidden_states is not None)
-            or "past_key_values" in kwargs):
+            or "past_key_values" in kwargs or not _restates(self._sparsebert_base, _LAYER_NAMES, _LAYER_PARAMS)):
         return self._sparsebert_base.forward(self, hidden_states, attention_mask, encoder_hidden_states,
                                              encoder_attention_mask, cache=cache, **kwargs)
     attention_output = None
@@ -416,6 +435,9 @@ _INTERMEDIATE_NAMES = frozenset(("dense", "intermediate_act_fn"))
 def _infer_classes_ok(layer_t, att_t, sa_t, so_t, inter_t, out_t) -> bool:
     base = layer_t.__dict__.get("_sparsebert_base")
     return (base is not None and so_t.forward is _add_norm_forward and out_t.forward is _add_norm_forward
+            and _restates(so_t._sparsebert_base, _ADD_NORM_NAMES, _ADD_NORM_PARAMS)
+            and _restates(out_t._sparsebert_base, _ADD_NORM_NAMES, _ADD_NORM_PARAMS)
+            and _restates(base, _LAYER_NAMES, _LAYER_PARAMS)
             and _restates(base, _FF_CHUNK_NAMES, method="feed_forward_chunk")
             and _restates(att_t, _ATTN_NAMES) and _restates(sa_t, _SELF_ATTN_NAMES)
             and _restates(inter_t, _INTERMEDIATE_NAMES))
@@ -541,17 +563,23 @@ def _direct_ff_class(cls):
 
 # ---- the MLM head at labelled positions -------------------------------------------------------
 class _SelectRows:
-    """Forward pre-hook of the MLM head: keeps only the rows chosen by the model's pre-hook."""
+    """Forward pre-hook of the MLM head: keeps only the rows chosen by the model's pre-hook for
+    the call running on this thread (threads calling one model each have their own selection)."""
 
     def __init__(self):
-        self.idx: Optional[torch.Tensor] = None
+        self.idx: dict = {}            # thread id -> the rows of the call running there
 
     def __call__(self, module, args):
-        idx, self.idx = self.idx, None
+        idx = self.idx.pop(threading.get_ident(), None)
         if idx is None or not args:
             return None
         seq = args[0]
         return (seq.reshape(-1, seq.shape[-1]).index_select(0, idx),) + tuple(args[1:])
+
+
+def _head_selects(head, select: _SelectRows) -> bool:
+    """Whether ``select`` is still a pre-hook of ``head`` (the model's head may have been replaced)."""
+    return head is not None and any(h is select for h in head._forward_pre_hooks.values())
 
 
 class _LabelledPositions:
@@ -563,11 +591,11 @@ class _LabelledPositions:
         self.labels_pos = labels_pos
 
     def __call__(self, module, args, kwargs):
-        self.select.idx = None
+        self.select.idx.pop(threading.get_ident(), None)
         positional = self.labels_pos is not None and len(args) > self.labels_pos
         labels = args[self.labels_pos] if positional else kwargs.get("labels")
-        if labels is None:
-            return None
+        if labels is None or _mlm_head(module) is None or not _head_selects(module.cls, self.select):
+            return None               # (a head put in after optimize has no selecting hook)
         ids = args[0] if args else kwargs.get("input_ids")
         if ids is None:
             emb = kwargs.get("inputs_embeds")
@@ -578,7 +606,7 @@ class _LabelledPositions:
             return None               # not per-token labels: leave the call alone
         flat = labels.reshape(-1)
         idx = (flat != -100).nonzero().squeeze(1)
-        self.select.idx = idx
+        self.select.idx[threading.get_ident()] = idx
         new = flat.index_select(0, idx)
         if positional:
             args = tuple(args[:self.labels_pos]) + (new,) + tuple(args[self.labels_pos + 1:])
@@ -594,18 +622,41 @@ class _ClearSelection:
         self.select = select
 
     def __call__(self, module, args, output):
-        self.select.idx = None
+        self.select.idx.pop(threading.get_ident(), None)
         return None
+
+
+_HOOK_TYPES = (_SelectRows, _LabelledPositions, _ClearSelection)
+# The models whose own forward computes the masked-LM loss as CrossEntropyLoss over
+# logits.view(-1, vocab) and labels.view(-1): only there may the head see the labelled rows alone
+# (BertLMHeadModel has the same head but a shifted, causal loss).
+_LABELLED_HEAD_MODELS = ("BertForMaskedLM", "BertForPreTraining")
 
 
 def _mlm_head(model: nn.Module) -> Optional[nn.Module]:
-    """The MLM prediction head a labelled-positions hook can sit on, or None."""
-    head = getattr(model, "cls", None)
+    """The MLM prediction head a labelled-positions hook can sit on, or None: the head of a
+    BertForMaskedLM / BertForPreTraining whose forward is Hugging Face's own."""
+    head = model._modules.get("cls")
     if head is None or getattr(model, "config", None) is None:
         return None
-    if type(head).__name__ in ("BertOnlyMLMHead", "BertPreTrainingHeads"):
-        return head
+    if type(head).__name__ not in ("BertOnlyMLMHead", "BertPreTrainingHeads"):
+        return None
+    for c in type(model).__mro__:
+        if c.__name__ in _LABELLED_HEAD_MODELS and c.__module__.startswith("transformers."):
+            return head if type(model).forward is c.forward else None
     return None
+
+
+def _remove_hooks(model: nn.Module) -> None:
+    """Remove the labelled-head hooks from ``model`` and its modules (found by type: no handle is
+    kept, so the model deep-copies and pickles, and a head replaced since is no obstacle)."""
+    for m in model.modules():
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for k in [k for k, h in hooks.items() if isinstance(h, _HOOK_TYPES)]:
+                del hooks[k]
+                m._forward_pre_hooks_with_kwargs.pop(k, None)
+                m._forward_hooks_with_kwargs.pop(k, None)
+                m._forward_hooks_always_called.pop(k, None)
 
 
 def _labels_position(model: nn.Module) -> Optional[int]:
@@ -691,15 +742,12 @@ def optimize(model: nn.Module, *, labelled_head: bool = True, sdpa: bool = True,
     for m in model.modules():
         if type(m).__name__ in _LAYER_CLASSES and _direct_ff_ok(type(m)):
             m.__class__ = _direct_ff_class(type(m))
-    handles = []
     head = _mlm_head(model) if labelled_head else None
     if head is not None:
         select = _SelectRows()
-        handles.append(head.register_forward_pre_hook(select))
-        handles.append(model.register_forward_pre_hook(
-            _LabelledPositions(select, _labels_position(model)), with_kwargs=True))
-        handles.append(model.register_forward_hook(_ClearSelection(select), always_call=True))
-    state["handles"] = handles
+        head.register_forward_pre_hook(select)
+        model.register_forward_pre_hook(_LabelledPositions(select, _labels_position(model)), with_kwargs=True)
+        model.register_forward_hook(_ClearSelection(select), always_call=True)
     model._sparsebert_optimized = state
     return model
 
@@ -710,8 +758,7 @@ def unoptimize(model: nn.Module) -> nn.Module:
     state = getattr(model, "_sparsebert_optimized", None)
     if state is None:
         return model
-    for h in state["handles"]:
-        h.remove()
+    _remove_hooks(model)
     if state.get("sdpa_from") is not None:
         model.set_attn_implementation(state["sdpa_from"])
     from .fused import FastDropout
