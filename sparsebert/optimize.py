@@ -18,7 +18,10 @@ What it changes, in place (all of it undone by :func:`unoptimize`):
 * **Scaled-dot-product attention** where the model supports it (registered as
   ``"sparsebert_sdpa"``, or ``"sparsebert_sdpa_torch_dropout"`` with ``dropout="torch"``): SDPA,
   except CPU inference (fp32, no gradient, no dropout), which runs the fused kernel of
-  :mod:`sparsebert.ops.cpu_attention` (equal to SDPA within fp32 rounding).
+  :mod:`sparsebert.ops.cpu_attention` (equal to SDPA within fp32 rounding). Attention
+  probabilities are returned as the eager attention returns them, for ``output_attentions=True``
+  in the call or in the config before :func:`optimize`; setting ``config.output_attentions``
+  afterwards is refused by transformers, which allows it only for ``"eager"``.
 * **BERT's intermediate GELU fused into the block-sparse layer in training too.** Inference
   already runs it in the kernel's epilogue; under autograd :func:`sparsebert.bsr_linear` applies
   it as a separate op. Here one autograd node computes ``gelu(x Wᵀ + b)`` and its backward
