@@ -682,6 +682,25 @@ def _own_config(model: nn.Module) -> None:
             m.config = new
 
 
+def _hf_models(model: nn.Module) -> list:
+    """The outermost Hugging Face models in ``model``: itself if it is one, else those among its
+    submodules (a user's own module around a ``BertModel``, say)."""
+    def is_hf(m):
+        return hasattr(m, "set_attn_implementation") and getattr(m, "config", None) is not None
+    if is_hf(model):
+        return [model]
+    found = []
+
+    def walk(m):
+        for c in m.children():
+            if is_hf(c):
+                found.append(c)
+            else:
+                walk(c)
+    walk(model)
+    return found
+
+
 def _is_intermediate(parent: nn.Module) -> bool:
     return isinstance(getattr(parent, "dense", None), BlockSparseLinear) and hasattr(parent, "intermediate_act_fn")
 
@@ -715,14 +734,16 @@ def optimize(model: nn.Module, *, labelled_head: bool = True, sdpa: bool = True,
         raise ValueError(f"dropout must be one of {DROPOUT_MODES}, got {dropout!r}")
     from .hf import fuse_activations
     unoptimize(model)
-    state = {"sdpa_from": None}
-    if sdpa and getattr(model, "_supports_sdpa", False) and hasattr(model, "set_attn_implementation"):
-        current = getattr(model.config, "_attn_implementation", None)
+    state = {"sdpa_from": []}     # [(Hugging Face model, its attention implementation before)]
+    for hf_model in _hf_models(model) if sdpa else ():
+        if not getattr(hf_model, "_supports_sdpa", False):
+            continue
+        current = getattr(hf_model.config, "_attn_implementation", None)
         want = fused.register_attention(fast_dropout=dropout == "fast")
         if current != want:
-            _own_config(model)
-            model.set_attn_implementation(want)
-            state["sdpa_from"] = current
+            _own_config(hf_model)
+            hf_model.set_attn_implementation(want)
+            state["sdpa_from"].append((hf_model, current))
     if dropout == "fast":
         for m in model.modules():
             if type(m) is nn.Dropout:
@@ -762,8 +783,11 @@ def unoptimize(model: nn.Module) -> nn.Module:
     if state is None:
         return model
     _remove_hooks(model)
-    if state.get("sdpa_from") is not None:
-        model.set_attn_implementation(state["sdpa_from"])
+    before = state.get("sdpa_from")
+    if isinstance(before, str):            # saved by sparsebert before 2026-12-02: the model itself
+        before = [(model, before)]
+    for hf_model, impl in before or ():
+        hf_model.set_attn_implementation(impl)
     from .fused import FastDropout
     for m in model.modules():
         if type(m) is FastDropout:

@@ -249,3 +249,36 @@ def test_config_output_attentions_set_before_optimize_still_returns_them():
     assert len(got) == len(want) == 2
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_optimize_switches_the_attention_of_a_bert_inside_a_users_module():
+    # optimize switched the attention only when the model passed was a Hugging Face model: a
+    # user's classifier around a BertModel kept "sdpa", so none of the fused paths ran.
+    from transformers import BertModel
+
+    from sparsebert import fused
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = BertModel(_cfg())
+            self.head = nn.Linear(64, 3)
+
+        def forward(self, ids):
+            return self.head(self.bert(ids)[0][:, 0])
+
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    sparsebert.sparsify(model.bert, 0.5, block=16)
+    ref = copy.deepcopy(model)
+    before = model.bert.config._attn_implementation
+    sparsebert.optimize(model)
+    assert model.bert.config._attn_implementation == fused.ATTENTION_NAME
+    assert ref.bert.config._attn_implementation == before    # the twin's config is its own
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()), ref(_ids()), rtol=1e-5, atol=1e-5)
+    twin = copy.deepcopy(model)
+    sparsebert.unoptimize(model)
+    assert model.bert.config._attn_implementation == before
+    sparsebert.unoptimize(twin)
+    assert twin.bert.config._attn_implementation == before
