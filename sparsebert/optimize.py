@@ -565,6 +565,12 @@ def _direct_ff_class(cls):
 
 
 # ---- the MLM head at labelled positions -------------------------------------------------------
+def _thread_key() -> int:
+    """This thread's key for a call's selection; 0 while torch.compile traces the hooks (it cannot
+    trace ``threading.get_ident``, and a compiled model's three hooks then all use the traced 0)."""
+    return 0 if torch.compiler.is_compiling() else threading.get_ident()
+
+
 class _SelectRows:
     """Forward pre-hook of the MLM head: keeps only the rows chosen by the model's pre-hook for
     the call running on this thread (threads calling one model each have their own selection)."""
@@ -573,7 +579,7 @@ class _SelectRows:
         self.idx: dict = {}            # thread id -> the rows of the call running there
 
     def __call__(self, module, args):
-        idx = self.idx.pop(threading.get_ident(), None)
+        idx = self.idx.pop(_thread_key(), None)
         if idx is None or not args:
             return None
         seq = args[0]
@@ -594,7 +600,7 @@ class _LabelledPositions:
         self.labels_pos = labels_pos
 
     def __call__(self, module, args, kwargs):
-        self.select.idx.pop(threading.get_ident(), None)
+        self.select.idx.pop(_thread_key(), None)
         positional = self.labels_pos is not None and len(args) > self.labels_pos
         labels = args[self.labels_pos] if positional else kwargs.get("labels")
         if labels is None or _mlm_head(module) is None or not _head_selects(module.cls, self.select):
@@ -609,7 +615,7 @@ class _LabelledPositions:
             return None               # not per-token labels: leave the call alone
         flat = labels.reshape(-1)
         idx = (flat != -100).nonzero().squeeze(1)
-        self.select.idx[threading.get_ident()] = idx
+        self.select.idx[_thread_key()] = idx
         new = flat.index_select(0, idx)
         if positional:
             args = tuple(args[:self.labels_pos]) + (new,) + tuple(args[self.labels_pos + 1:])
@@ -625,7 +631,7 @@ class _ClearSelection:
         self.select = select
 
     def __call__(self, module, args, output):
-        self.select.idx.pop(threading.get_ident(), None)
+        self.select.idx.pop(_thread_key(), None)
         return None
 
 

@@ -282,3 +282,23 @@ def test_optimize_switches_the_attention_of_a_bert_inside_a_users_module():
     assert model.bert.config._attn_implementation == before
     sparsebert.unoptimize(twin)
     assert twin.bert.config._attn_implementation == before
+
+
+def test_compiled_optimized_masked_lm_with_labels(recwarn):
+    # The per-thread selection must stay traceable: torch.compile cannot trace threading.get_ident
+    # (a graph break and a warning at every compile).
+    from transformers import BertForMaskedLM
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = sparsebert.sparsify(BertForMaskedLM(_cfg()), 0.5, block=16)
+    ref = copy.deepcopy(model)
+    sparsebert.optimize(model)
+    ids = _ids()
+    labels = ids.clone()
+    labels[:, ::2] = -100
+    out = torch.compile(model)(input_ids=ids, labels=labels)
+    want = ref(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-5)
+    assert out.logits.shape == (int((labels != -100).sum()), 100)
+    out.loss.backward()
+    assert not [w for w in recwarn if "get_ident" in str(w.message)]
