@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 from torch import nn
 
@@ -147,6 +148,12 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, is_c
     if plain and cpu_attention.wants_weights(module, kwargs):
         return _attention_with_weights(module, query, key, value, attention_mask, dropout, scaling,
                                        is_causal, fast_dropout)
+    if plain and _fwad._current_level >= 0:
+        # forward-mode AD: torch's CPU SDPA kernel has no forward-AD formula (it raises), the fused
+        # one drops the tangents; attention_math is plain torch ops (PyTorch's dropout: the fast
+        # one's autograd.Function has no jvp)
+        return _attention_with_weights(module, query, key, value, attention_mask, dropout, scaling,
+                                       is_causal, False)[0], None
     simple = (plain and fast_dropout and _fast_ok(query, dropout, True)
               and not _causal(module, is_causal))
     if not simple:

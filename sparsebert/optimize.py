@@ -175,8 +175,10 @@ class TrainingFusedBlockSparseLinear(BlockSparseLinear):
         values, bias = self.values, self.bias
         needs_grad = x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
         if (not needs_grad or x.dtype != values.dtype or x.device != values.device
-                or torch.is_autocast_enabled(x.device.type) or x.shape[-1] != self.in_features):
-            return BlockSparseLinear.forward(self, x)   # no gradient wanted, autocast, errors
+                or torch.is_autocast_enabled(x.device.type) or x.shape[-1] != self.in_features
+                or _forward_ad()):
+            # no gradient wanted, autocast, errors; forward AD (LinearGelu has no jvp)
+            return BlockSparseLinear.forward(self, x)
         return linear_gelu(x, values, self.layout, bias, self.backend, self.gelu_mode == "recompute")
 
 
@@ -212,7 +214,7 @@ def _add_norm_ok(module, h, residual) -> bool:
     """Whether ``add_layernorm_`` may run: the same conditions as ever, checked on every call
     (the module, its LayerNorm and the tensors can all change); only the cpu backend's
     availability is decided once."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or _forward_ad():
         return False
     drop = module.dropout          # its own mode decides, as when Hugging Face calls it
     # exact types: a subclass may do more in its forward (the fused pass calls neither module)
@@ -454,11 +456,20 @@ def _infer_linear(m, x2):
     return infer_2d(x2, param_of(m, "values"), m.layout, param_of(m, "bias"), m.backend, m.activation)
 
 
+def _forward_ad() -> bool:
+    """Whether forward-mode AD may be running (inside a ``forward_ad.dual_level``, which
+    ``torch.func.jvp`` enters too): the fused CPU inference paths, whose kernels have no
+    forward-AD formula and would drop the tangents silently, then decline."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
 def _infer_layer(layer, x, attention_mask, kwargs):
     """``layer(x, attention_mask)`` (a DirectFF BertLayer) at CPU inference, or None where this is
     not that call (the caller then runs the modules)."""
     if (type(x) is not torch.Tensor or not x.is_cpu or x.dtype != torch.float32 or x.dim() != 3
             or not x.is_contiguous() or torch.compiler.is_compiling() or _any_autocast() or _exporting()):
+        return None
+    if _forward_ad():     # its kernels would drop the tangents: the modules' path supports forward AD
         return None
     mods = layer._modules
     att, inter, out = mods.get("attention"), mods.get("intermediate"), mods.get("output")

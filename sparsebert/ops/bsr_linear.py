@@ -14,11 +14,17 @@ import os
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
 from ..layout import BlockLayout, unpack_index
 from . import backends
 
+# Forward-mode AD: the compiled kernels have no forward-AD formula, and called on dual tensors
+# they return no tangent, silently. Dual tensors exist only inside a forward_ad.dual_level
+# (torch.func.jvp enters one too), whose module global ``_current_level`` is -1 outside one, so
+# ``_fwad._current_level >= 0`` (one attribute read, tens of ns) sends such calls through
+# _BsrLinearEager, whose jvp runs the same kernels on the tangents.
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -237,15 +243,35 @@ class _BsrLinearEager(torch.autograd.Function):
     def forward(ctx, x, values, bias, lt, plan):
         ctx.save_for_backward(x, values)
         ctx.lt, ctx.plan, ctx.has_bias = lt, plan, bias is not None
+        if _fwad._current_level >= 0:
+            ctx.save_for_forward(x, values)
         with _eager_no_autocast(x):
             return backends.get(plan[_FWD]).forward(x, values, bias, lt)
+
+    @staticmethod
+    def jvp(ctx, tx, tvalues, tbias, _lt, _plan):
+        # y = x Wᵀ + b is bilinear in (x, W): dy = dx Wᵀ + x dWᵀ + db, each term the forward op
+        # (through apply, so that tangents of tangents and gradients of the JVP are tracked too)
+        x, values = ctx.saved_tensors
+        lt, plan = ctx.lt, ctx.plan
+        ty = None
+        if tx is not None:
+            ty = _BsrLinearEager.apply(tx.contiguous(), values, None, lt, plan)
+        if tvalues is not None:
+            t = _BsrLinearEager.apply(x, tvalues.contiguous(), None, lt, plan)
+            ty = t if ty is None else ty + t
+        if tbias is not None:
+            ty = tbias.expand(x.shape[0], -1) if ty is None else ty + tbias
+        return ty.contiguous()
 
     @staticmethod
     def backward(ctx, dy):
         x, values = ctx.saved_tensors
         lt, plan = ctx.lt, ctx.plan
         with _eager_no_autocast(dy):
-            if torch.is_grad_enabled():   # create_graph=True: differentiable gradients
+            # create_graph=True, or forward AD through the backward (dual saved tensors or dy):
+            # differentiable gradients
+            if torch.is_grad_enabled() or _fwad._current_level >= 0:
                 dx, dvalues, dbias = _grads(
                     ctx, dy,
                     lambda dy: _GradInputEager.apply(dy, values, lt, plan),
@@ -268,8 +294,21 @@ class _GradInputEager(torch.autograd.Function):
     def forward(ctx, dy, values, lt, plan):
         ctx.save_for_backward(dy, values)
         ctx.lt, ctx.plan = lt, plan
+        if _fwad._current_level >= 0:
+            ctx.save_for_forward(dy, values)
         with _eager_no_autocast(dy):
             return backends.get(plan[_DX]).grad_input(dy, values, lt)
+
+    @staticmethod
+    def jvp(ctx, tdy, tvalues, _lt, _plan):
+        # bilinear: d(dy W) = d(dy) W + dy dW
+        dy, values = ctx.saved_tensors
+        lt, plan = ctx.lt, ctx.plan
+        t = None if tdy is None else _GradInputEager.apply(tdy.contiguous(), values, lt, plan)
+        if tvalues is not None:
+            t2 = _GradInputEager.apply(dy, tvalues.contiguous(), lt, plan)
+            t = t2 if t is None else t + t2
+        return t
 
     @staticmethod
     def backward(ctx, g):
@@ -288,8 +327,21 @@ class _GradWeightEager(torch.autograd.Function):
     def forward(ctx, x, dy, lt, plan):
         ctx.save_for_backward(x, dy)
         ctx.lt, ctx.plan = lt, plan
+        if _fwad._current_level >= 0:
+            ctx.save_for_forward(x, dy)
         with _eager_no_autocast(x):
             return backends.get(plan[_DW]).grad_weight(x, dy, lt)
+
+    @staticmethod
+    def jvp(ctx, tx, tdy, _lt, _plan):
+        # bilinear: d(gather(dyᵀ x)) = gather(dyᵀ dx) + gather(d(dy)ᵀ x)
+        x, dy = ctx.saved_tensors
+        lt, plan = ctx.lt, ctx.plan
+        t = None if tx is None else _GradWeightEager.apply(tx.contiguous(), dy, lt, plan)
+        if tdy is not None:
+            t2 = _GradWeightEager.apply(x, tdy.contiguous(), lt, plan)
+            t = t2 if t is None else t + t2
+        return t
 
     @staticmethod
     def backward(ctx, g):
@@ -478,7 +530,9 @@ def bsr_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Te
                     grad_mode and (x2.requires_grad or values.requires_grad), compiling)
     needs_grad = grad_mode and (
         x2.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
-    fuse_gelu = activation == "gelu" and not needs_grad
+    # Forward AD: the tangent goes through _BsrLinearEager's jvp, the GELU through F.gelu's
+    fwd_ad = _fwad._current_level >= 0
+    fuse_gelu = activation == "gelu" and not needs_grad and not fwd_ad
     if compiling:
         # Traced: the custom ops (with fake implementations) keep the graph whole.
         bn, bk = layout.block
@@ -490,7 +544,7 @@ def bsr_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Te
         with _eager_no_autocast(x2):
             if fuse_gelu:
                 y = _forward_gelu(plan[_FWD], x2, values, bias, lt)
-            elif needs_grad:
+            elif needs_grad or fwd_ad:
                 y = _BsrLinearEager.apply(x2, values, bias, lt, plan)
             else:
                 y = backends.get(plan[_FWD]).forward(x2, values, bias, lt)
@@ -505,9 +559,10 @@ def infer_2d(x2: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Ten
     that no gradient is wanted, no autocast is on and nothing is being compiled or exported
     (:func:`sparsebert.optimize`'s CPU inference layer): the same checks of the inputs, the same
     dispatch and the same backend call, without the tests that cannot apply there. Anything
-    :func:`_accepts` does not take (errors included) goes through :func:`bsr_linear`."""
+    :func:`_accepts` does not take (errors included), and any call under forward AD (whose
+    tangents the kernel call would drop), goes through :func:`bsr_linear`."""
     c = _consts(layout)
-    if (c is None or activation not in ACTIVATIONS or not _accepts(x2, values, bias, c)
+    if (c is None or _fwad._current_level >= 0 or activation not in ACTIVATIONS or not _accepts(x2, values, bias, c)
             or x2.dim() != 2 or not x2.is_contiguous()):
         return bsr_linear(x2, values, layout, bias, backend=backend, activation=activation)
     values = values.contiguous()

@@ -30,6 +30,7 @@ exactly: such a row averages v uniformly, in SDPA and here alike.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 from . import cpu_bsr
 
@@ -124,6 +125,8 @@ def unsupported_reason(query, key, value, attention_mask=None, dropout=0.0) -> s
             isinstance(t, torch.Tensor) and t.requires_grad
             for t in (query, key, value, attention_mask)):
         return "autograd needs a gradient (the fused kernel has no backward)"
+    if _fwad._current_level >= 0:     # dual tensors possible: the kernel would drop their tangents
+        return "forward-mode AD is active (the fused kernel has no forward-AD formula)"
     reason = _shape_reason(query, key, value, attention_mask)
     if reason is not None:
         return reason
@@ -150,6 +153,11 @@ def attention(query, key, value, attention_mask=None, scaling=None) -> torch.Ten
             for t in (query, key, value, attention_mask)):
         raise ValueError("cpu_attention: inputs require grad; the fused kernel has no backward "
                          "(use torch.no_grad() or scaled_dot_product_attention)")
+    if _fwad._current_level >= 0 and any(
+            isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None
+            for t in (query, key, value, attention_mask)):
+        raise ValueError("cpu_attention: inputs are forward-AD dual tensors; the fused kernel has no "
+                         "forward-AD formula (use sparsebert.fused.attention_math)")
     err = _load()
     if err is not None:
         raise RuntimeError(err)
