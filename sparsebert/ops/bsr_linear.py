@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor
+from torch._functorch import utils as _functorch_utils
 
 from ..layout import BlockLayout, unpack_index
 from . import backends
@@ -25,6 +26,11 @@ from . import backends
 # (torch.func.jvp enters one too), whose module global ``_current_level`` is -1 outside one, so
 # ``_fwad._current_level >= 0`` (one attribute read, tens of ns) sends such calls through
 # _BsrLinearEager, whose jvp runs the same kernels on the tangents.
+
+# True inside a torch.func transform (grad, vmap, jvp, ...): one C call, ~30 ns. Such calls go
+# through the eager Functions too (their vmap rules; the kernels do not take wrapped tensors).
+_transforms_active = torch._C._are_functorch_transforms_active
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -234,19 +240,63 @@ _bsr_grad_input.register_autograd(_grad_input_backward, setup_context=_setup_pai
 _bsr_grad_weight.register_autograd(_grad_weight_backward, setup_context=_setup_pair)
 
 
-class _BsrLinearEager(torch.autograd.Function):
+def _vmap_rule(apply, info, in_dims, tensors, rest, flat):
+    """The vmap rule of the eager Functions below: ``apply(*tensors, *rest)`` per example. Where
+    only ``tensors[0]`` (a token-major ``[M, ·]`` input) is batched and ``flat``, the batch is
+    folded into its rows (one kernel call: each row's output depends on that row alone); else
+    one call per example, stacked (batched weights, per-example weight gradients)."""
+    B = info.batch_size
+    if flat and in_dims[0] is not None and all(d is None for d in in_dims[1:len(tensors)]):
+        a = tensors[0].movedim(in_dims[0], 0)
+        y = apply(a.reshape(B * a.shape[1], a.shape[2]).contiguous(), *tensors[1:], *rest)
+        return y.view(B, a.shape[1], y.shape[-1]), 0
+    outs = [apply(*(t if d is None else t.select(d, i).contiguous() for t, d in zip(tensors, in_dims)), *rest)
+            for i in range(B)]
+    return torch.stack(outs), 0
+
+
+# (what Function.apply does first outside torch.func: a tensor escaped from a finished transform
+# is unwrapped; identity where this torch has no such helper)
+_unwrap_dead = getattr(_functorch_utils, "unwrap_dead_wrappers", lambda args: args)
+_base_apply = torch._C._FunctionBase.__dict__["apply"]     # the C apply (a classmethod descriptor)
+
+
+class EagerFunction(torch.autograd.Function):
+    """A new-style ``autograd.Function`` (forward without ctx, ``setup_context``: what torch.func
+    requires) at the old style's per-call cost. ``Function.apply`` binds a new-style forward's
+    arguments with ``inspect.signature`` on every call to fill in defaults (~15-40 µs, more than
+    a small kernel); these forwards have no defaults and are always called with every argument
+    positionally, so outside torch.func ``apply`` goes to the C apply directly, after the same
+    dead-wrapper unwrapping ``Function.apply`` does; inside, through ``Function.apply``."""
+
+    @classmethod
+    def apply(cls, *args):
+        if _transforms_active():
+            return super().apply(*args)
+        return _base_apply.__get__(None, cls)(*_unwrap_dead(args))
+
+
+class _BsrLinearEager(EagerFunction):
     """The same forward and backward without the custom-op machinery, whose Python overhead
     (~100 µs a call) dominated small-kernel layers in eager mode. ``torch.compile`` traces the
     custom ops instead (see :func:`bsr_linear`). ``plan`` is the (fwd, dx, dw) name tuple."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, lt, plan):
+    def forward(x, values, bias, lt, plan):
+        with _eager_no_autocast(x):
+            return backends.get(plan[_FWD]).forward(x, values, bias, lt)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, values, bias, lt, plan = inputs
         ctx.save_for_backward(x, values)
         ctx.lt, ctx.plan, ctx.has_bias = lt, plan, bias is not None
         if _fwad._current_level >= 0:
             ctx.save_for_forward(x, values)
-        with _eager_no_autocast(x):
-            return backends.get(plan[_FWD]).forward(x, values, bias, lt)
+
+    @staticmethod
+    def vmap(info, in_dims, x, values, bias, lt, plan):
+        return _vmap_rule(_BsrLinearEager.apply, info, in_dims, (x, values, bias), (lt, plan), True)
 
     @staticmethod
     def jvp(ctx, tx, tvalues, tbias, _lt, _plan):
@@ -287,17 +337,25 @@ class _BsrLinearEager(torch.autograd.Function):
         return dx, dvalues, dbias, None, None
 
 
-class _GradInputEager(torch.autograd.Function):
+class _GradInputEager(EagerFunction):
     """``dx = grad_input(dy, values)`` as a differentiable op (double backward, eager mode)."""
 
     @staticmethod
-    def forward(ctx, dy, values, lt, plan):
+    def forward(dy, values, lt, plan):
+        with _eager_no_autocast(dy):
+            return backends.get(plan[_DX]).grad_input(dy, values, lt)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        dy, values, lt, plan = inputs
         ctx.save_for_backward(dy, values)
         ctx.lt, ctx.plan = lt, plan
         if _fwad._current_level >= 0:
             ctx.save_for_forward(dy, values)
-        with _eager_no_autocast(dy):
-            return backends.get(plan[_DX]).grad_input(dy, values, lt)
+
+    @staticmethod
+    def vmap(info, in_dims, dy, values, lt, plan):
+        return _vmap_rule(_GradInputEager.apply, info, in_dims, (dy, values), (lt, plan), True)
 
     @staticmethod
     def jvp(ctx, tdy, tvalues, _lt, _plan):
@@ -320,17 +378,26 @@ class _GradInputEager(torch.autograd.Function):
         return d_dy, d_values, None, None
 
 
-class _GradWeightEager(torch.autograd.Function):
+class _GradWeightEager(EagerFunction):
     """``dvalues = grad_weight(x, dy)`` as a differentiable op (double backward, eager mode)."""
 
     @staticmethod
-    def forward(ctx, x, dy, lt, plan):
+    def forward(x, dy, lt, plan):
+        with _eager_no_autocast(x):
+            return backends.get(plan[_DW]).grad_weight(x, dy, lt)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, dy, lt, plan = inputs
         ctx.save_for_backward(x, dy)
         ctx.lt, ctx.plan = lt, plan
         if _fwad._current_level >= 0:
             ctx.save_for_forward(x, dy)
-        with _eager_no_autocast(x):
-            return backends.get(plan[_DW]).grad_weight(x, dy, lt)
+
+    @staticmethod
+    def vmap(info, in_dims, x, dy, lt, plan):
+        # a sum over the rows of both inputs: never folded (per-example gradients need one each)
+        return _vmap_rule(_GradWeightEager.apply, info, in_dims, (x, dy), (lt, plan), False)
 
     @staticmethod
     def jvp(ctx, tx, tdy, _lt, _plan):
@@ -436,6 +503,8 @@ def _resolve(backend: str, x2: Tensor, values: Tensor, layout: BlockLayout, trai
     if backend == "auto":
         if compiling:
             return _AUTO_TRAIN if train else _AUTO
+        if _transforms_active():
+            return _choose_untransformed(x2, values, layout, train)
         return backends.choose(x2, values, layout, train=train)
     if compiling:
         return backend   # checked by the custom op, on its real inputs
@@ -449,6 +518,22 @@ def _resolve(backend: str, x2: Tensor, values: Tensor, layout: BlockLayout, trai
 
 
 _supported = {}   # (backend, device, dtype, shape, block) already checked
+
+
+def _choose_untransformed(x2: Tensor, values: Tensor, layout: BlockLayout, train: bool) -> str:
+    """``backends.choose`` inside a torch.func transform: a cached choice, else one timed on plain
+    random tensors of the same (per-example) shapes outside the transforms; the wrapped inputs
+    cannot run every backend (vmap refuses ``.item()`` and in-place ops into unbatched tensors)."""
+    device = x2.device
+    hit = backends.cached_choice("cpu" if x2.is_cpu else device.type, x2.dtype, x2.shape[0], layout, train)
+    if hit is not None:
+        return hit
+    from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
+    with temporarily_clear_interpreter_stack(), torch.no_grad():
+        x = torch.randn(tuple(x2.shape), dtype=x2.dtype, device=device)
+        v = torch.randn(tuple(values.shape), dtype=values.dtype, device=device) / max(1, x.shape[1]) ** 0.5
+        return backends.choose(x, v, layout, train=train)
+
 
 _ENV_NAME = "SPARSEBERT_BACKEND"
 try:   # CPython's os.environ keeps its entries, encoded, in a dict that every write updates
@@ -530,9 +615,10 @@ def bsr_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Te
                     grad_mode and (x2.requires_grad or values.requires_grad), compiling)
     needs_grad = grad_mode and (
         x2.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
-    # Forward AD: the tangent goes through _BsrLinearEager's jvp, the GELU through F.gelu's
-    fwd_ad = _fwad._current_level >= 0
-    fuse_gelu = activation == "gelu" and not needs_grad and not fwd_ad
+    # Forward AD and torch.func transforms: through _BsrLinearEager (its jvp and vmap rules; the
+    # kernels called directly would drop tangents or see wrapped tensors), the GELU as F.gelu
+    via_fn = needs_grad or _fwad._current_level >= 0 or _transforms_active()
+    fuse_gelu = activation == "gelu" and not via_fn
     if compiling:
         # Traced: the custom ops (with fake implementations) keep the graph whole.
         bn, bk = layout.block
@@ -544,7 +630,7 @@ def bsr_linear(x: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Te
         with _eager_no_autocast(x2):
             if fuse_gelu:
                 y = _forward_gelu(plan[_FWD], x2, values, bias, lt)
-            elif needs_grad or fwd_ad:
+            elif via_fn:
                 y = _BsrLinearEager.apply(x2, values, bias, lt, plan)
             else:
                 y = backends.get(plan[_FWD]).forward(x2, values, bias, lt)
@@ -559,11 +645,12 @@ def infer_2d(x2: Tensor, values: Tensor, layout: BlockLayout, bias: Optional[Ten
     that no gradient is wanted, no autocast is on and nothing is being compiled or exported
     (:func:`sparsebert.optimize`'s CPU inference layer): the same checks of the inputs, the same
     dispatch and the same backend call, without the tests that cannot apply there. Anything
-    :func:`_accepts` does not take (errors included), and any call under forward AD (whose
-    tangents the kernel call would drop), goes through :func:`bsr_linear`."""
+    :func:`_accepts` does not take (errors included), and any call under forward AD or a
+    torch.func transform (whose tangents / wrapped tensors the kernel call would not handle),
+    goes through :func:`bsr_linear`."""
     c = _consts(layout)
-    if (c is None or _fwad._current_level >= 0 or activation not in ACTIVATIONS or not _accepts(x2, values, bias, c)
-            or x2.dim() != 2 or not x2.is_contiguous()):
+    if (c is None or _fwad._current_level >= 0 or _transforms_active() or activation not in ACTIVATIONS
+            or not _accepts(x2, values, bias, c) or x2.dim() != 2 or not x2.is_contiguous()):
         return bsr_linear(x2, values, layout, bias, backend=backend, activation=activation)
     values = values.contiguous()
     if bias is not None:
