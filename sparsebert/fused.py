@@ -61,8 +61,10 @@ class _Dropout(torch.autograd.Function):
 
 
 def _fast_ok(x: torch.Tensor, p: float, training: bool) -> bool:
+    # not under forward AD or torch.func (_Dropout has neither a jvp nor a vmap rule): F.dropout
     return (training and 0.0 < p < 1.0 and x.device.type == "cpu"
-            and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling() and _fwad._current_level < 0
+            and not torch._C._are_functorch_transforms_active())
 
 
 def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True) -> torch.Tensor:
@@ -150,8 +152,7 @@ def _attention(module, query, key, value, attention_mask, dropout, scaling, is_c
                                        is_causal, fast_dropout)
     if plain and _fwad._current_level >= 0:
         # forward-mode AD: torch's CPU SDPA kernel has no forward-AD formula (it raises), the fused
-        # one drops the tangents; attention_math is plain torch ops (PyTorch's dropout: the fast
-        # one's autograd.Function has no jvp)
+        # one drops the tangents; attention_math is plain torch ops (and PyTorch's dropout)
         return _attention_with_weights(module, query, key, value, attention_mask, dropout, scaling,
                                        is_causal, False)[0], None
     simple = (plain and fast_dropout and _fast_ok(query, dropout, True)

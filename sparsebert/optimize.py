@@ -83,7 +83,7 @@ from .hf import FusedActivation
 from .nn import BlockSparseLinear, _exporting, param_of
 from .ops import backends
 from .ops import cpu_attention
-from .ops.bsr_linear import _any_autocast, _consts, infer_2d, resolve_backend, settled_backend
+from .ops.bsr_linear import EagerFunction, _any_autocast, _consts, infer_2d, resolve_backend, settled_backend
 
 GELU_MODES = ("save", "recompute")
 DROPOUT_MODES = ("fast", "torch")
@@ -107,35 +107,51 @@ def _grad_weight_bias(name, x, dz, lt, want_w, want_b):
     return dw, db
 
 
-class LinearGelu(torch.autograd.Function):
+class LinearGelu(EagerFunction):
     """``gelu(x Wᵀ + b)`` (exact GELU) of a block-sparse ``W``, forward and backward in one node.
 
     ``x``: ``[M, K]`` contiguous; ``plan``: a backend plan from
     :func:`sparsebert.ops.bsr_linear.resolve_backend`; ``recompute``: see the module docstring.
-    Once differentiable (no double backward)."""
+    ``apply`` returns ``y``. A new-style Function (``setup_context``, which torch.func requires)
+    can save only inputs and outputs, so with ``recompute=False`` the forward returns ``(y, z)``,
+    ``z`` the pre-activation marked non-differentiable, and ``apply`` hands back ``y`` alone.
+    Under torch.func, which re-applies the Function level by level, it runs as ``recompute=True``
+    (saves inputs only; the same values). Once differentiable (no double backward)."""
+
+    @classmethod
+    def apply(cls, x, values, bias, lt, plan, recompute):
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(x, values, bias, lt, plan, True)
+        out = super().apply(x, values, bias, lt, plan, recompute)
+        return out if recompute else out[0]
 
     @staticmethod
-    def forward(ctx, x, values, bias, lt, plan, recompute):
-        fwd = backends.plan_names(plan)[0]
-        mod = backends.get(fwd)
-        ctx.lt, ctx.plan, ctx.has_bias = lt, plan, bias is not None
+    def forward(x, values, bias, lt, plan, recompute):
+        mod = backends.get(backends.plan_names(plan)[0])
         if recompute:
             if "gelu" in getattr(mod, "ACTIVATIONS", ()):
-                y = mod.forward(x, values, bias, lt, activation="gelu")
-            else:
-                y = F.gelu(mod.forward(x, values, bias, lt))
-            ctx.recompute = True
+                return mod.forward(x, values, bias, lt, activation="gelu")
+            return F.gelu(mod.forward(x, values, bias, lt))
+        z = mod.forward(x, values, bias, lt)
+        return F.gelu(z), z
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, values, bias, lt, plan, recompute = inputs
+        ctx.lt, ctx.plan, ctx.has_bias, ctx.recompute = lt, plan, bias is not None, recompute
+        if recompute:
             ctx.save_for_backward(x, values, bias)
         else:
-            z = mod.forward(x, values, bias, lt)
-            y = F.gelu(z)
-            ctx.recompute = False
+            z = output[1]
+            ctx.mark_non_differentiable(z)
+            ctx.set_materialize_grads(False)    # no zeros built for z's (absent) gradient
             ctx.save_for_backward(x, values, z)
-        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
+    def backward(ctx, dy, _dz=None):
+        if dy is None:                          # (grads not materialized: y unused)
+            return None, None, None, None, None, None
         fwd, dx_name, dw_name = backends.plan_names(ctx.plan)
         lt = ctx.lt
         if ctx.recompute:
@@ -176,8 +192,8 @@ class TrainingFusedBlockSparseLinear(BlockSparseLinear):
         needs_grad = x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
         if (not needs_grad or x.dtype != values.dtype or x.device != values.device
                 or torch.is_autocast_enabled(x.device.type) or x.shape[-1] != self.in_features
-                or _forward_ad()):
-            # no gradient wanted, autocast, errors; forward AD (LinearGelu has no jvp)
+                or _transformed()):
+            # no gradient wanted, autocast, errors; forward AD or torch.func (no jvp/vmap rule)
             return BlockSparseLinear.forward(self, x)
         return linear_gelu(x, values, self.layout, bias, self.backend, self.gelu_mode == "recompute")
 
@@ -214,7 +230,7 @@ def _add_norm_ok(module, h, residual) -> bool:
     """Whether ``add_layernorm_`` may run: the same conditions as ever, checked on every call
     (the module, its LayerNorm and the tensors can all change); only the cpu backend's
     availability is decided once."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or _forward_ad():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or _transformed():
         return False
     drop = module.dropout          # its own mode decides, as when Hugging Face calls it
     # exact types: a subclass may do more in its forward (the fused pass calls neither module)
@@ -456,11 +472,12 @@ def _infer_linear(m, x2):
     return infer_2d(x2, param_of(m, "values"), m.layout, param_of(m, "bias"), m.backend, m.activation)
 
 
-def _forward_ad() -> bool:
+def _transformed() -> bool:
     """Whether forward-mode AD may be running (inside a ``forward_ad.dual_level``, which
-    ``torch.func.jvp`` enters too): the fused CPU inference paths, whose kernels have no
-    forward-AD formula and would drop the tangents silently, then decline."""
-    return torch.autograd.forward_ad._current_level >= 0
+    ``torch.func.jvp`` enters too) or a torch.func transform is: the fused paths, whose kernels
+    have no forward-AD formula (they would drop the tangents silently) nor batching rule, then
+    decline. Tens of ns."""
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
 
 
 def _infer_layer(layer, x, attention_mask, kwargs):
@@ -469,7 +486,7 @@ def _infer_layer(layer, x, attention_mask, kwargs):
     if (type(x) is not torch.Tensor or not x.is_cpu or x.dtype != torch.float32 or x.dim() != 3
             or not x.is_contiguous() or torch.compiler.is_compiling() or _any_autocast() or _exporting()):
         return None
-    if _forward_ad():     # its kernels would drop the tangents: the modules' path supports forward AD
+    if _transformed():    # its kernels would drop tangents, or see wrapped tensors: the modules' path
         return None
     mods = layer._modules
     att, inter, out = mods.get("attention"), mods.get("intermediate"), mods.get("output")

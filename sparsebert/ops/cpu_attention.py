@@ -127,6 +127,8 @@ def unsupported_reason(query, key, value, attention_mask=None, dropout=0.0) -> s
         return "autograd needs a gradient (the fused kernel has no backward)"
     if _fwad._current_level >= 0:     # dual tensors possible: the kernel would drop their tangents
         return "forward-mode AD is active (the fused kernel has no forward-AD formula)"
+    if torch._C._are_functorch_transforms_active():
+        return "a torch.func transform is active (the fused kernel has no batching rule)"
     reason = _shape_reason(query, key, value, attention_mask)
     if reason is not None:
         return reason
