@@ -258,7 +258,7 @@ def _vmap_rule(apply, info, in_dims, tensors, rest, flat):
 # (what Function.apply does first outside torch.func: a tensor escaped from a finished transform
 # is unwrapped; identity where this torch has no such helper)
 _unwrap_dead = getattr(_functorch_utils, "unwrap_dead_wrappers", lambda args: args)
-_base_apply = torch._C._FunctionBase.__dict__["apply"]     # the C apply (a classmethod descriptor)
+_base_apply = torch._C._FunctionBase.__dict__.get("apply")     # the C apply (a classmethod descriptor)
 
 
 class EagerFunction(torch.autograd.Function):
@@ -271,7 +271,7 @@ class EagerFunction(torch.autograd.Function):
 
     @classmethod
     def apply(cls, *args):
-        if _transforms_active():
+        if _base_apply is None or _transforms_active():     # (a torch without that C apply: the slow way)
             return super().apply(*args)
         return _base_apply.__get__(None, cls)(*_unwrap_dead(args))
 
