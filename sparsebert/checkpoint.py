@@ -41,7 +41,7 @@ from torch import nn
 from .layout import BlockLayout
 from .nn import BlockSparseLinear, MaskedEmbedding, MaskedLinear
 from .ops.backends import saved_name as saved_backend
-from .hf import _set_module, fuse_activations, sparse_layers, unfuse_activations
+from .hf import _set_module, fuse_activations, keep_template_params, sparse_layers, unfuse_activations
 
 FORMAT = "sparsebert-checkpoint"
 VERSION = 2
@@ -156,9 +156,11 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _carry_over(old: str, new: str) -> None:
-    """Hard-link (or copy) into ``new`` every entry of ``old`` that is not a checkpoint file."""
+    """Hard-link (or copy) into ``new`` every entry of ``old`` that the save did not write anew
+    (a ``config.json`` is written only for a model with a Hugging Face config: a user's own one
+    beside a bare layer's checkpoint stays)."""
     for entry in os.scandir(old):
-        if entry.name in CHECKPOINT_FILES:
+        if entry.name in CHECKPOINT_FILES and os.path.lexists(os.path.join(new, entry.name)):
             continue
         dst = os.path.join(new, entry.name)
         if entry.is_symlink():
@@ -198,7 +200,8 @@ def save_sparse(model: nn.Module, path) -> None:
     Everything is written into a temporary folder beside ``path`` and renamed into place when
     complete: if anything fails, an existing checkpoint at ``path`` is left as it was. Other
     files in an existing ``path`` (not ``sparse_model.safetensors``, ``sparsebert.json``,
-    ``config.json``, ``manifest.json``) are kept. Raises :class:`CheckpointError` when ``path``
+    ``manifest.json``, nor ``config.json`` when the model has a Hugging Face config to write) are
+    kept. Raises :class:`CheckpointError` when ``path``
     is a file, ``OSError`` when it cannot be written.
     """
     from safetensors.torch import save_file
@@ -692,6 +695,7 @@ def _convert(model: nn.Module, meta: dict, tensors: Dict[str, torch.Tensor]) -> 
             backend = saved_backend(entry.get("backend", "auto"), f"checkpoint layer {name!r}")
             new = BlockSparseLinear(layout, bias=entry["bias"], backend=backend,
                                     device=ref.device, dtype=tensors[p + "values"].dtype)
+            keep_template_params(old, new)
         else:
             kind = nn.Embedding if entry["kind"] == "masked_embedding" else nn.Linear
             if not isinstance(old, kind) or tuple(old.weight.shape) != shape:

@@ -99,6 +99,19 @@ def _module_paths(model: nn.Module):
     return paths
 
 
+def keep_template_params(old: nn.Module, new: BlockSparseLinear) -> None:
+    """A checkpoint's block-sparse layer ``new`` replacing the template's ``old`` keeps what
+    :func:`sparsify` keeps: ``old``'s bias Parameter itself (so bias ties and optimizer
+    references survive; the load then fills it) and the weight's ``requires_grad`` (a frozen
+    layer stays frozen)."""
+    ref = old.weight if isinstance(old, nn.Linear) else old.values
+    new.values.requires_grad_(ref.requires_grad)
+    b = getattr(old, "bias", None)
+    if new.bias is not None and isinstance(b, nn.Parameter) and b.shape == new.bias.shape \
+            and b.dtype == new.bias.dtype and b.device == new.bias.device:
+        new.bias = b
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -294,6 +307,11 @@ def sparsify(model: nn.Module, sparsity: Union[float, SparsityConfig], block=(32
             raise ValueError("word embeddings can only be pruned in unstructured mode")
         layers += [(n, m) for n, m in model.named_modules()
                    if type(m) is nn.Embedding and re.search(WORD_EMBEDDINGS, n)]
+    meta = [name for name, m in layers if m.weight.is_meta]
+    if meta:
+        # no data to score or to copy into the sparse layers
+        raise ValueError(f"{meta[0]} has its weights on the meta device (no data): load or "
+                         "materialise the model (e.g. from_pretrained, to_empty) before sparsify")
     users = _param_users(model)
 
     if mode == "block":
@@ -383,6 +401,11 @@ def densify(model: nn.Module) -> nn.Module:
     for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, _SPARSE_LAYERS)]:
         new = m.to_dense()
         if isinstance(m, BlockSparseLinear):
+            # as sparsify did the other way: the bias Parameter itself (ties, optimizer
+            # references) and the weight's requires_grad (a frozen layer stays frozen)
+            new.weight.requires_grad_(m.values.requires_grad)
+            if m.bias is not None:
+                new.bias = m.bias
             note_replaced(m.values, _qual(name, "values"), "the weight of an nn.Linear (densify)")
         if _replace(model, paths, m, new):
             root = new
@@ -506,6 +529,23 @@ def _read_hf_tensors(path: str) -> dict:
     raise CheckpointError(f"{path} has no model.safetensors (a save_pretrained folder with safetensors)")
 
 
+def _checked_hf_entry(info, config_file: str) -> dict:
+    """The ``layers`` of config.json's ``"sparsebert"`` entry ``info`` (``{}`` without one), each
+    an object, or a :class:`~sparsebert.CheckpointError` naming what is malformed."""
+    from .checkpoint import CheckpointError
+    if info is None:
+        return {}
+    if not isinstance(info, dict):
+        raise CheckpointError(f"malformed {config_file}: its {HF_KEY!r} entry is not an object")
+    layers = info.get("layers", {})
+    if not isinstance(layers, dict):
+        raise CheckpointError(f"malformed {config_file}: {HF_KEY}.layers is not an object")
+    for n, e in layers.items():
+        if not isinstance(e, dict):
+            raise CheckpointError(f"malformed {config_file}: {HF_KEY}.layers[{n!r}] is not an object")
+    return layers
+
+
 def _match_suffix(info_layers: dict, name: str):
     """The config.json entry for layer ``name``: by name, or by a recorded name that ends it (the
     model was sparsified as a sub-module, e.g. ``model.bert``)."""
@@ -558,16 +598,21 @@ def from_pretrained(path, model: Optional[nn.Module] = None) -> nn.Module:
     else:
         target = copy.deepcopy(model)
         densify(target)
+    cf = os.path.join(path, "config.json")
     info = getattr(getattr(target, "config", None), HF_KEY, None)
-    info_layers = info.get("layers", {}) if isinstance(info, dict) else {}
     if model is not None:   # the folder's record, not the template's
         import json
-        cf = os.path.join(path, "config.json")
+        info = None
         if os.path.isfile(cf):
-            with open(cf) as f:
-                d = json.load(f).get(HF_KEY)
-            info_layers = d.get("layers", {}) if isinstance(d, dict) else {}
-            info = d
+            try:
+                with open(cf, encoding="utf-8") as f:
+                    d = json.load(f)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"cannot read {cf}: {e}") from None
+            if not isinstance(d, dict):
+                raise CheckpointError(f"malformed {cf}: expected a JSON object")
+            info = d.get(HF_KEY)
+    info_layers = _checked_hf_entry(info, cf)
     block_names = [k[: -len(".block_mask")] for k in tensors if k.endswith(".block_mask")]
     masked_names = [k[: -len(".mask_bits")] for k in tensors if k.endswith(".mask_bits")]
     paths = _module_paths(target)
@@ -588,6 +633,7 @@ def from_pretrained(path, model: Optional[nn.Module] = None) -> nn.Module:
         backend = saved_backend(entry.get("backend", "auto"), f"{path}: {name}")
         new = BlockSparseLinear(layout, bias=old.bias is not None, backend=backend,
                                 device=old.weight.device, dtype=old.weight.dtype)
+        keep_template_params(old, new)
         _replace(target, paths, old, new)
     for name in masked_names:
         try:
@@ -627,7 +673,11 @@ def from_pretrained(path, model: Optional[nn.Module] = None) -> nn.Module:
         except ValueError as e:
             raise CheckpointError(f"{path}: the fused GELU does not fit the model: {e}") from None
     cfg = info.get("sparsity_config") if isinstance(info, dict) else None
-    set_sparsity_config(target, SparsityConfig.from_dict(cfg) if isinstance(cfg, dict) else None)
+    try:
+        sc = SparsityConfig.from_dict(cfg) if isinstance(cfg, dict) else None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"malformed {cf}: its {HF_KEY}.sparsity_config: {e}") from None
+    set_sparsity_config(target, sc)
     return target.eval()
 
 

@@ -302,3 +302,94 @@ def test_compiled_optimized_masked_lm_with_labels(recwarn):
     assert out.logits.shape == (int((labels != -100).sum()), 100)
     out.loss.backward()
     assert not [w for w in recwarn if "get_ident" in str(w.message)]
+
+
+# ---- checkpoints and conversion (a probe of sparsify / save / load) --------------------------------
+class _TiedBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(32, 32)
+        self.c = nn.Linear(32, 32)
+        self.c.bias = self.a.bias
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("template", ["fresh", "sparse"])
+def test_loading_a_block_checkpoint_keeps_a_bias_tie(tmp_path, template):
+    # sparsify keeps a shared bias the same Parameter; load_sparse gave the block-sparse layer a
+    # new one (and densify of a sparse template did too): one SGD step put them 3.3 apart.
+    torch.manual_seed(0)
+    net = sparsebert.sparsify(_TiedBias(), 0.5, block=16, targets=[r"^c$"])
+    assert net.c.bias is net.a.bias
+    sparsebert.save_sparse(net, tmp_path / "ck")
+    got = sparsebert.load_sparse(tmp_path / "ck", model=_TiedBias() if template == "fresh" else net)
+    assert got.c.bias is got.a.bias
+    torch.testing.assert_close(got(torch.ones(2, 32)), net(torch.ones(2, 32)))
+
+
+def test_densify_keeps_a_bias_tie_and_a_frozen_layer_frozen():
+    torch.manual_seed(0)
+    net = sparsebert.sparsify(_TiedBias(), 0.5, block=16, targets=[r"^c$"])
+    net.c.values.requires_grad_(False)
+    back = sparsebert.densify(net)
+    assert back.c.bias is back.a.bias and not back.c.weight.requires_grad
+
+
+@pytest.mark.parametrize("how", ["load_sparse", "from_pretrained"])
+def test_a_frozen_template_layer_stays_frozen_after_loading(tmp_path, how):
+    from transformers import BertForSequenceClassification
+    torch.manual_seed(0)
+    m = sparsebert.sparsify(BertForSequenceClassification(_cfg()), 0.5, block=16)
+    if how == "load_sparse":
+        sparsebert.save_sparse(m, tmp_path / "ck")
+    else:
+        m.save_pretrained(tmp_path / "ck")
+    t = BertForSequenceClassification(_cfg())
+    t.bert.encoder.layer[0].requires_grad_(False)
+    got = getattr(sparsebert, how)(tmp_path / "ck", model=t)
+    layer0, layer1 = got.bert.encoder.layer[0], got.bert.encoder.layer[1]
+    assert not layer0.intermediate.dense.values.requires_grad and not layer0.intermediate.dense.bias.requires_grad
+    assert layer1.intermediate.dense.values.requires_grad
+
+
+def test_save_sparse_of_a_bare_layer_keeps_the_users_config_json(tmp_path):
+    (tmp_path / "config.json").write_text('{"my": "notes"}')
+    (tmp_path / "notes.txt").write_text("keep me")
+    lin = sparsebert.sparsify(nn.Linear(64, 64), sparsity=0.5, block=16)
+    sparsebert.save_sparse(lin, tmp_path)
+    assert (tmp_path / "config.json").read_text() == '{"my": "notes"}'
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    torch.testing.assert_close(sparsebert.load_sparse(tmp_path, model=nn.Linear(64, 64)).values, lin.values)
+
+
+@pytest.mark.parametrize("edit", ["layers_list", "layer_string", "bad_sparsity_config", "not_json", "json_list"])
+def test_a_malformed_config_json_of_a_sparse_hf_folder_is_a_checkpoint_error(tmp_path, edit):
+    import json
+
+    from transformers import BertForMaskedLM
+    torch.manual_seed(0)
+    m = sparsebert.sparsify(BertForMaskedLM(_cfg()), 0.5, block=16)
+    m.save_pretrained(tmp_path)
+    f = tmp_path / "config.json"
+    c = json.loads(f.read_text())
+    if edit == "layers_list":
+        c["sparsebert"]["layers"] = []
+    elif edit == "layer_string":
+        c["sparsebert"]["layers"]["bert.encoder.layer.0.intermediate.dense"] = "block"
+    elif edit == "bad_sparsity_config":
+        c["sparsebert"]["sparsity_config"]["mode"] = "weird"
+    f.write_text({"not_json": "{oops", "json_list": "[]"}.get(edit) or json.dumps(c))
+    template = BertForMaskedLM(_cfg()) if edit in ("not_json", "json_list") else None
+    with pytest.raises(sparsebert.CheckpointError, match="config.json"):
+        sparsebert.from_pretrained(tmp_path, model=template)
+
+
+@pytest.mark.parametrize("score", ["magnitude", "random"])
+def test_sparsify_of_a_model_on_the_meta_device_says_so(score):
+    from transformers import BertForMaskedLM
+    with torch.device("meta"):
+        m = BertForMaskedLM(_cfg())
+    with pytest.raises(ValueError, match="meta device"):
+        sparsebert.sparsify(m, 0.5, block=16, mode="unstructured", score=score)
