@@ -15,6 +15,7 @@ from torch import nn
 from .config import SparsityConfig
 from .layout import BlockLayout, _as_block
 from .nn import BlockSparseLinear, MaskedEmbedding, MaskedLinear, note_replaced
+from .ops.backends import check_name as check_backend_name
 from .ops.backends import saved_name as saved_backend
 from .pruning.scores import block_scores, check_sparsity, element_scores, global_masks, keep_count, topk_mask
 
@@ -297,6 +298,7 @@ def sparsify(model: nn.Module, sparsity: Union[float, SparsityConfig], block=(32
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
     sparsity = check_sparsity(sparsity)
+    check_backend_name(backend)      # in every mode: the sparsity config records it
     if mode == "block":
         bn, bk = _as_block(block)
     gen = torch.Generator().manual_seed(seed)

@@ -393,3 +393,27 @@ def test_sparsify_of_a_model_on_the_meta_device_says_so(score):
         m = BertForMaskedLM(_cfg())
     with pytest.raises(ValueError, match="meta device"):
         sparsebert.sparsify(m, 0.5, block=16, mode="unstructured", score=score)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: __import__("sparsebert.pruning", fromlist=["x"]).CubicSchedule(0.0, True, 0, 10, 1),
+    lambda: __import__("sparsebert.pruning", fromlist=["x"]).CubicSchedule(0.0, "0.5", 0, 10, 1),
+    lambda: __import__("sparsebert.pruning", fromlist=["x"]).CubicSchedule(0.0, 0.5, 0, 10, 2.5),
+    lambda: __import__("sparsebert.pruning", fromlist=["x"]).OneShotSchedule(True),
+])
+def test_schedules_refuse_a_bool_a_string_or_a_fractional_step(make):
+    # CubicSchedule(final_sparsity=True) read as 1.0 (prune everything); frequency 2.5 was kept
+    with pytest.raises((TypeError, ValueError)):
+        make()
+
+
+def test_pruner_refuses_a_schedule_that_is_not_one():
+    from sparsebert.pruning import Pruner
+    m = sparsebert.sparsify(nn.Linear(32, 32), 0.0, block=16)
+    with pytest.raises(TypeError, match="schedule must have"):       # was an AttributeError at step()
+        Pruner(m, None)
+
+
+def test_sparsify_checks_the_backend_name_in_unstructured_mode_too():
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        sparsebert.sparsify(nn.Sequential(nn.Linear(32, 32)), 0.5, mode="unstructured", backend="gpu")

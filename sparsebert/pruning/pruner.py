@@ -65,6 +65,9 @@ class Pruner:
             raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
         if score not in ("magnitude", "random"):
             raise ValueError(f"score must be 'magnitude' or 'random', got {score!r}")
+        if not (callable(getattr(schedule, "sparsity_at", None)) and callable(getattr(schedule, "is_update_step", None))):
+            raise TypeError(f"schedule must have sparsity_at(step) and is_update_step(step) (e.g. a "
+                            f"CubicSchedule), got {type(schedule).__name__}")
         self.layers = prunable_layers(model)
         if not self.layers:
             raise ValueError("model has no MaskedLinear/MaskedEmbedding/BlockSparseLinear layers: "

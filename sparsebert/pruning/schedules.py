@@ -1,7 +1,10 @@
 """Pruning schedules: how sparse the model should be at each optimizer step."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
+
+from .scores import check_sparsity
 
 
 @dataclass(frozen=True)
@@ -22,9 +25,16 @@ class CubicSchedule:
 
     def __post_init__(self):
         for name in ("initial_sparsity", "final_sparsity"):
+            try:
+                v = check_sparsity(getattr(self, name))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{name}: {e}") from None
+            object.__setattr__(self, name, v)      # (frozen) a bool or a string is refused there
+        for name in ("start_step", "end_step", "frequency"):
             v = getattr(self, name)
-            if not 0.0 <= v < 1.0 + 1e-12:
-                raise ValueError(f"{name} must be in [0, 1], got {v}")
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name} must be a whole number of steps, got {v!r}")
+            object.__setattr__(self, name, int(v))
         if self.final_sparsity < self.initial_sparsity:
             raise ValueError(f"final_sparsity ({self.final_sparsity}) is below initial_sparsity "
                              f"({self.initial_sparsity}): pruning only removes weights, so the schedule "
@@ -56,8 +66,10 @@ class OneShotSchedule:
     step: int = 0
 
     def __post_init__(self):
-        if not 0.0 <= self.sparsity <= 1.0:
-            raise ValueError(f"sparsity must be in [0, 1], got {self.sparsity}")
+        object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
+        if isinstance(self.step, bool) or not isinstance(self.step, numbers.Integral):
+            raise TypeError(f"step must be a whole number, got {self.step!r}")
+        object.__setattr__(self, "step", int(self.step))
 
     def sparsity_at(self, step: int) -> float:
         return self.sparsity if step >= self.step else 0.0
