@@ -358,6 +358,53 @@ def test_pretrain_refuses_to_overwrite_a_run_without_force(tmp_path, cache, caps
     assert rc == 0, err
 
 
+def test_pretrain_force_clears_the_replaced_runs_resume_state(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    assert _pretrain(capsys, cache, out, "--steps", "4", "--save-every", "2")[0] == 0
+    rc, _, err = _pretrain(capsys, cache, out, "--steps", "3", "--lr", "1e-3", "--force")
+    assert rc == 0, err
+    assert not (out / "resume").exists()
+    encoder = (out / "encoder" / C.TENSORS).read_bytes()
+    # nothing of the old run is left to resume, so the new run's encoder stays
+    rc, _, err = _pretrain(capsys, cache, out, "--steps", "3", "--lr", "1e-3", "--resume")
+    _one_line_error(rc, err, "holds no training state")
+    assert (out / "encoder" / C.TENSORS).read_bytes() == encoder
+    assert json.loads((out / "pretrain.json").read_text())["config"]["steps"] == 3
+
+
+def test_pretrain_resume_refuses_an_unrecorded_state_beside_a_finished_run(tmp_path, cache, capsys):
+    """A resume state from an older sparsebert records no settings: beside a finished run it may be
+    the stale state of a run that --force replaced, so it is not continued over that run."""
+    out = tmp_path / "run"
+    assert _pretrain(capsys, cache, out, "--steps", "4", "--save-every", "2")[0] == 0
+    state = out / "resume" / (out / "resume" / "LATEST").read_text().strip() / "state.json"
+    meta = json.loads(state.read_text())
+    del meta["run"]
+    state.write_text(json.dumps(meta))
+    encoder = (out / "encoder" / C.TENSORS).read_bytes()
+    rc, _, err = _pretrain(capsys, cache, out, "--steps", "4", "--resume")
+    _one_line_error(rc, err, "records no settings", "--force")
+    assert (out / "encoder" / C.TENSORS).read_bytes() == encoder
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (["--mode", "unstructured"], ["--mode unstructured (saved run: block)"]),
+    (["--sparsity", "20", "--block", "16"], ["--sparsity 0.2 (saved run: 0.5)", "--block 16 (saved run: 32)"]),
+    (["--steps", "2"], ["--steps 2 (saved run: 4)"]),
+])
+def test_pretrain_resume_refuses_other_settings_than_the_saved_runs(tmp_path, cache, capsys, extra, needles):
+    out = tmp_path / "run"
+    assert _pretrain(capsys, cache, out, "--steps", "4", "--save-every", "2")[0] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    rc, _, err = _pretrain(capsys, cache, out, "--steps", "4", "--resume", *extra)
+    _one_line_error(rc, err, "--resume", *needles)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # the same settings (another batch size is allowed: another number of ranks) resume it
+    rc, _, err = _pretrain(capsys, cache, out, "--steps", "4", "--resume", "--batch-size", "2")
+    assert rc == 0, err
+    assert json.loads((out / "pretrain.json").read_text())["result"]["resumed_at"] == 4
+
+
 def test_finetune_without_a_checkpoint_is_one_line(tmp_path, capsys):
     rc, _, err = _run(capsys, "finetune", "--checkpoint", tmp_path / "nope", "--task", "polarity")
     _one_line_error(rc, err, "not found", "sparsebert pretrain --out")

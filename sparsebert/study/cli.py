@@ -208,11 +208,12 @@ def _set_dropout(model, p: float) -> None:
 def _cmd_pretrain(args) -> int:
     require_device(args.device)
     out = Path(check_out_dir(args.out))
-    from .pretrain import RESUME_DIR, has_train_state
+    from .pretrain import RESUME_DIR, has_train_state, train_state_run
     written = [n for n in (ENCODER, LEGACY_ENCODER, "pretrain.json") if (out / n).exists()]
     if args.resume:
         if not has_train_state(out):
             raise UsageError(f"--resume: {out / RESUME_DIR} holds no training state (written with --save-every)")
+        _check_resume(out, train_state_run(out), _run_settings(args), written)
     elif written and not args.force:
         raise UsageError(f"--out {out} already holds a pretrain run ({', '.join(written)}): pass --force to "
                          "replace it")
@@ -232,11 +233,51 @@ def _cmd_pretrain(args) -> int:
         D.teardown()
 
 
+# Settings that make a pretrain run what it is: a resume must give the same (a different one would
+# continue another run, or record one that never happened). Batch size and backend may change
+# (resuming on another number of ranks), as may --save-every.
+_RUN_FLAGS = ("mode", "sparsity", "score", "block", "steps", "lr", "ramp_fraction", "prune_every", "seq_len",
+              "max_blocks", "extra_text", "from_scratch", "dropout")
+
+
+def _run_settings(args) -> dict:
+    d = {k: getattr(args, k) for k in _RUN_FLAGS}
+    d["mode"] = "dense" if args.sparsity == 0 else args.mode
+    if d["mode"] != "block":
+        d.pop("block")                  # unused: any value continues the run
+    return d
+
+
+def _check_resume(out, saved, now: dict, written) -> None:
+    if saved is None:
+        # written by an older sparsebert, which recorded no settings: resumable only where no finished
+        # run sits beside it (the state could be one that --force replaced)
+        if written:
+            raise UsageError(f"--resume: {out / 'resume'} records no settings (an older sparsebert wrote it) and "
+                             f"--out also holds a finished run ({', '.join(written)}): it may not be that run's; "
+                             "pass --force instead of --resume to start over")
+        return
+    diff = [f"--{k.replace('_', '-')} {_flag_text(now.get(k))} (saved run: {_flag_text(saved.get(k))})"
+            for k in sorted(set(now) & set(saved)) if now[k] != saved[k]]   # block: only where both are block
+    if diff:
+        raise UsageError(f"--resume: the saved run in {out / 'resume'} has other settings: {'; '.join(diff)}; "
+                         "give the saved run's values, or --force to start a new run")
+
+
+def _flag_text(v) -> str:
+    return "unset" if v is None else "on" if v is True else "off" if v is False else str(v)
+
+
 def _pretrain_run(args, out, dev, ctx) -> int:
     from .. import distributed as D
     from .data import DataCache, DataUnavailable, load_mlm_text, mlm_blocks
-    from .pretrain import PretrainConfig, load_minilm_mlm, load_tokenizer, pretrain, save_encoder, scratch_mlm, special_ids
+    from .pretrain import (PretrainConfig, clear_train_state, load_minilm_mlm, load_tokenizer, pretrain, save_encoder,
+                           scratch_mlm, special_ids)
 
+    if args.force and not args.resume:
+        if ctx.main:        # the replaced run's resume state: a later --resume would continue it
+            clear_train_state(out)
+        D.barrier()
     cache = DataCache(args.cache_dir)
     failed = None
     for turn in range(D.DATA_TURNS):    # rank 0 first (it may build the scratch vocabulary), then each node's first
@@ -266,7 +307,7 @@ def _pretrain_run(args, out, dev, ctx) -> int:
                          f"{args.batch_size * ctx.world}, more than the {len(train)} training blocks")
     res = pretrain(model, cfg, train, dev_blocks, special_ids(tok), dev, progress=not args.no_progress,
                    save_dir=out if (args.save_every or args.resume) else None, save_every=args.save_every or 0,
-                   resume=args.resume)
+                   resume=args.resume, run_info=_run_settings(args))
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         save_encoder(model.bert.cpu(), out / ENCODER)
@@ -419,7 +460,7 @@ def add_subcommands(subparsers) -> None:
                         "best one available here)")
     s.add_argument("--out", required=True, help="required: folder for encoder/, tokenizer/ and pretrain.json")
     s.add_argument("--force", action="store_true",
-                   help="replace a pretrain run already in --out (default off: refuse)")
+                   help="replace a pretrain run already in --out, its resume state included (default off: refuse)")
     s.add_argument("--dropout", type=unit_fraction, default=None,
                    help="dropout probability in [0, 1] (default: the model's; 0 makes runs on different "
                         "numbers of ranks comparable)")
@@ -427,8 +468,8 @@ def add_subcommands(subparsers) -> None:
                    help="write the full training state to --out/resume every this many steps and at the end "
                         "(default: not written)")
     s.add_argument("--resume", action="store_true",
-                   help="continue from --out/resume (any number of ranks; same global batch for the same result) "
-                        "(default off: a new run)")
+                   help="continue from --out/resume (any number of ranks; same global batch for the same result); "
+                        "the other settings must be the saved run's (default off: a new run)")
     _common(s)
     s.set_defaults(func=_cmd_pretrain)
 

@@ -194,7 +194,8 @@ RESUME_DIR = "resume"
 
 def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, dev_blocks: torch.Tensor,
              ids: dict, device: Optional[torch.device] = None, amp: bool = False, progress: bool = True,
-             desc: str = "pretrain", save_dir=None, save_every: int = 0, resume: bool = False) -> dict:
+             desc: str = "pretrain", save_dir=None, save_every: int = 0, resume: bool = False,
+             run_info: Optional[dict] = None) -> dict:
     """Train ``model`` (a ``BertForMaskedLM`` with a pooler) in place; returns the run's numbers.
 
     For modes other than ``dense`` the model is sparsified (at 0) and pruned gradually; the
@@ -209,7 +210,8 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
     (``rank_checks`` in the result). With ``save_dir`` and ``save_every`` the full training state
     (model, optimizer, schedule, data order, RNGs) is written by rank 0 every ``save_every`` steps
     and at the end to ``save_dir/resume`` (:func:`save_train_state`); ``resume=True`` continues
-    from it, on any number of ranks.
+    from it, on any number of ranks. ``run_info`` (the settings that make the run what it is) is
+    stored with that state, so a resume can check it continues the same run (:func:`train_state_run`).
     """
     import sparsebert
     from sparsebert import distributed as D
@@ -304,7 +306,8 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
             torch.cuda.synchronize()
         train_time += time.perf_counter() - t0
         if save_dir is not None and save_every and (step % save_every == 0 or step == cfg.steps):
-            save_train_state(save_dir, model, opt, sched, pruner, g, perm, pos, step, losses, updates, train_time)
+            save_train_state(save_dir, model, opt, sched, pruner, g, perm, pos, step, losses, updates, train_time,
+                             run_info)
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", sparsity=f"{pruner.sparsity():.2f}" if pruner else "0")
     bar.close()
@@ -346,7 +349,7 @@ def _gen_state(g: torch.Generator) -> List[int]:
 
 
 def save_train_state(save_dir, model, opt, sched, pruner, g, perm, pos, step, losses, updates,
-                     train_time) -> Optional[Path]:
+                     train_time, run_info: Optional[dict] = None) -> Optional[Path]:
     """Write ``save_dir/resume/step-NNNNNN/`` (model as a sparse checkpoint, optimizer state as
     safetensors, the rest as JSON) and then point ``save_dir/resume/LATEST`` at it (an atomic
     rename), removing older states. Rank 0 writes; every rank waits for it."""
@@ -378,7 +381,7 @@ def save_train_state(save_dir, model, opt, sched, pruner, g, perm, pos, step, lo
                 "data_generator": _gen_state(g), "torch_rng": _gen_state(torch.default_generator),
                 "pruner": None if pruner is None else {"current_sparsity": pruner.current_sparsity,
                                                        "generator": _gen_state(pruner.generator)},
-                "losses": losses, "updates": updates, "train_time": train_time}
+                "losses": losses, "updates": updates, "train_time": train_time, "run": run_info}
         tmp = d / "state.json.tmp"
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, d / "state.json")
@@ -394,6 +397,23 @@ def save_train_state(save_dir, model, opt, sched, pruner, g, perm, pos, step, lo
 
 def has_train_state(save_dir) -> bool:
     return (Path(save_dir) / RESUME_DIR / "LATEST").is_file()
+
+
+def train_state_run(save_dir) -> Optional[dict]:
+    """The ``run_info`` stored with the latest training state (None: written without one, e.g.
+    by an older sparsebert)."""
+    import json
+    root = Path(save_dir) / RESUME_DIR
+    d = root / (root / "LATEST").read_text().strip()
+    return json.loads((d / "state.json").read_text()).get("run")
+
+
+def clear_train_state(save_dir) -> None:
+    """Remove ``save_dir/resume`` (a run replaced with ``--force`` must not be resumable)."""
+    import shutil
+    root = Path(save_dir) / RESUME_DIR
+    if root.exists():
+        shutil.rmtree(root)
 
 
 def load_train_state(save_dir, model: nn.Module) -> dict:
