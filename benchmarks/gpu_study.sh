@@ -46,7 +46,7 @@ PYEOF
 
 stamp "sparsebert study --preset ${PRESET:-gpu} --time-limit $LIMIT"
 $PY -m sparsebert study --preset "${PRESET:-gpu}" --time-limit "$LIMIT" --cache-dir "$CACHE" \
-  --out "$OUT_DIR" --no-progress ${STUDY_ARGS:-} 2>&1 | tee "$OUT_DIR/study.log"
+  --out "$OUT_DIR" --force --no-progress ${STUDY_ARGS:-} 2>&1 | tee "$OUT_DIR/study.log"
 rc=${PIPESTATUS[0]}
 stamp "done (exit $rc)"
 exit "$rc"

@@ -110,3 +110,20 @@ def test_study_on_two_torchrun_ranks_equals_one_process(tmp_path):
         for f in ("mean", "probe_mean", "train_loss", "pretrain_dev_loss"):
             a, b = r[f], one[key(r)][f]
             assert (a is None and b is None) or a == pytest.approx(b, rel=1e-5, abs=1e-6), (key(r), f)
+
+
+def test_out_holding_other_files_is_refused_but_a_study_folder_resumes(tmp_path, captured, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.csv").write_text("my results")
+    assert main(["study", "--out", str(mine), "--threads", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds files" in err[0] and "--force" in err[0] and "preset" not in captured
+    assert sorted(p.name for p in mine.iterdir()) == ["results.csv"]
+    assert main(["study", "--out", str(mine), "--threads", "1", "--no-progress", "--force"]) == 0
+    # a study's own folder (its run cache, runs/) is resumed without --force
+    study = tmp_path / "study"
+    assert main(["study", "--out", str(study), "--threads", "1", "--no-progress"]) == 0
+    assert (study / "runs").is_dir()
+    (study / "results.csv").write_text("the last report")
+    assert main(["study", "--out", str(study), "--threads", "1", "--no-progress"]) == 0

@@ -120,6 +120,12 @@ def _cmd_study(args) -> int:
         kw["workers"] = args.workers
     p = replace(p, **kw)
     out = Path(check_out_dir(args.out or f"study_runs/{p.name}"))
+    # as prune and pretrain: a folder of other files is refused (the report would replace its
+    # results.*), but one holding a study's run cache is that study, resumed
+    if out.is_dir() and any(out.iterdir()) and not (out / "runs").is_dir() and not (out / "results.json").is_file() \
+            and not args.force:
+        raise UsageError(f"--out {out} already holds files and no study (no runs/): pass --force to write the "
+                         "study there (its results.* files are replaced)")
     from .. import distributed as D
     if D.launched():
         if args.workers is not None and args.workers > 1:
@@ -419,6 +425,9 @@ def add_subcommands(subparsers) -> None:
                         "resumes from the cache (default: no limit)")
     s.add_argument("--from-scratch", action="store_true",
                    help="a small random BERT instead of MiniLM (default off: MiniLM)")
+    s.add_argument("--force", action="store_true",
+                   help="write into an --out that holds other files than a study's (default off: refuse; a "
+                        "study's own folder is resumed either way)")
     _common(s)
     s.set_defaults(func=_cmd_study)
 
