@@ -405,6 +405,31 @@ def test_pretrain_resume_refuses_other_settings_than_the_saved_runs(tmp_path, ca
     assert json.loads((out / "pretrain.json").read_text())["result"]["resumed_at"] == 4
 
 
+def test_pretrain_time_limit_stops_stepping_saves_the_state_and_resume_finishes(tmp_path, cache, capsys, monkeypatch):
+    import time
+    import types
+    from sparsebert.study import pretrain as P
+    straight = tmp_path / "straight"
+    assert _pretrain(capsys, cache, straight, "--steps", "4")[0] == 0
+    calls = []
+
+    def clock():            # the limit passes after 2 steps' checks
+        calls.append(1)
+        return time.time() + (0 if len(calls) <= 2 else 1e6)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(P, "time", types.SimpleNamespace(time=clock, perf_counter=time.perf_counter,
+                                                   process_time=time.process_time))
+        rc, stdout, err = _pretrain(capsys, cache, out, "--steps", "4", "--time-limit", "1000")
+    assert rc == 0, err
+    assert "stopped after step 2 of 4" in stdout and "--resume" in stdout
+    assert not (out / "encoder").exists() and (out / "resume" / "LATEST").read_text() == "step-000002"
+    rc, _, err = _pretrain(capsys, cache, out, "--steps", "4", "--resume")
+    assert rc == 0, err
+    a, b = (json.loads((d / "pretrain.json").read_text())["result"] for d in (out, straight))
+    assert a["resumed_at"] == 2 and a["dev_mlm_loss"] == pytest.approx(b["dev_mlm_loss"], rel=1e-5)
+
+
 def test_finetune_without_a_checkpoint_is_one_line(tmp_path, capsys):
     rc, _, err = _run(capsys, "finetune", "--checkpoint", tmp_path / "nope", "--task", "polarity")
     _one_line_error(rc, err, "not found", "sparsebert pretrain --out")

@@ -212,6 +212,8 @@ def _set_dropout(model, p: float) -> None:
 
 
 def _cmd_pretrain(args) -> int:
+    # counted from the command's start, as study's: data loading included
+    args.deadline = None if args.time_limit is None else time.time() + args.time_limit
     require_device(args.device)
     out = Path(check_out_dir(args.out))
     from .pretrain import RESUME_DIR, has_train_state, train_state_run
@@ -312,8 +314,15 @@ def _pretrain_run(args, out, dev, ctx) -> int:
         raise UsageError(f"--batch-size {args.batch_size} x {ctx.world} ranks = a global batch of "
                          f"{args.batch_size * ctx.world}, more than the {len(train)} training blocks")
     res = pretrain(model, cfg, train, dev_blocks, special_ids(tok), dev, progress=not args.no_progress,
-                   save_dir=out if (args.save_every or args.resume) else None, save_every=args.save_every or 0,
-                   resume=args.resume, run_info=_run_settings(args))
+                   save_dir=out if (args.save_every or args.resume or args.deadline) else None,
+                   save_every=args.save_every or 0, resume=args.resume, run_info=_run_settings(args),
+                   deadline=args.deadline)
+    if res.get("stopped_at") is not None:
+        if ctx.main:        # no encoder: the run is not finished (an older one in --out stays as it was)
+            print(f"time limit reached: stopped after step {res['stopped_at']} of {res['steps']}; training state "
+                  f"saved to {out / 'resume'}: the same command with --resume continues")
+        D.barrier()
+        return 0
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         save_encoder(model.bert.cpu(), out / ENCODER)
@@ -458,9 +467,9 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--extra-text", action="store_true",
                    help="add Debian documentation to the MLM text (default off)")
     s.add_argument("--time-limit", type=positive_float, default=None, metavar="SECONDS",
-                   help="start no encoder after this many seconds (those running finish): the report covers "
-                        "the encoders whose runs all completed and names the rest; the same command again "
-                        "resumes from the cache (default: no limit)")
+                   help="start no optimizer step after this many seconds (from the command's start): the "
+                        "training state is saved to --out/resume and no encoder is written; the same command "
+                        "with --resume continues (default: no limit)")
     s.add_argument("--from-scratch", action="store_true",
                    help="start from a small random BERT instead of MiniLM (MiniLM's tokenizer if cached, else "
                         "a word vocabulary) (default off)")

@@ -195,7 +195,7 @@ RESUME_DIR = "resume"
 def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, dev_blocks: torch.Tensor,
              ids: dict, device: Optional[torch.device] = None, amp: bool = False, progress: bool = True,
              desc: str = "pretrain", save_dir=None, save_every: int = 0, resume: bool = False,
-             run_info: Optional[dict] = None) -> dict:
+             run_info: Optional[dict] = None, deadline: Optional[float] = None) -> dict:
     """Train ``model`` (a ``BertForMaskedLM`` with a pooler) in place; returns the run's numbers.
 
     For modes other than ``dense`` the model is sparsified (at 0) and pruned gradually; the
@@ -212,6 +212,8 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
     and at the end to ``save_dir/resume`` (:func:`save_train_state`); ``resume=True`` continues
     from it, on any number of ranks. ``run_info`` (the settings that make the run what it is) is
     stored with that state, so a resume can check it continues the same run (:func:`train_state_run`).
+    With ``deadline`` (a ``time.time()``) no step starts after it: the state is saved (with
+    ``save_dir``) and the result is only ``{"stopped_at": last step done, "steps": cfg.steps}``.
     """
     import sparsebert
     from sparsebert import distributed as D
@@ -282,7 +284,13 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
     bar = progress_bar(cfg.steps, desc, progress and ctx.main)
     bar.update(first - 1)
     cpu_time = time.process_time()
+    stopped = None
     for step in range(first, cfg.steps + 1):
+        if deadline is not None:
+            late = float(time.time() >= deadline)
+            if (D.all_mean(late) if world > 1 else late) > 0:     # every rank stops at the same step
+                stopped = step - 1
+                break
         if pos + gbatch > n:
             perm, pos = torch.randperm(n, generator=g), 0
         idx = perm[pos:pos + gbatch]
@@ -311,6 +319,13 @@ def pretrain(model: nn.Module, cfg: PretrainConfig, train_blocks: torch.Tensor, 
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", sparsity=f"{pruner.sparsity():.2f}" if pruner else "0")
     bar.close()
+    if stopped is not None:
+        if save_dir is not None:
+            save_train_state(save_dir, model, opt, sched, pruner, g, perm, pos, stopped, losses, updates, train_time,
+                             run_info)
+        if cfg.optimize:
+            unoptimize(model)
+        return {"stopped_at": stopped, "steps": cfg.steps}
     cpu_time = time.process_time() - cpu_time      # this process's CPU seconds (all threads) in the loop
     if ctx.enabled:
         D.verify_identical(model, opt, where="at the end")
