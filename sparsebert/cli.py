@@ -117,6 +117,8 @@ def _nearest_existing(path: str) -> str:
 
 def check_out_dir(path: str, option: str = "--out") -> str:
     """``path`` if it can be a folder written here: not a file, and writable (or creatable)."""
+    if not path:        # "" would write into the working directory
+        raise UsageError(f"{option} '': the path is empty")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{option} {path} is a file, not a folder")
     base = _nearest_existing(path)

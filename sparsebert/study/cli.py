@@ -47,6 +47,21 @@ def _seed(text: str) -> int:
     return v
 
 
+def _seq_len(text: str) -> int:
+    v = positive_int(text)
+    if v < 3:       # [CLS] and [SEP] take two of the tokens: at least one token of text
+        raise argparse.ArgumentTypeError(f"{v} is out of range: at least 3 ([CLS], a token of text, [SEP])")
+    return v
+
+
+def _threads(text: str) -> int:
+    v = positive_int(text)
+    cap = max(16, 4 * (os.cpu_count() or 1))    # far past useful; huge counts crash torch's thread pool
+    if v > cap:
+        raise argparse.ArgumentTypeError(f"{v} is out of range: at most {cap} (4 per core, at least 16)")
+    return v
+
+
 def _distinct(name: str, values) -> tuple:
     """``values`` in the order given; a repeated value is a usage error (it would be one run twice)."""
     seen = []
@@ -79,8 +94,9 @@ def _common(s):
                    help="where to run: auto (a CUDA GPU if there is one, else the CPU), cpu, cuda or cuda:N "
                         "(default auto)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars (default off: bars shown)")
-    s.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads, at least 1 (default: cores not busy with other work, at least 1)")
+    s.add_argument("--threads", type=_threads, default=None,
+                   help="CPU threads, at least 1 and at most 4 per core (or 16) (default: cores not busy with other "
+                        "work, at least 1)")
 
 
 def _cmd_study(args) -> int:
@@ -455,7 +471,8 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--batch-size", type=positive_int, default=16,
                    help="sequences per step on each rank: under torchrun the global batch is this times the "
                         "world size (default 16)")
-    s.add_argument("--seq-len", type=positive_int, default=128, help="tokens per MLM training sequence (default 128)")
+    s.add_argument("--seq-len", type=_seq_len, default=128,
+                   help="tokens per MLM training sequence, at least 3 (default 128)")
     s.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate, above 0 (default 1e-4)")
     s.add_argument("--ramp-fraction", type=unit_fraction, default=0.1,
                    help="fraction of --steps, in [0, 1], over which the sparsity ramps from 0 to --sparsity "
