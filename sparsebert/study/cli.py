@@ -112,16 +112,16 @@ def _cmd_study(args) -> int:
     if args.levels:
         kw["levels"] = tuple(sorted(set([0.0] + [_level_arg(x) for x in args.levels])))
     if args.modes:
-        kw["modes"] = tuple(args.modes)
+        kw["modes"] = _distinct("--modes", args.modes)
     if args.tasks:
         bad = [t for t in args.tasks if t not in TASKS]
         if bad:
             raise UsageError(f"argument --tasks: unknown task(s) {', '.join(bad)}: choose from {', '.join(sorted(TASKS))}")
-        kw["tasks"] = tuple(args.tasks)
+        kw["tasks"] = _distinct("--tasks", args.tasks)
     if args.controls is not None:
         kw["controls"] = tuple(c for c in args.controls if c != "none")
     if args.lrs:
-        kw["lrs"] = tuple(args.lrs)
+        kw["lrs"] = _distinct("--lrs", args.lrs)
     if args.from_scratch:
         kw["model"] = "scratch"
     if args.seeds:
