@@ -438,6 +438,27 @@ def test_pretrain_time_limit_stops_stepping_saves_the_state_and_resume_finishes(
     assert a["resumed_at"] == 2 and a["dev_mlm_loss"] == pytest.approx(b["dev_mlm_loss"], rel=1e-5)
 
 
+def test_finetune_messages_name_the_problem_not_internals(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    assert _pretrain(capsys, cache, out)[0] == 0
+    rc, _, err = _run(capsys, "finetune", "--checkpoint", out, "--cache-dir", cache, "--control", "finetune-prune",
+                      *FT)
+    line = _one_line_error(rc, err, "--control finetune-prune", "sparse", "dense")
+    assert "Pruner" not in line and "densify" not in line
+    empty = tmp_path / "empty"
+    shutil.copytree(out, empty)
+    for f in (empty / "tokenizer").iterdir():
+        f.unlink()
+    rc, _, err = _run(capsys, "finetune", "--checkpoint", empty, "--cache-dir", cache, *FT)
+    line = _one_line_error(rc, err, str(empty / "tokenizer"), "holds no tokenizer")
+    assert "vocab_dir" not in line
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    (bad / "tokenizer" / "tokenizer.json").write_text("{bad")
+    rc, _, err = _run(capsys, "finetune", "--checkpoint", bad, "--cache-dir", cache, *FT)
+    _one_line_error(rc, err, str(bad / "tokenizer" / "tokenizer.json"), "not valid JSON")
+
+
 def test_finetune_without_a_checkpoint_is_one_line(tmp_path, capsys):
     rc, _, err = _run(capsys, "finetune", "--checkpoint", tmp_path / "nope", "--task", "polarity")
     _one_line_error(rc, err, "not found", "sparsebert pretrain --out")

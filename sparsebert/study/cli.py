@@ -377,16 +377,36 @@ def _cmd_finetune(args) -> int:
         D.teardown()
 
 
+def _checkpoint_tokenizer(tok_dir: Path, load_tokenizer):
+    """The tokenizer pretrain saved in ``tok_dir``; a missing or unreadable one is a one-line
+    error naming the folder or the file (not the loader's internals)."""
+    names = ("vocab.txt", "tokenizer.json", "tokenizer_config.json")
+    if not any((tok_dir / f).is_file() for f in names):
+        raise UsageError(f"{tok_dir} holds no tokenizer (none of {', '.join(names)}): write it again with "
+                         "`sparsebert pretrain --out DIR`")
+    for f in sorted(tok_dir.glob("*.json")):
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UsageError(f"{f} is not valid JSON ({e}): the tokenizer cannot be read") from None
+    return load_tokenizer(tok_dir)
+
+
 def _finetune_run(args, ckpt, enc_dir, ctx) -> int:
     from .data import DataCache, DataUnavailable, load_task
     from .finetune import FinetuneConfig, finetune, load_encoder
     from .pretrain import load_tokenizer
 
     enc = load_encoder(enc_dir)                 # verified safetensors checkpoint; CheckpointError if not
-    tok = load_tokenizer(ckpt / "tokenizer")
+    tok = _checkpoint_tokenizer(ckpt / "tokenizer", load_tokenizer)
     control = {"none": "none", "deletion": "deletion", "finetune-prune": "prune"}[args.control]
     if control == "prune" and args.sparsity == 0:
         raise UsageError("--control finetune-prune needs --sparsity above 0")
+    if control == "prune":
+        from ..hf import _SPARSE_LAYERS
+        if any(isinstance(m, _SPARSE_LAYERS) for m in enc.modules()):
+            raise UsageError(f"--control finetune-prune prunes a dense encoder while fine-tuning, and {enc_dir} is "
+                             "sparse: give the checkpoint of a dense run (sparsebert pretrain --sparsity 0)")
     cfg = FinetuneConfig(task=args.task, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                          batch_size=args.batch_size, max_len=args.max_len, control=control,
                          prune_mode=args.mode, prune_sparsity=args.sparsity if control == "prune" else 0.0,
