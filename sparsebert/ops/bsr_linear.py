@@ -337,6 +337,18 @@ class _BsrLinearEager(EagerFunction):
         return dx, dvalues, dbias, None, None
 
 
+def _bilinear_jvp(f, ctx, ta, tb):
+    """The tangent of ``f(a, b)``, bilinear in its two saved inputs: ``f(ta, b) + f(a, tb)``
+    (terms of absent tangents left out; None when both are), through ``apply`` so that tangents
+    of tangents and gradients of the JVP are tracked too."""
+    a, b = ctx.saved_tensors
+    t = None if ta is None else f(ta.contiguous(), b)
+    if tb is not None:
+        t2 = f(a, tb.contiguous())
+        t = t2 if t is None else t + t2
+    return t
+
+
 class _GradInputEager(EagerFunction):
     """``dx = grad_input(dy, values)`` as a differentiable op (double backward, eager mode)."""
 
@@ -360,13 +372,7 @@ class _GradInputEager(EagerFunction):
     @staticmethod
     def jvp(ctx, tdy, tvalues, _lt, _plan):
         # bilinear: d(dy W) = d(dy) W + dy dW
-        dy, values = ctx.saved_tensors
-        lt, plan = ctx.lt, ctx.plan
-        t = None if tdy is None else _GradInputEager.apply(tdy.contiguous(), values, lt, plan)
-        if tvalues is not None:
-            t2 = _GradInputEager.apply(dy, tvalues.contiguous(), lt, plan)
-            t = t2 if t is None else t + t2
-        return t
+        return _bilinear_jvp(lambda a, b: _GradInputEager.apply(a, b, ctx.lt, ctx.plan), ctx, tdy, tvalues)
 
     @staticmethod
     def backward(ctx, g):
@@ -402,13 +408,7 @@ class _GradWeightEager(EagerFunction):
     @staticmethod
     def jvp(ctx, tx, tdy, _lt, _plan):
         # bilinear: d(gather(dyᵀ x)) = gather(dyᵀ dx) + gather(d(dy)ᵀ x)
-        x, dy = ctx.saved_tensors
-        lt, plan = ctx.lt, ctx.plan
-        t = None if tx is None else _GradWeightEager.apply(tx.contiguous(), dy, lt, plan)
-        if tdy is not None:
-            t2 = _GradWeightEager.apply(x, tdy.contiguous(), lt, plan)
-            t = t2 if t is None else t + t2
-        return t
+        return _bilinear_jvp(lambda a, b: _GradWeightEager.apply(a, b, ctx.lt, ctx.plan), ctx, tx, tdy)
 
     @staticmethod
     def backward(ctx, g):
